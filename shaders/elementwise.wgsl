@@ -1,0 +1,28 @@
+// Element-wise ops over n floats. swiglu: a = silu(a) * b. add: a = a + b.
+
+struct Params {
+    n: u32,
+}
+
+@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(1) var<storage, read_write> a: array<f32>;
+@group(0) @binding(2) var<storage, read> b: array<f32>;
+
+@compute @workgroup_size(64)
+fn swiglu(@builtin(global_invocation_id) gid: vec3<u32>) {
+    let i = gid.x + gid.y * 65535u * 64u;
+    if (i >= p.n) {
+        return;
+    }
+    let g = a[i];
+    a[i] = g / (1.0 + exp(-g)) * b[i];
+}
+
+@compute @workgroup_size(64)
+fn add(@builtin(global_invocation_id) gid: vec3<u32>) {
+    let i = gid.x + gid.y * 65535u * 64u;
+    if (i >= p.n) {
+        return;
+    }
+    a[i] = a[i] + b[i];
+}

@@ -1,0 +1,30 @@
+// Q4_K (144 bytes, already word aligned): [d, dmin: f16] [scales: 12 bytes] [qs: 128 bytes].
+// Chunk c uses 6-bit scale/min c; its quants are the low (c even) or high (c odd) nibbles of
+// qs[32 * (c / 2) ..]. value = d * sc * q - dmin * m.
+const CHUNKS_PER_BLOCK: u32 = 8u;
+const BLOCK_WORDS: u32 = 36u;
+
+// The 6-bit scale and min of sub-block j (scales start at byte 4 of the block).
+fn scale_min_k4(base: u32, j: u32) -> vec2<f32> {
+    if (j < 4u) {
+        return vec2<f32>(f32(byte_at(base, 4u + j) & 63u), f32(byte_at(base, 8u + j) & 63u));
+    }
+    let a = byte_at(base, 8u + j);
+    let s = (a & 0xFu) | ((byte_at(base, j) >> 6u) << 4u);
+    let m = (a >> 4u) | ((byte_at(base, 4u + j) >> 6u) << 4u);
+    return vec2<f32>(f32(s), f32(m));
+}
+
+fn dequant_chunk(base: u32, c: u32) -> array<vec4<f32>, 8> {
+    let dd = unpack2x16float(w[base]);
+    let sm = scale_min_k4(base, c);
+    let scale = dd.x * sm.x;
+    let mn = dd.y * sm.y;
+    let shift = (c & 1u) * 4u;
+    let qbase = base + 4u + 8u * (c >> 1u);
+    var r: array<vec4<f32>, 8>;
+    for (var i = 0u; i < 8u; i++) {
+        r[i] = scale * lo_nibbles(w[qbase + i] >> shift) - mn;
+    }
+    return r;
+}

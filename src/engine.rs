@@ -1,0 +1,303 @@
+//! The library's front door: an [`Engine`] is a loaded model plus its tokenizer; a
+//! [`Session`] is one conversation; [`Generation`] streams text pieces.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::error::{Error, Result};
+use crate::format::GgufFile;
+use crate::gpu::{Gpu, GpuOptions};
+use crate::model::chat::{ChatMessage, ChatTemplate};
+use crate::model::tokenizer::TextStream;
+use crate::model::{Model, Sampler, SamplerConfig, Session, Tokenizer};
+
+#[derive(Clone, Debug)]
+pub struct EngineOptions {
+    pub gpu: GpuOptions,
+    /// Context length of new sessions (0: min(model's, 4096)).
+    pub ctx: usize,
+}
+
+impl Default for EngineOptions {
+    fn default() -> Self {
+        EngineOptions {
+            gpu: GpuOptions::default(),
+            ctx: 0,
+        }
+    }
+}
+
+pub struct Engine {
+    pub model: Arc<Model>,
+    pub tokenizer: Arc<Tokenizer>,
+    pub path: PathBuf,
+    ctx: usize,
+}
+
+impl Engine {
+    /// Loads a GGUF model onto the GPU.
+    pub fn load(path: impl AsRef<Path>, opts: &EngineOptions) -> Result<Engine> {
+        Self::load_with_progress(path, opts, |_, _| {})
+    }
+
+    /// As [`Engine::load`], reporting `(done, total)` tensors groups uploaded.
+    pub fn load_with_progress(
+        path: impl AsRef<Path>,
+        opts: &EngineOptions,
+        progress: impl FnMut(usize, usize),
+    ) -> Result<Engine> {
+        let path = path.as_ref();
+        let file = GgufFile::open(path)?;
+        // Validate everything cheap before touching the GPU.
+        let config = crate::model::ModelConfig::from_gguf(&file)?;
+        let tokenizer = Tokenizer::load(path, &file)?;
+        let gpu = Arc::new(Gpu::new(&opts.gpu)?);
+        let model = Model::load(gpu, file, progress)?;
+        let ctx = if opts.ctx == 0 {
+            config.ctx_train.min(4096)
+        } else {
+            opts.ctx
+        };
+        Ok(Engine {
+            model: Arc::new(model),
+            tokenizer: Arc::new(tokenizer),
+            path: path.to_path_buf(),
+            ctx,
+        })
+    }
+
+    pub fn ctx(&self) -> usize {
+        self.ctx
+    }
+
+    pub fn gpu(&self) -> &Gpu {
+        &self.model.gpu
+    }
+
+    /// A new conversation with its own KV cache.
+    pub fn session(&self) -> Result<Session> {
+        Session::new(self.model.clone(), self.ctx)
+    }
+
+    pub fn chat_template(&self) -> ChatTemplate {
+        let f = &self.model.file;
+        let tok = |id: Option<u32>| {
+            id.and_then(|i| self.tokenizer.decode(&[i]).ok())
+                .unwrap_or_default()
+        };
+        ChatTemplate::new(
+            f.get("tokenizer.chat_template").and_then(|v| v.as_str()),
+            tok(self.tokenizer.bos),
+            tok(self.tokenizer.eos),
+        )
+    }
+
+    /// Renders a conversation with the model's chat template and tokenizes it.
+    pub fn encode_chat(&self, messages: &[ChatMessage]) -> Result<Vec<u32>> {
+        let text = self.chat_template().render(messages)?;
+        self.tokenizer.encode(&text, true)
+    }
+
+    /// Starts streaming a continuation of `prompt` (token ids) in `session`. Tokens already
+    /// in the session's cache that match the prompt's prefix are reused.
+    pub fn generate<'a>(
+        &'a self,
+        session: &'a mut Session,
+        prompt: &[u32],
+        params: GenerateParams,
+    ) -> Result<Generation<'a>> {
+        if prompt.is_empty() {
+            return Err(Error::InvalidArgument("the prompt is empty".into()));
+        }
+        if prompt.len() >= session.ctx() {
+            return Err(Error::ContextOverflow {
+                tokens: prompt.len(),
+                ctx: session.ctx(),
+            });
+        }
+        let common = session
+            .tokens()
+            .iter()
+            .zip(prompt)
+            .take_while(|(a, b)| a == b)
+            .count()
+            // Always re-feed at least one token so that there are logits to sample from.
+            .min(prompt.len() - 1);
+        session.truncate(common);
+        Ok(Generation {
+            engine: self,
+            sampler: Sampler::new(params.sampler.clone()),
+            params,
+            session,
+            pending: prompt[common..].to_vec(),
+            stream: TextStream::default(),
+            text: String::new(),
+            generated: 0,
+            done: false,
+            stats: GenerationStats {
+                prompt_tokens: prompt.len() - common,
+                ..Default::default()
+            },
+        })
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct GenerateParams {
+    pub max_tokens: usize,
+    pub sampler: SamplerConfig,
+    /// Generation stops when the text ends with one of these (not included in the output).
+    pub stop_strings: Vec<String>,
+    /// Set from another thread (e.g. a Ctrl-C handler) to stop after the current token.
+    pub cancel: Option<Arc<AtomicBool>>,
+}
+
+impl Default for GenerateParams {
+    fn default() -> Self {
+        GenerateParams {
+            max_tokens: 256,
+            sampler: SamplerConfig::default(),
+            stop_strings: Vec::new(),
+            cancel: None,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct GenerationStats {
+    pub prompt_tokens: usize,
+    pub generated_tokens: usize,
+    pub prefill_time: Duration,
+    pub decode_time: Duration,
+    pub stop_reason: StopReason,
+}
+
+impl GenerationStats {
+    pub fn prefill_tok_s(&self) -> f64 {
+        self.prompt_tokens as f64 / self.prefill_time.as_secs_f64().max(1e-9)
+    }
+    pub fn decode_tok_s(&self) -> f64 {
+        // The first generated token comes out of prefill.
+        self.generated_tokens.saturating_sub(1) as f64 / self.decode_time.as_secs_f64().max(1e-9)
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum StopReason {
+    #[default]
+    MaxTokens,
+    EndOfSequence,
+    StopString,
+    Cancelled,
+    ContextFull,
+}
+
+/// A streaming generation: each `next()` yields the next piece of text.
+pub struct Generation<'a> {
+    engine: &'a Engine,
+    session: &'a mut Session,
+    params: GenerateParams,
+    sampler: Sampler,
+    pending: Vec<u32>,
+    stream: TextStream,
+    text: String,
+    generated: usize,
+    done: bool,
+    pub stats: GenerationStats,
+}
+
+impl Generation<'_> {
+    fn next_token(&mut self) -> Result<u32> {
+        let t0 = Instant::now();
+        let feed = std::mem::take(&mut self.pending);
+        let id = if self.params.sampler.is_greedy() {
+            self.session.next_argmax(&feed)?
+        } else {
+            let mut logits = self.session.next_logits(&feed)?;
+            self.sampler.sample(&mut logits, self.session.tokens())
+        };
+        if self.generated == 0 {
+            self.stats.prefill_time += t0.elapsed();
+        } else {
+            self.stats.decode_time += t0.elapsed();
+        }
+        Ok(id)
+    }
+
+    fn stop(&mut self, reason: StopReason) -> Option<Result<String>> {
+        self.done = true;
+        self.stats.stop_reason = reason;
+        None
+    }
+
+    /// The whole text generated so far.
+    pub fn text(&self) -> &str {
+        &self.text
+    }
+}
+
+impl Iterator for Generation<'_> {
+    type Item = Result<String>;
+
+    fn next(&mut self) -> Option<Result<String>> {
+        loop {
+            if self.done {
+                return None;
+            }
+            if self
+                .params
+                .cancel
+                .as_ref()
+                .is_some_and(|c| c.load(Ordering::Relaxed))
+            {
+                return self.stop(StopReason::Cancelled);
+            }
+            if self.generated >= self.params.max_tokens {
+                return self.stop(StopReason::MaxTokens);
+            }
+            if self.session.tokens().len() + self.pending.len() >= self.session.ctx() {
+                return self.stop(StopReason::ContextFull);
+            }
+            let id = match self.next_token() {
+                Ok(id) => id,
+                Err(e) => {
+                    self.done = true;
+                    return Some(Err(e));
+                }
+            };
+            self.generated += 1;
+            self.stats.generated_tokens = self.generated;
+            if self.engine.tokenizer.is_stop(id) {
+                // Keep the end-of-turn token in the cache so the next turn continues after it.
+                self.pending.clear();
+                self.pending.push(id);
+                return self.stop(StopReason::EndOfSequence);
+            }
+            self.pending.push(id);
+            let piece = match self.stream.push(&self.engine.tokenizer, id) {
+                Ok(p) => p,
+                Err(e) => return Some(Err(e)),
+            };
+            let before = self.text.len();
+            self.text.push_str(&piece);
+            if let Some(s) = self
+                .params
+                .stop_strings
+                .iter()
+                .find(|s| !s.is_empty() && self.text.contains(s.as_str()))
+            {
+                let cut = self.text.find(s.as_str()).unwrap_or(self.text.len());
+                let out = self.text[before.min(cut)..cut].to_string();
+                self.text.truncate(cut);
+                self.done = true;
+                self.stats.stop_reason = StopReason::StopString;
+                return if out.is_empty() { None } else { Some(Ok(out)) };
+            }
+            if !piece.is_empty() {
+                return Some(Ok(piece));
+            }
+        }
+    }
+}

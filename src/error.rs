@@ -1,0 +1,57 @@
+//! The one error type of the library. Every failure a user or a file can cause is a variant
+//! here, with enough context (tensor name, key, path) to act on it.
+
+use std::path::PathBuf;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot open {path}: {source}")]
+    Open {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("i/o error: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("not a GGUF file: bad magic {0:?} (expected \"GGUF\")")]
+    BadMagic([u8; 4]),
+    #[error("unsupported GGUF version {0} (pregate reads versions 2 and 3)")]
+    BadVersion(u32),
+    #[error("GGUF file is truncated: {what} needs bytes {need} but the file has {have}")]
+    Truncated { what: String, need: u64, have: u64 },
+    #[error("GGUF is malformed at {what}: {why}")]
+    Malformed { what: String, why: String },
+    #[error("tensor '{tensor}' has unknown ggml type id {id}")]
+    UnknownDType { tensor: String, id: u32 },
+    #[error("tensor '{tensor}' uses type {dtype}, which pregate does not support yet")]
+    UnsupportedDType { tensor: String, dtype: String },
+    #[error("tensor '{tensor}': {why}")]
+    BadTensor { tensor: String, why: String },
+    #[error("model has no tensor '{0}'")]
+    MissingTensor(String),
+    #[error("model metadata has no key '{0}'")]
+    MissingKey(String),
+    #[error("metadata key '{key}' has the wrong type: expected {expected}")]
+    WrongType { key: String, expected: &'static str },
+    #[error("unsupported architecture '{0}' (pregate runs: qwen2, llama)")]
+    UnsupportedArch(String),
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
+    #[error(
+        "prompt has {tokens} tokens but the context holds {ctx}; shorten the prompt or raise --ctx"
+    )]
+    ContextOverflow { tokens: usize, ctx: usize },
+    #[error("no GPU adapter found{0}. On a CPU-only Linux machine install mesa-vulkan-drivers (lavapipe)")]
+    NoAdapter(String),
+    #[error("GPU error: {0}")]
+    Gpu(String),
+    #[error("chat template: {0}")]
+    Template(String),
+    #[error("model manifest: {0}")]
+    Manifest(String),
+    #[error("download failed: {0}")]
+    Download(String),
+    #[error("invalid argument: {0}")]
+    InvalidArgument(String),
+}
+
+pub type Result<T> = std::result::Result<T, Error>;

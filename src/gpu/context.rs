@@ -1,0 +1,303 @@
+//! Instance → adapter → device → queue, with the adapter's real limits and optional features.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use wgpu::util::DeviceExt;
+
+use super::arena::{Arena, GpuBuffer};
+use super::kernels::Kernel;
+use crate::error::{Error, Result};
+
+/// Which graphics API to use; `Auto` lets wgpu pick the best adapter.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum BackendChoice {
+    #[default]
+    Auto,
+    Vulkan,
+    Metal,
+    Dx12,
+    Gl,
+}
+
+impl BackendChoice {
+    fn backends(self) -> wgpu::Backends {
+        match self {
+            BackendChoice::Auto => wgpu::Backends::all(),
+            BackendChoice::Vulkan => wgpu::Backends::VULKAN,
+            BackendChoice::Metal => wgpu::Backends::METAL,
+            BackendChoice::Dx12 => wgpu::Backends::DX12,
+            BackendChoice::Gl => wgpu::Backends::GL,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct GpuOptions {
+    /// Index into [`list_adapters`]; None picks the highest-performance adapter.
+    pub adapter: Option<usize>,
+    pub backend: BackendChoice,
+    /// VRAM budget in bytes for everything pregate allocates (None: unlimited).
+    pub vram_budget: Option<u64>,
+}
+
+/// What `pregate devices` prints about an adapter.
+#[derive(Clone, Debug)]
+pub struct AdapterSummary {
+    pub index: usize,
+    pub name: String,
+    pub backend: String,
+    pub device_type: String,
+    pub driver: String,
+    pub max_storage_binding: u64,
+    pub max_buffer: u64,
+    pub subgroups: bool,
+    pub shader_f16: bool,
+    pub timestamps: bool,
+}
+
+fn instance(backend: BackendChoice) -> wgpu::Instance {
+    let mut desc = wgpu::InstanceDescriptor::new_without_display_handle_from_env();
+    desc.backends = backend.backends();
+    wgpu::Instance::new(desc)
+}
+
+fn adapters(backend: BackendChoice) -> Vec<wgpu::Adapter> {
+    pollster::block_on(instance(backend).enumerate_adapters(backend.backends()))
+}
+
+pub fn list_adapters(backend: BackendChoice) -> Vec<AdapterSummary> {
+    adapters(backend)
+        .iter()
+        .enumerate()
+        .map(|(index, a)| {
+            let info = a.get_info();
+            let l = a.limits();
+            let f = a.features();
+            AdapterSummary {
+                index,
+                name: info.name,
+                backend: format!("{:?}", info.backend),
+                device_type: format!("{:?}", info.device_type),
+                driver: format!("{} {}", info.driver, info.driver_info),
+                max_storage_binding: l.max_storage_buffer_binding_size as u64,
+                max_buffer: l.max_buffer_size,
+                subgroups: f.contains(wgpu::Features::SUBGROUP),
+                shader_f16: f.contains(wgpu::Features::SHADER_F16),
+                timestamps: f.contains(wgpu::Features::TIMESTAMP_QUERY),
+            }
+        })
+        .collect()
+}
+
+/// The device pregate runs on, its pipeline cache and its allocation arena.
+pub struct Gpu {
+    pub device: wgpu::Device,
+    pub queue: wgpu::Queue,
+    pub info: wgpu::AdapterInfo,
+    pub limits: wgpu::Limits,
+    pub features: wgpu::Features,
+    pub arena: Arc<Arena>,
+    /// The first validation or out-of-memory error wgpu reported, if any.
+    errors: Arc<Mutex<Option<String>>>,
+    pipelines: Mutex<HashMap<Kernel, Arc<wgpu::ComputePipeline>>>,
+}
+
+impl Gpu {
+    pub fn new(opts: &GpuOptions) -> Result<Gpu> {
+        let adapter = match opts.adapter {
+            Some(i) => {
+                let mut all = adapters(opts.backend);
+                let n = all.len();
+                if i >= n {
+                    return Err(Error::NoAdapter(format!(
+                        ": --adapter {i} but only {n} adapter(s) exist (see `pregate devices`)"
+                    )));
+                }
+                all.swap_remove(i)
+            }
+            None => pollster::block_on(instance(opts.backend).request_adapter(
+                &wgpu::RequestAdapterOptions {
+                    power_preference: wgpu::PowerPreference::HighPerformance,
+                    force_fallback_adapter: false,
+                    compatible_surface: None,
+                    // Real limits, not privacy buckets: we size shards by them.
+                    apply_limit_buckets: false,
+                },
+            ))
+            .map_err(|e| Error::NoAdapter(format!(" ({e})")))?,
+        };
+        let info = adapter.get_info();
+        let wanted =
+            wgpu::Features::SUBGROUP | wgpu::Features::SHADER_F16 | wgpu::Features::TIMESTAMP_QUERY;
+        let features = adapter.features() & wanted;
+        let limits = adapter.limits();
+        let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
+            label: Some("pregate"),
+            required_features: features,
+            required_limits: limits.clone(),
+            experimental_features: wgpu::ExperimentalFeatures::disabled(),
+            memory_hints: wgpu::MemoryHints::Performance,
+            trace: wgpu::Trace::Off,
+        }))
+        .map_err(|e| Error::Gpu(format!("cannot open device {}: {e}", info.name)))?;
+        tracing::info!(adapter = %info.name, backend = ?info.backend, "GPU ready");
+        // wgpu panics on errors by default; record them instead and report them as ours.
+        let errors: Arc<Mutex<Option<String>>> = Arc::default();
+        let sink = errors.clone();
+        device.on_uncaptured_error(Arc::new(move |e: wgpu::Error| {
+            let msg = e.to_string();
+            let mut slot = sink.lock().unwrap_or_else(|p| p.into_inner());
+            slot.get_or_insert(msg);
+        }));
+        Ok(Gpu {
+            device,
+            queue,
+            info,
+            limits,
+            features,
+            arena: Arc::new(Arena::new(opts.vram_budget)),
+            errors,
+            pipelines: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// Largest byte range one storage binding may cover.
+    pub fn max_binding(&self) -> u64 {
+        (self.limits.max_storage_buffer_binding_size as u64).min(self.limits.max_buffer_size)
+    }
+
+    /// A storage buffer, charged to the arena.
+    pub fn storage(&self, label: &str, bytes: u64) -> Result<GpuBuffer> {
+        let size = bytes.max(16).next_multiple_of(4);
+        self.arena.charge(size, label)?;
+        let buf = self.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some(label),
+            size,
+            usage: wgpu::BufferUsages::STORAGE
+                | wgpu::BufferUsages::COPY_DST
+                | wgpu::BufferUsages::COPY_SRC,
+            mapped_at_creation: false,
+        });
+        Ok(GpuBuffer::new(buf, self.arena.clone()))
+    }
+
+    /// A storage buffer initialised with `data`, charged to the arena.
+    pub fn storage_init(&self, label: &str, data: &[u8]) -> Result<GpuBuffer> {
+        let mut padded;
+        let contents = if data.len() < 16 || data.len() % 4 != 0 {
+            padded = data.to_vec();
+            padded.resize(data.len().max(16).next_multiple_of(4), 0);
+            &padded[..]
+        } else {
+            data
+        };
+        self.arena.charge(contents.len() as u64, label)?;
+        let buf = self
+            .device
+            .create_buffer_init(&wgpu::util::BufferInitDescriptor {
+                label: Some(label),
+                contents,
+                usage: wgpu::BufferUsages::STORAGE
+                    | wgpu::BufferUsages::COPY_DST
+                    | wgpu::BufferUsages::COPY_SRC,
+            });
+        Ok(GpuBuffer::new(buf, self.arena.clone()))
+    }
+
+    /// A uniform buffer initialised with `data`, charged to the arena.
+    pub fn uniform_init(&self, label: &str, data: &[u8]) -> Result<GpuBuffer> {
+        self.arena.charge(data.len() as u64, label)?;
+        let buf = self
+            .device
+            .create_buffer_init(&wgpu::util::BufferInitDescriptor {
+                label: Some(label),
+                contents: data,
+                usage: wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
+            });
+        Ok(GpuBuffer::new(buf, self.arena.clone()))
+    }
+
+    /// A host-readable buffer for results copied back at the end of a step.
+    pub fn readback(&self, label: &str, bytes: u64) -> Result<GpuBuffer> {
+        let size = bytes.max(16).next_multiple_of(4);
+        self.arena.charge(size, label)?;
+        let buf = self.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some(label),
+            size,
+            usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
+        Ok(GpuBuffer::new(buf, self.arena.clone()))
+    }
+
+    /// Maps a readback buffer and copies out its first `bytes` bytes.
+    pub fn read(&self, buf: &wgpu::Buffer, bytes: u64) -> Result<Vec<u8>> {
+        let slice = buf.slice(0..bytes);
+        let (tx, rx) = std::sync::mpsc::channel();
+        slice.map_async(wgpu::MapMode::Read, move |r| {
+            let _ = tx.send(r);
+        });
+        self.device
+            .poll(wgpu::PollType::wait_indefinitely())
+            .map_err(|e| Error::Gpu(format!("poll: {e}")))?;
+        rx.recv()
+            .map_err(|_| Error::Gpu("map callback dropped".into()))?
+            .map_err(|e| Error::Gpu(format!("map: {e}")))?;
+        let out = slice
+            .get_mapped_range()
+            .map_err(|e| Error::Gpu(format!("map range: {e}")))?
+            .to_vec();
+        buf.unmap();
+        Ok(out)
+    }
+
+    /// The pipeline for `kernel`, compiled on first use.
+    pub fn pipeline(&self, kernel: Kernel) -> Arc<wgpu::ComputePipeline> {
+        let mut cache = self.pipelines.lock().unwrap_or_else(|p| p.into_inner());
+        cache
+            .entry(kernel)
+            .or_insert_with(|| {
+                let source = kernel.source();
+                let module = self
+                    .device
+                    .create_shader_module(wgpu::ShaderModuleDescriptor {
+                        label: Some(kernel.label()),
+                        source: wgpu::ShaderSource::Wgsl(source.into()),
+                    });
+                Arc::new(
+                    self.device
+                        .create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+                            label: Some(kernel.label()),
+                            layout: None,
+                            module: &module,
+                            entry_point: Some(kernel.entry_point()),
+                            compilation_options: wgpu::PipelineCompilationOptions {
+                                constants: &[],
+                                // Kernels initialise what they read; skip the zero-fill pass.
+                                zero_initialize_workgroup_memory: false,
+                            },
+                            cache: None,
+                        }),
+                )
+            })
+            .clone()
+    }
+
+    /// Returns the first error wgpu reported since the last check.
+    pub fn check(&self) -> Result<()> {
+        let mut slot = self.errors.lock().unwrap_or_else(|p| p.into_inner());
+        match slot.take() {
+            Some(msg) => Err(Error::Gpu(msg)),
+            None => Ok(()),
+        }
+    }
+
+    pub fn adapter_name(&self) -> String {
+        self.info.name.clone()
+    }
+
+    pub fn backend_name(&self) -> String {
+        format!("{:?}", self.info.backend).to_lowercase()
+    }
+}

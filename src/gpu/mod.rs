@@ -1,0 +1,14 @@
+//! The GPU: device selection, a byte-accounted buffer arena, and the kernel pipelines.
+
+pub mod arena;
+pub mod context;
+pub mod dispatch;
+pub mod kernels;
+pub mod ops;
+pub mod tensor;
+
+pub use arena::{Arena, GpuBuffer};
+pub use context::{list_adapters, AdapterSummary, BackendChoice, Gpu, GpuOptions};
+pub use dispatch::{grid_1d, Bind, DispatchBuilder, DispatchList};
+pub use kernels::Kernel;
+pub use tensor::{Matrix, Shard, Vector};

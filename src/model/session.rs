@@ -1,0 +1,355 @@
+//! Per-conversation state: activations, the KV cache, and the tokens it holds. Steps are one
+//! encoder and one submit each; only the requested output is read back.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use bytemuck::{Pod, Zeroable};
+
+use crate::error::{Error, Result};
+use crate::gpu::{DispatchList, GpuBuffer};
+
+use super::forward::{self, Output};
+use super::weights::Model;
+
+/// Largest number of tokens processed in one step (prefill is split into chunks of this).
+pub const DEFAULT_UBATCH: usize = 128;
+
+/// GPU buffers of one session. Shapes in tokens (`ub` = ubatch rows).
+pub struct StateBuffers {
+    pub ctx: usize,
+    pub ub: usize,
+    pub x: GpuBuffer,       // [ub, d_model] residual stream
+    pub xn: GpuBuffer,      // [ub, d_model] normed input
+    pub q: GpuBuffer,       // [ub, n_head * head_dim]
+    pub k: GpuBuffer,       // [ub, n_kv_head * head_dim]
+    pub v: GpuBuffer,       // [ub, n_kv_head * head_dim]
+    pub attn: GpuBuffer,    // [ub, n_head * head_dim]
+    pub gate: GpuBuffer,    // [ub, d_ff]
+    pub up: GpuBuffer,      // [ub, d_ff]
+    pub logits: GpuBuffer,  // [ub or 1, vocab]
+    pub ids: GpuBuffer,     // [ub] u32
+    pub targets: GpuBuffer, // [ub] u32
+    pub nll: GpuBuffer,     // [ub] f32
+    pub argmax: GpuBuffer,  // [1] u32
+    pub step: GpuBuffer,    // uniform Step
+    pub kc: Vec<GpuBuffer>, // per layer [n_kv_head, ctx, head_dim]
+    pub vc: Vec<GpuBuffer>,
+    pub readback: GpuBuffer,
+    pub dummy: GpuBuffer,
+    logit_rows: usize,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Pod, Zeroable)]
+struct Step {
+    pos0: u32,
+    n_tokens: u32,
+    _pad: [u32; 2],
+}
+
+impl StateBuffers {
+    fn new(model: &Model, ctx: usize, ub: usize, logit_rows: usize) -> Result<StateBuffers> {
+        let g = &model.gpu;
+        let c = &model.config;
+        let f = 4u64;
+        let ubx = ub as u64 * f;
+        let (qd, kvd) = (
+            (c.n_head * c.head_dim) as u64,
+            (c.n_kv_head * c.head_dim) as u64,
+        );
+        let cache = kvd * ctx as u64 * f;
+        let mut kc = Vec::with_capacity(c.n_layer);
+        let mut vc = Vec::with_capacity(c.n_layer);
+        for _ in 0..c.n_layer {
+            kc.push(g.storage("k cache", cache)?);
+            vc.push(g.storage("v cache", cache)?);
+        }
+        let vocab = c.vocab as u64;
+        Ok(StateBuffers {
+            ctx,
+            ub,
+            x: g.storage("x", ubx * c.d_model as u64)?,
+            xn: g.storage("xn", ubx * c.d_model as u64)?,
+            q: g.storage("q", ubx * qd)?,
+            k: g.storage("k", ubx * kvd)?,
+            v: g.storage("v", ubx * kvd)?,
+            attn: g.storage("attn", ubx * qd)?,
+            gate: g.storage("gate", ubx * c.d_ff as u64)?,
+            up: g.storage("up", ubx * c.d_ff as u64)?,
+            logits: g.storage("logits", logit_rows as u64 * vocab * f)?,
+            ids: g.storage("ids", ubx)?,
+            targets: g.storage("targets", ubx)?,
+            nll: g.storage("nll", ubx)?,
+            argmax: g.storage("argmax", f)?,
+            step: g.uniform_init("step", bytemuck::bytes_of(&Step::zeroed()))?,
+            kc,
+            vc,
+            readback: g.readback("readback", (vocab * f).max(ubx))?,
+            dummy: g.storage("dummy", 16)?,
+            logit_rows,
+        })
+    }
+}
+
+/// A conversation: KV cache plus the tokens it holds, over a shared [`Model`].
+pub struct Session {
+    pub model: Arc<Model>,
+    bufs: StateBuffers,
+    plans: HashMap<(usize, Output), DispatchList>,
+    tokens: Vec<u32>,
+}
+
+impl Session {
+    pub fn new(model: Arc<Model>, ctx: usize) -> Result<Session> {
+        if ctx == 0 {
+            return Err(Error::InvalidArgument(
+                "context length must be positive".into(),
+            ));
+        }
+        let ub = DEFAULT_UBATCH.min(ctx);
+        let bufs = StateBuffers::new(&model, ctx, ub, 1)?;
+        Ok(Session {
+            model,
+            bufs,
+            plans: HashMap::new(),
+            tokens: Vec::new(),
+        })
+    }
+
+    pub fn ctx(&self) -> usize {
+        self.bufs.ctx
+    }
+
+    /// Tokens currently held in the KV cache.
+    pub fn tokens(&self) -> &[u32] {
+        &self.tokens
+    }
+
+    /// Forgets everything after the first `n` tokens (their cache slots get overwritten).
+    pub fn truncate(&mut self, n: usize) {
+        self.tokens.truncate(n);
+    }
+
+    pub fn reset(&mut self) {
+        self.tokens.clear();
+    }
+
+    fn check_room(&self, n: usize) -> Result<()> {
+        if self.tokens.len() + n > self.bufs.ctx {
+            return Err(Error::ContextOverflow {
+                tokens: self.tokens.len() + n,
+                ctx: self.bufs.ctx,
+            });
+        }
+        let vocab = self.model.config.vocab;
+        if let Some(bad) = self.tokens.iter().find(|t| **t as usize >= vocab) {
+            return Err(Error::InvalidArgument(format!(
+                "token id {bad} is outside the vocabulary ({vocab})"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Feeds `tokens` and returns the argmax of the logits after the last one.
+    pub fn next_argmax(&mut self, tokens: &[u32]) -> Result<u32> {
+        let out = self.feed(tokens, Output::Argmax, &[])?;
+        Ok(bytemuck::pod_read_unaligned::<u32>(&out[..4]))
+    }
+
+    /// Feeds `tokens` and returns the logits after the last one.
+    pub fn next_logits(&mut self, tokens: &[u32]) -> Result<Vec<f32>> {
+        let out = self.feed(tokens, Output::Logits, &[])?;
+        Ok(bytemuck::pod_collect_to_vec(&out))
+    }
+
+    /// Feeds `tokens` and returns, for each, -log p(targets[i] | tokens[..=i]).
+    pub fn nll(&mut self, tokens: &[u32], targets: &[u32]) -> Result<Vec<f32>> {
+        if targets.len() != tokens.len() {
+            return Err(Error::InvalidArgument(
+                "targets and tokens differ in length".into(),
+            ));
+        }
+        if self.bufs.logit_rows < self.bufs.ub {
+            // Full-row logits are only needed for scoring: allocate them on first use.
+            let ub = self.bufs.ub;
+            self.plans.clear();
+            self.bufs = StateBuffers::new(&self.model, self.bufs.ctx, ub, ub)?;
+            self.tokens.clear();
+        }
+        let out = self.feed(tokens, Output::Nll, targets)?;
+        Ok(bytemuck::pod_collect_to_vec(&out))
+    }
+
+    /// Runs `tokens` through the model in chunks of at most `ub`, returning the raw bytes of
+    /// the requested output (for Nll: all chunks concatenated).
+    fn feed(&mut self, tokens: &[u32], output: Output, targets: &[u32]) -> Result<Vec<u8>> {
+        if tokens.is_empty() {
+            return Err(Error::InvalidArgument("no tokens to process".into()));
+        }
+        self.check_room(tokens.len())?;
+        let vocab = self.model.config.vocab;
+        if let Some(bad) = tokens.iter().chain(targets).find(|t| **t as usize >= vocab) {
+            return Err(Error::InvalidArgument(format!(
+                "token id {bad} is outside the vocabulary ({vocab})"
+            )));
+        }
+        let ub = self.bufs.ub;
+        let mut result = Vec::new();
+        let n_chunks = tokens.len().div_ceil(ub);
+        for (i, chunk) in tokens.chunks(ub).enumerate() {
+            let last = i + 1 == n_chunks;
+            let out = match output {
+                Output::Nll => Output::Nll,
+                o if last => o,
+                _ => Output::None,
+            };
+            let tg = if out == Output::Nll {
+                &targets[i * ub..i * ub + chunk.len()]
+            } else {
+                &[][..]
+            };
+            let bytes = self.step(chunk, out, tg)?;
+            result.extend(bytes);
+        }
+        Ok(result)
+    }
+
+    /// One submit: upload ids and position, replay the plan, copy the output back.
+    fn step(&mut self, chunk: &[u32], output: Output, targets: &[u32]) -> Result<Vec<u8>> {
+        let n = chunk.len();
+        let pos0 = self.tokens.len();
+        let key = (n, output);
+        if !self.plans.contains_key(&key) {
+            let plan = forward::build(&self.model, &self.bufs, n as u32, output)?;
+            self.plans.insert(key, plan);
+        }
+        let plan = &self.plans[&key];
+        let g = &self.model.gpu;
+        let b = &self.bufs;
+        g.queue.write_buffer(&b.ids, 0, bytemuck::cast_slice(chunk));
+        if !targets.is_empty() {
+            g.queue
+                .write_buffer(&b.targets, 0, bytemuck::cast_slice(targets));
+        }
+        let step = Step {
+            pos0: pos0 as u32,
+            n_tokens: n as u32,
+            _pad: [0; 2],
+        };
+        g.queue.write_buffer(&b.step, 0, bytemuck::bytes_of(&step));
+        let mut enc = g
+            .device
+            .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                label: Some("step"),
+            });
+        {
+            let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
+                label: Some("forward"),
+                timestamp_writes: None,
+            });
+            plan.encode(&mut pass);
+        }
+        let (src, bytes): (&wgpu::Buffer, u64) = match output {
+            Output::None => (&b.argmax, 0),
+            Output::Argmax => (&b.argmax, 4),
+            Output::Logits => (&b.logits, self.model.config.vocab as u64 * 4),
+            Output::Nll => (&b.nll, n as u64 * 4),
+        };
+        if bytes > 0 {
+            enc.copy_buffer_to_buffer(src, 0, &b.readback, 0, bytes);
+        }
+        g.queue.submit([enc.finish()]);
+        g.check()?;
+        self.tokens.extend_from_slice(chunk);
+        if bytes == 0 {
+            return Ok(Vec::new());
+        }
+        g.read(&b.readback, bytes)
+    }
+}
+
+impl Session {
+    /// GPU time per kernel of one decode step, from timestamp queries (one compute pass per
+    /// dispatch, so pass boundaries add a little). Empty when the adapter has no timestamps.
+    pub fn profile_decode(&mut self) -> Result<Vec<crate::bench::KernelTime>> {
+        let g = self.model.gpu.clone();
+        if !g.features.contains(wgpu::Features::TIMESTAMP_QUERY)
+            || self.tokens.len() + 1 > self.bufs.ctx
+        {
+            return Ok(Vec::new());
+        }
+        let key = (1, Output::Argmax);
+        if !self.plans.contains_key(&key) {
+            let plan = forward::build(&self.model, &self.bufs, 1, Output::Argmax)?;
+            self.plans.insert(key, plan);
+        }
+        let plan = &self.plans[&key];
+        let n = plan.dispatches.len().min(2048);
+        let qs = g.device.create_query_set(&wgpu::QuerySetDescriptor {
+            label: Some("profile"),
+            ty: wgpu::QueryType::Timestamp,
+            count: (2 * n) as u32,
+        });
+        let bytes = (2 * n * 8) as u64;
+        let resolve = g.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("timestamps"),
+            size: bytes,
+            usage: wgpu::BufferUsages::QUERY_RESOLVE | wgpu::BufferUsages::COPY_SRC,
+            mapped_at_creation: false,
+        });
+        let read = g.readback("timestamps readback", bytes)?;
+        let step = Step {
+            pos0: self.tokens.len() as u32,
+            n_tokens: 1,
+            _pad: [0; 2],
+        };
+        g.queue
+            .write_buffer(&self.bufs.step, 0, bytemuck::bytes_of(&step));
+        let mut enc = g
+            .device
+            .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                label: Some("profile"),
+            });
+        for (i, d) in plan.dispatches.iter().take(n).enumerate() {
+            let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
+                label: Some(d.kernel.label()),
+                timestamp_writes: Some(wgpu::ComputePassTimestampWrites {
+                    query_set: &qs,
+                    beginning_of_pass_write_index: Some(2 * i as u32),
+                    end_of_pass_write_index: Some(2 * i as u32 + 1),
+                }),
+            });
+            pass.set_pipeline(&d.pipeline);
+            pass.set_bind_group(0, &d.bind_group, &[]);
+            pass.dispatch_workgroups(d.groups[0], d.groups[1], d.groups[2]);
+        }
+        enc.resolve_query_set(&qs, 0..(2 * n) as u32, &resolve, 0);
+        enc.copy_buffer_to_buffer(&resolve, 0, &read, 0, bytes);
+        g.queue.submit([enc.finish()]);
+        let raw: Vec<u64> = bytemuck::pod_collect_to_vec(&g.read(&read, bytes)?);
+        let period = g.queue.get_timestamp_period() as f64;
+        let mut by_kernel: Vec<(String, f64)> = Vec::new();
+        for (i, d) in plan.dispatches.iter().take(n).enumerate() {
+            let ms = raw[2 * i + 1].saturating_sub(raw[2 * i]) as f64 * period / 1e6;
+            let label = match d.kernel {
+                crate::gpu::Kernel::Matmul { dtype, .. } => format!("matmul {dtype}"),
+                k => k.label().to_string(),
+            };
+            match by_kernel.iter_mut().find(|(k, _)| *k == label) {
+                Some(e) => e.1 += ms,
+                None => by_kernel.push((label, ms)),
+            }
+        }
+        let total: f64 = by_kernel.iter().map(|(_, m)| m).sum::<f64>().max(1e-12);
+        by_kernel.sort_by(|a, b| b.1.total_cmp(&a.1));
+        Ok(by_kernel
+            .into_iter()
+            .map(|(kernel, ms)| crate::bench::KernelTime {
+                kernel,
+                ms_per_token: ms,
+                percent: 100.0 * ms / total,
+            })
+            .collect())
+    }
+}
