@@ -27,9 +27,9 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
     }
     let r = id - p.row_offset;
     let row_base = r * (n_chunks / CHUNKS_PER_BLOCK) * BLOCK_WORDS;
-    let v = dequant_chunk(row_base + (c / CHUNKS_PER_BLOCK) * BLOCK_WORDS, c % CHUNKS_PER_BLOCK);
+    let blk = row_base + (c / CHUNKS_PER_BLOCK) * BLOCK_WORDS;
     let o = (t * p.k + c * 32u) / 4u;
     for (var i = 0u; i < 8u; i++) {
-        y[o + i] = v[i];
+        y[o + i] = dequant4(blk, c % CHUNKS_PER_BLOCK, i);
     }
 }

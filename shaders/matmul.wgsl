@@ -1,7 +1,6 @@
-// Quantized matrix product: y[t, row_offset + r] (+)= sum_k W[r, k] * x[t, k] (+ bias[r]).
-// One thread per output row, each covering TB tokens, so a dequantized chunk of the weight
-// row is reused TB times (TB = 1 for decode, larger for prefill). The per-type
-// `dequant_chunk` is prepended by the host (quant_common.wgsl + quant/<type>.wgsl).
+// Prefill mat-mul: y[t, row_offset + r] (+)= sum_k W[r, k] * x[x_row0 + t, k] (+ bias[r]).
+// One thread per output row covering TB tokens, so each dequantized chunk of the weight row
+// is reused TB times. The per-type `chunk_scale`/`chunk_q` are prepended by the host.
 
 const TB: u32 = {{TB}}u;
 
@@ -22,6 +21,8 @@ struct Params {
 @group(0) @binding(3) var<storage, read_write> y: array<f32>;
 @group(0) @binding(4) var<storage, read> bias: array<f32>;
 
+const ONES = vec4<f32>(1.0);
+
 @compute @workgroup_size(64)
 fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
     let r = gid.x;
@@ -32,16 +33,37 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
     let nt = min(TB, p.n_tokens - t0);
     let n_chunks = p.k / 32u;
     let row_base = r * (n_chunks / CHUNKS_PER_BLOCK) * BLOCK_WORDS;
+    let xs = p.x_stride / 4u;
     var acc: array<f32, TB>;
     for (var c = 0u; c < n_chunks; c++) {
-        let wv = dequant_chunk(row_base + (c / CHUNKS_PER_BLOCK) * BLOCK_WORDS, c % CHUNKS_PER_BLOCK);
-        for (var t = 0u; t < nt; t++) {
-            let xb = ((p.x_row0 + t0 + t) * p.x_stride + c * 32u) / 4u;
-            var s = dot(wv[0], x[xb]) + dot(wv[1], x[xb + 1u]);
-            s += dot(wv[2], x[xb + 2u]) + dot(wv[3], x[xb + 3u]);
-            s += dot(wv[4], x[xb + 4u]) + dot(wv[5], x[xb + 5u]);
-            s += dot(wv[6], x[xb + 6u]) + dot(wv[7], x[xb + 7u]);
-            acc[t] += s;
+        let blk = row_base + (c / CHUNKS_PER_BLOCK) * BLOCK_WORDS;
+        let cc = c % CHUNKS_PER_BLOCK;
+        let s = chunk_scale(blk, cc);
+        let q0 = chunk_q(blk, cc, 0u);
+        let q1 = chunk_q(blk, cc, 1u);
+        let q2 = chunk_q(blk, cc, 2u);
+        let q3 = chunk_q(blk, cc, 3u);
+        let q4 = chunk_q(blk, cc, 4u);
+        let q5 = chunk_q(blk, cc, 5u);
+        let q6 = chunk_q(blk, cc, 6u);
+        let q7 = chunk_q(blk, cc, 7u);
+        for (var t = 0u; t < TB; t++) {
+            if (t < nt) {
+                let xb = (p.x_row0 + t0 + t) * xs + c * 8u;
+                let xa = x[xb];
+                let xb1 = x[xb + 1u];
+                let xc = x[xb + 2u];
+                let xd = x[xb + 3u];
+                let xe = x[xb + 4u];
+                let xf = x[xb + 5u];
+                let xg = x[xb + 6u];
+                let xh = x[xb + 7u];
+                let d0 = dot(q0, xa) + dot(q1, xb1) + dot(q2, xc) + dot(q3, xd);
+                let d1 = dot(q4, xe) + dot(q5, xf) + dot(q6, xg) + dot(q7, xh);
+                let sx0 = dot(xa + xb1 + xc + xd, ONES);
+                let sx1 = dot(xe + xf + xg + xh, ONES);
+                acc[t] += s.x * d0 + s.y * sx0 + s.z * d1 + s.w * sx1;
+            }
         }
     }
     var b = 0.0;

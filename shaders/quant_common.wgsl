@@ -2,7 +2,12 @@
 // Every per-type file in quant/ defines:
 //   const CHUNKS_PER_BLOCK: u32;  // 32-element chunks per block (8 for K-quants)
 //   const BLOCK_WORDS: u32;       // u32 words per block in the GPU layout
-//   fn dequant_chunk(base: u32, c: u32) -> array<vec4<f32>, 8>;  // block at word `base`, chunk c
+//   fn chunk_scale(base: u32, c: u32) -> vec4<f32>;
+//       (scale, offset) of elements 0..15 of chunk c in .xy, of elements 16..31 in .zw
+//   fn chunk_q(base: u32, c: u32, i: u32) -> vec4<f32>;
+//       raw quant values of elements 4i..4i+3 of chunk c
+// so that element value = q * scale + offset. Kernels fold the offset in through sum(x),
+// as llama.cpp does for the K-quant mins.
 
 // Byte `i` of the block starting at word `base`.
 fn byte_at(base: u32, i: u32) -> u32 {
@@ -20,14 +25,16 @@ fn sbytes4(v: u32) -> vec4<f32> {
     return vec4<f32>(f32((s << 24u) >> 24u), f32((s << 16u) >> 24u), f32((s << 8u) >> 24u), f32(s >> 24u));
 }
 
-// Low and high nibbles of each byte of a word.
-fn lo_nibbles(v: u32) -> vec4<f32> {
-    return bytes4(v & 0x0F0F0F0Fu);
-}
-fn hi_nibbles(v: u32) -> vec4<f32> {
-    return bytes4((v >> 4u) & 0x0F0F0F0Fu);
-}
-
 fn f16_lo(v: u32) -> f32 {
     return unpack2x16float(v).x;
+}
+
+// Dequantized elements 4i..4i+3 of chunk c (for embedding rows and tests).
+fn dequant4(base: u32, c: u32, i: u32) -> vec4<f32> {
+    let s = chunk_scale(base, c);
+    let q = chunk_q(base, c, i);
+    if (i < 4u) {
+        return q * s.x + s.y;
+    }
+    return q * s.z + s.w;
 }

@@ -3,13 +3,12 @@
 const CHUNKS_PER_BLOCK: u32 = 1u;
 const BLOCK_WORDS: u32 = 5u;
 
-fn dequant_chunk(base: u32, c: u32) -> array<vec4<f32>, 8> {
+fn chunk_scale(base: u32, c: u32) -> vec4<f32> {
     let d = f16_lo(w[base]);
-    var r: array<vec4<f32>, 8>;
-    for (var i = 0u; i < 4u; i++) {
-        let q = w[base + 1u + i];
-        r[i] = d * (lo_nibbles(q) - 8.0);
-        r[i + 4u] = d * (hi_nibbles(q) - 8.0);
-    }
-    return r;
+    return vec4<f32>(d, -8.0 * d, d, -8.0 * d);
+}
+
+fn chunk_q(base: u32, c: u32, i: u32) -> vec4<f32> {
+    let q = w[base + 1u + (i & 3u)];
+    return bytes4((q >> (4u * (i >> 2u))) & 0x0F0F0F0Fu);
 }

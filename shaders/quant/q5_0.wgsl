@@ -3,19 +3,15 @@
 const CHUNKS_PER_BLOCK: u32 = 1u;
 const BLOCK_WORDS: u32 = 6u;
 
-fn high_bits(qh: u32, first: u32) -> vec4<f32> {
-    let b = qh >> first;
-    return vec4<f32>(f32((b & 1u) << 4u), f32(((b >> 1u) & 1u) << 4u), f32(((b >> 2u) & 1u) << 4u), f32(((b >> 3u) & 1u) << 4u));
+fn chunk_scale(base: u32, c: u32) -> vec4<f32> {
+    let d = f16_lo(w[base]);
+    return vec4<f32>(d, -16.0 * d, d, -16.0 * d);
 }
 
-fn dequant_chunk(base: u32, c: u32) -> array<vec4<f32>, 8> {
-    let d = f16_lo(w[base]);
-    let qh = w[base + 1u];
-    var r: array<vec4<f32>, 8>;
-    for (var i = 0u; i < 4u; i++) {
-        let q = w[base + 2u + i];
-        r[i] = d * (lo_nibbles(q) + high_bits(qh, 4u * i) - 16.0);
-        r[i + 4u] = d * (hi_nibbles(q) + high_bits(qh, 16u + 4u * i) - 16.0);
-    }
-    return r;
+fn chunk_q(base: u32, c: u32, i: u32) -> vec4<f32> {
+    let q = (w[base + 2u + (i & 3u)] >> (4u * (i >> 2u))) & 0x0F0F0F0Fu;
+    // Bits 4i..4i+3 of qh, spread to bit 4 of each byte.
+    let hb = (w[base + 1u] >> (4u * i)) & 0xFu;
+    let h = ((hb & 1u) | ((hb & 2u) << 7u) | ((hb & 4u) << 14u) | ((hb & 8u) << 21u)) << 4u;
+    return bytes4(q | h);
 }

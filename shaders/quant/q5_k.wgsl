@@ -13,17 +13,15 @@ fn scale_min_k4(base: u32, j: u32) -> vec2<f32> {
     return vec2<f32>(f32(s), f32(m));
 }
 
-fn dequant_chunk(base: u32, c: u32) -> array<vec4<f32>, 8> {
+fn chunk_scale(base: u32, c: u32) -> vec4<f32> {
     let dd = unpack2x16float(w[base]);
     let sm = scale_min_k4(base, c);
-    let scale = dd.x * sm.x;
-    let mn = dd.y * sm.y;
-    let shift = (c & 1u) * 4u;
-    let qbase = base + 12u + 8u * (c >> 1u);
-    var r: array<vec4<f32>, 8>;
-    for (var i = 0u; i < 8u; i++) {
-        let h = ((w[base + 4u + i] >> c) & 0x01010101u) << 4u;
-        r[i] = scale * bytes4(((w[qbase + i] >> shift) & 0x0F0F0F0Fu) | h) - mn;
-    }
-    return r;
+    let s = vec2<f32>(dd.x * sm.x, -dd.y * sm.y);
+    return vec4<f32>(s, s);
+}
+
+fn chunk_q(base: u32, c: u32, i: u32) -> vec4<f32> {
+    let lo = (w[base + 12u + 8u * (c >> 1u) + i] >> ((c & 1u) * 4u)) & 0x0F0F0F0Fu;
+    let h = ((w[base + 4u + i] >> c) & 0x01010101u) << 4u;
+    return bytes4(lo | h);
 }

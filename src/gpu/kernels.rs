@@ -5,6 +5,7 @@
 use crate::quant::DType;
 
 const QUANT_COMMON: &str = include_str!("../../shaders/quant_common.wgsl");
+const MATVEC: &str = include_str!("../../shaders/matvec.wgsl");
 const MATMUL: &str = include_str!("../../shaders/matmul.wgsl");
 const EMBED: &str = include_str!("../../shaders/embed.wgsl");
 const NORM: &str = include_str!("../../shaders/norm.wgsl");
@@ -79,6 +80,9 @@ impl Kernel {
 
     pub fn source(&self) -> String {
         match *self {
+            Kernel::Matmul { dtype, tokens: 1 } => {
+                format!("{QUANT_COMMON}\n{}\n{MATVEC}", quant_source(dtype))
+            }
             Kernel::Matmul { dtype, tokens } => format!(
                 "{}\n{}\n{}",
                 QUANT_COMMON,
