@@ -8,18 +8,33 @@ use pregate::gpu::{DispatchBuilder, Gpu, GpuOptions, Matrix};
 use pregate::quant::{quantize, DType};
 
 fn main() -> anyhow::Result<()> {
-    let args: Vec<usize> = std::env::args().skip(1).filter_map(|a| a.parse().ok()).collect();
+    let args: Vec<usize> = std::env::args()
+        .skip(1)
+        .filter_map(|a| a.parse().ok())
+        .collect();
     let rows = *args.first().unwrap_or(&4864);
     let cols = *args.get(1).unwrap_or(&1024);
     let iters = *args.get(2).unwrap_or(&50);
     let tokens = *args.get(3).unwrap_or(&1) as u32;
     let gpu = Gpu::new(&GpuOptions::default())?;
-    let vals: Vec<f32> = (0..rows * cols).map(|i| ((i * 7919) % 1000) as f32 / 1000.0 - 0.5).collect();
-    let x: Vec<f32> = (0..cols * tokens as usize).map(|i| (i % 13) as f32 / 13.0).collect();
+    let vals: Vec<f32> = (0..rows * cols)
+        .map(|i| ((i * 7919) % 1000) as f32 / 1000.0 - 0.5)
+        .collect();
+    let x: Vec<f32> = (0..cols * tokens as usize)
+        .map(|i| (i % 13) as f32 / 13.0)
+        .collect();
     let xb = gpu.storage_init("x", bytemuck::cast_slice(&x))?;
     let yb = gpu.storage("y", (rows * tokens as usize * 4) as u64)?;
     let dummy = gpu.storage("dummy", 16)?;
-    for dtype in [DType::Q8_0, DType::Q5_0, DType::Q4_0, DType::Q4K, DType::Q5K, DType::Q6K, DType::F16] {
+    for dtype in [
+        DType::Q8_0,
+        DType::Q5_0,
+        DType::Q4_0,
+        DType::Q4K,
+        DType::Q5K,
+        DType::Q6K,
+        DType::F16,
+    ] {
         let bytes = quantize(dtype, &vals)?;
         let m = Matrix::upload(&gpu, "w", dtype, rows, cols, &bytes)?;
         let mut b = DispatchBuilder::new();

@@ -13,20 +13,11 @@ use crate::model::chat::{ChatMessage, ChatTemplate};
 use crate::model::tokenizer::TextStream;
 use crate::model::{Model, Sampler, SamplerConfig, Session, Tokenizer};
 
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Default)]
 pub struct EngineOptions {
     pub gpu: GpuOptions,
     /// Context length of new sessions (0: min(model's, 4096)).
     pub ctx: usize,
-}
-
-impl Default for EngineOptions {
-    fn default() -> Self {
-        EngineOptions {
-            gpu: GpuOptions::default(),
-            ctx: 0,
-        }
-    }
 }
 
 pub struct Engine {

@@ -80,7 +80,7 @@ pub fn list_adapters(backend: BackendChoice) -> Vec<AdapterSummary> {
                 backend: format!("{:?}", info.backend),
                 device_type: format!("{:?}", info.device_type),
                 driver: format!("{} {}", info.driver, info.driver_info),
-                max_storage_binding: l.max_storage_buffer_binding_size as u64,
+                max_storage_binding: l.max_storage_buffer_binding_size,
                 max_buffer: l.max_buffer_size,
                 subgroups: f.contains(wgpu::Features::SUBGROUP),
                 shader_f16: f.contains(wgpu::Features::SHADER_F16),
@@ -164,7 +164,9 @@ impl Gpu {
 
     /// Largest byte range one storage binding may cover.
     pub fn max_binding(&self) -> u64 {
-        (self.limits.max_storage_buffer_binding_size as u64).min(self.limits.max_buffer_size)
+        self.limits
+            .max_storage_buffer_binding_size
+            .min(self.limits.max_buffer_size)
     }
 
     /// A storage buffer, charged to the arena.
@@ -185,7 +187,7 @@ impl Gpu {
     /// A storage buffer initialised with `data`, charged to the arena.
     pub fn storage_init(&self, label: &str, data: &[u8]) -> Result<GpuBuffer> {
         let mut padded;
-        let contents = if data.len() < 16 || data.len() % 4 != 0 {
+        let contents = if data.len() < 16 || !data.len().is_multiple_of(4) {
             padded = data.to_vec();
             padded.resize(data.len().max(16).next_multiple_of(4), 0);
             &padded[..]
@@ -250,6 +252,38 @@ impl Gpu {
             .to_vec();
         buf.unmap();
         Ok(out)
+    }
+
+    /// Runs a dispatch list in one submit and waits for it (tests, tools; not the hot path).
+    pub fn run_once(&self, list: &super::DispatchList) -> Result<()> {
+        let mut enc = self
+            .device
+            .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                label: Some("run_once"),
+            });
+        {
+            let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor::default());
+            list.encode(&mut pass);
+        }
+        self.queue.submit([enc.finish()]);
+        self.device
+            .poll(wgpu::PollType::wait_indefinitely())
+            .map_err(|e| Error::Gpu(format!("poll: {e}")))?;
+        self.check()
+    }
+
+    /// Copies the first `n` floats of a storage buffer back to the host.
+    pub fn read_f32(&self, buf: &wgpu::Buffer, n: usize) -> Result<Vec<f32>> {
+        let bytes = (n * 4) as u64;
+        let rb = self.readback("read_f32", bytes)?;
+        let mut enc = self
+            .device
+            .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                label: Some("read"),
+            });
+        enc.copy_buffer_to_buffer(buf, 0, &rb, 0, bytes);
+        self.queue.submit([enc.finish()]);
+        Ok(bytemuck::pod_collect_to_vec(&self.read(&rb, bytes)?))
     }
 
     /// The pipeline for `kernel`, compiled on first use.

@@ -23,7 +23,8 @@ pub struct Matrix {
 }
 
 impl Matrix {
-    /// Uploads `bytes` (ggml layout) as a `[rows, cols]` matrix.
+    /// Uploads `bytes` (ggml layout) as a `[rows, cols]` matrix, sharded to fit the
+    /// device's largest storage binding.
     pub fn upload(
         gpu: &Gpu,
         name: &str,
@@ -32,7 +33,21 @@ impl Matrix {
         cols: usize,
         bytes: &[u8],
     ) -> Result<Matrix> {
-        if cols % dtype.gpu_block_len() != 0 {
+        Self::upload_sharded(gpu, name, dtype, rows, cols, bytes, None)
+    }
+
+    /// As [`Matrix::upload`], with at most `max_shard_rows` rows per shard (tests use this to
+    /// exercise sharding on small matrices).
+    pub fn upload_sharded(
+        gpu: &Gpu,
+        name: &str,
+        dtype: DType,
+        rows: usize,
+        cols: usize,
+        bytes: &[u8],
+        max_shard_rows: Option<usize>,
+    ) -> Result<Matrix> {
+        if !cols.is_multiple_of(dtype.gpu_block_len()) {
             return Err(Error::BadTensor {
                 tensor: name.into(),
                 why: format!(
@@ -49,7 +64,10 @@ impl Matrix {
             });
         }
         let gpu_row_bytes = (cols / dtype.gpu_block_len() * dtype.gpu_block_words() * 4) as u64;
-        let rows_per_shard = (gpu.max_binding() / gpu_row_bytes).max(1) as usize;
+        let mut rows_per_shard = (gpu.max_binding() / gpu_row_bytes).max(1) as usize;
+        if let Some(m) = max_shard_rows {
+            rows_per_shard = rows_per_shard.min(m.max(1));
+        }
         let mut shards = Vec::new();
         let mut r0 = 0;
         while r0 < rows {

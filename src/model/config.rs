@@ -40,7 +40,7 @@ impl ModelConfig {
         let key = |k: &str| format!("{arch_name}.{k}");
         let n_head = f.get_u64(&key("attention.head_count"))? as usize;
         let d_model = f.get_u64(&key("embedding_length"))? as usize;
-        if n_head == 0 || d_model % n_head != 0 {
+        if n_head == 0 || !d_model.is_multiple_of(n_head) {
             return Err(Error::Malformed {
                 what: key("attention.head_count"),
                 why: format!("{n_head} heads do not divide {d_model}"),
@@ -50,7 +50,7 @@ impl ModelConfig {
             Some(_) => f.get_u64(&key("attention.head_count_kv"))? as usize,
             None => n_head,
         };
-        if n_kv_head == 0 || n_head % n_kv_head != 0 {
+        if n_kv_head == 0 || !n_head.is_multiple_of(n_kv_head) {
             return Err(Error::Malformed {
                 what: key("attention.head_count_kv"),
                 why: format!("{n_kv_head} kv heads do not divide {n_head} heads"),

@@ -188,7 +188,7 @@ mod tests {
         };
         let mut s = Sampler::new(cfg);
         for _ in 0..20 {
-            assert_eq!(s.sample(&mut vec![5.0, 1.0, 1.0, 1.0], &[]), 0);
+            assert_eq!(s.sample(&mut [5.0, 1.0, 1.0, 1.0], &[]), 0);
         }
     }
 }

@@ -142,7 +142,8 @@ impl DType {
     /// Bytes of `n` elements, or None when `n` is not a whole number of blocks.
     pub fn bytes_for(self, n: u64) -> Option<u64> {
         let bl = self.block_len() as u64;
-        (n % bl == 0).then(|| n / bl * self.block_bytes() as u64)
+        n.is_multiple_of(bl)
+            .then(|| n / bl * self.block_bytes() as u64)
     }
 
     /// u32 words per 32-element chunk in the GPU layout (see [`repack_for_gpu`]).
@@ -267,7 +268,7 @@ pub fn repack_for_gpu(dtype: DType, src: &[u8]) -> Vec<u32> {
 
 fn pad_to_4(b: &[u8]) -> Vec<u8> {
     let mut v = b.to_vec();
-    while v.len() % 4 != 0 {
+    while !v.len().is_multiple_of(4) {
         v.push(0);
     }
     v

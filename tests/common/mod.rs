@@ -1,0 +1,338 @@
+//! Shared test helpers: a deterministic RNG, a tiny llama-family model written with our GGUF
+//! writer, and a plain CPU forward pass (llama2.c style) to check the GPU against.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+
+use pregate::format::{GgufWriter, MetaValue};
+use pregate::quant::{dequantize, quantize, DType};
+
+/// xorshift64*: deterministic and dependency-free.
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Rng {
+        Rng(seed.wrapping_mul(0x9E3779B97F4A7C15) | 1)
+    }
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545F4914F6CDD1D)
+    }
+    /// Uniform in [-1, 1).
+    pub fn f32(&mut self) -> f32 {
+        (self.next_u64() >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+    }
+    pub fn vec(&mut self, n: usize, scale: f32) -> Vec<f32> {
+        (0..n).map(|_| self.f32() * scale).collect()
+    }
+}
+
+pub fn tmp_dir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("pregate-test-{}-{name}", std::process::id()));
+    std::fs::create_dir_all(&d).expect("tmp dir");
+    d
+}
+
+/// GPT-2's byte-to-unicode map: the 256 byte tokens of a byte-level BPE vocabulary.
+pub fn byte_tokens() -> Vec<String> {
+    let mut bs: Vec<u32> = (b'!' as u32..=b'~' as u32)
+        .chain(0xA1..=0xAC)
+        .chain(0xAE..=0xFF)
+        .collect();
+    let mut cs = bs.clone();
+    let mut n = 0;
+    for b in 0..256u32 {
+        if !bs.contains(&b) {
+            bs.push(b);
+            cs.push(256 + n);
+            n += 1;
+        }
+    }
+    let mut out = vec![String::new(); 256];
+    for (b, c) in bs.iter().zip(&cs) {
+        out[*b as usize] = char::from_u32(*c).expect("char").to_string();
+    }
+    out
+}
+
+/// Shape of the tiny test model.
+#[derive(Clone, Copy)]
+pub struct TinySpec {
+    pub n_layer: usize,
+    pub d_model: usize,
+    pub d_ff: usize,
+    pub n_head: usize,
+    pub n_kv_head: usize,
+    pub arch: &'static str,
+    pub dtype: DType,
+}
+
+impl Default for TinySpec {
+    fn default() -> Self {
+        TinySpec {
+            n_layer: 2,
+            d_model: 256,
+            d_ff: 512,
+            n_head: 4,
+            n_kv_head: 2,
+            arch: "qwen2",
+            dtype: DType::Q8_0,
+        }
+    }
+}
+
+/// The tiny model's weights as f32 (after quantization round trip), for the CPU reference.
+pub struct TinyWeights {
+    pub spec: TinySpec,
+    pub vocab: usize,
+    pub tensors: std::collections::HashMap<String, Vec<f32>>,
+}
+
+/// Writes a tiny model with random weights: vocab = 256 byte tokens + 2 specials.
+pub fn write_tiny_model(path: &Path, spec: TinySpec, seed: u64) -> TinyWeights {
+    let mut rng = Rng::new(seed);
+    let mut tokens = byte_tokens();
+    tokens.push("<|endoftext|>".into());
+    tokens.push("<|im_end|>".into());
+    let vocab = tokens.len();
+    let mut types = vec![1i32; 256];
+    types.extend([3, 3]);
+    let mut w = GgufWriter::new();
+    let a = spec.arch;
+    w.meta("general.architecture", MetaValue::String(a.into()));
+    w.meta(
+        &format!("{a}.block_count"),
+        MetaValue::U32(spec.n_layer as u32),
+    );
+    w.meta(&format!("{a}.context_length"), MetaValue::U32(256));
+    w.meta(
+        &format!("{a}.embedding_length"),
+        MetaValue::U32(spec.d_model as u32),
+    );
+    w.meta(
+        &format!("{a}.feed_forward_length"),
+        MetaValue::U32(spec.d_ff as u32),
+    );
+    w.meta(
+        &format!("{a}.attention.head_count"),
+        MetaValue::U32(spec.n_head as u32),
+    );
+    w.meta(
+        &format!("{a}.attention.head_count_kv"),
+        MetaValue::U32(spec.n_kv_head as u32),
+    );
+    w.meta(&format!("{a}.rope.freq_base"), MetaValue::F32(10000.0));
+    w.meta(
+        &format!("{a}.attention.layer_norm_rms_epsilon"),
+        MetaValue::F32(1e-6),
+    );
+    w.meta("tokenizer.ggml.model", MetaValue::String("gpt2".into()));
+    w.meta("tokenizer.ggml.pre", MetaValue::String("qwen2".into()));
+    w.meta(
+        "tokenizer.ggml.tokens",
+        MetaValue::Array(tokens.into_iter().map(MetaValue::String).collect()),
+    );
+    w.meta(
+        "tokenizer.ggml.token_type",
+        MetaValue::Array(types.into_iter().map(MetaValue::I32).collect()),
+    );
+    w.meta("tokenizer.ggml.merges", MetaValue::Array(Vec::new()));
+    w.meta("tokenizer.ggml.eos_token_id", MetaValue::U32(257));
+    w.meta("tokenizer.ggml.add_bos_token", MetaValue::Bool(false));
+
+    let mut tensors = std::collections::HashMap::new();
+    let mut add =
+        |w: &mut GgufWriter, name: &str, dims: &[usize], dtype: DType, scale: f32, offset: f32| {
+            let n: usize = dims.iter().product();
+            let vals: Vec<f32> = rng.vec(n, scale).into_iter().map(|v| v + offset).collect();
+            let bytes = quantize(dtype, &vals).expect("quantize");
+            let mut back = vec![0f32; n];
+            dequantize(dtype, &bytes, &mut back).expect("dequantize");
+            let dims64: Vec<u64> = dims.iter().map(|d| *d as u64).collect();
+            w.tensor(name, dtype, &dims64, bytes).expect("tensor");
+            tensors.insert(name.to_string(), back);
+        };
+    let (d, f) = (spec.d_model, spec.d_ff);
+    let hd = d / spec.n_head;
+    let (qd, kvd) = (spec.n_head * hd, spec.n_kv_head * hd);
+    let s = 1.0 / (d as f32).sqrt() * 1.5;
+    add(
+        &mut w,
+        "token_embd.weight",
+        &[d, vocab],
+        spec.dtype,
+        1.0,
+        0.0,
+    );
+    for l in 0..spec.n_layer {
+        let n = |x: &str| format!("blk.{l}.{x}");
+        add(&mut w, &n("attn_norm.weight"), &[d], DType::F32, 0.2, 1.0);
+        add(&mut w, &n("attn_q.weight"), &[d, qd], spec.dtype, s, 0.0);
+        add(&mut w, &n("attn_k.weight"), &[d, kvd], spec.dtype, s, 0.0);
+        add(&mut w, &n("attn_v.weight"), &[d, kvd], spec.dtype, s, 0.0);
+        if a == "qwen2" {
+            add(&mut w, &n("attn_q.bias"), &[qd], DType::F32, 0.1, 0.0);
+            add(&mut w, &n("attn_k.bias"), &[kvd], DType::F32, 0.1, 0.0);
+            add(&mut w, &n("attn_v.bias"), &[kvd], DType::F32, 0.1, 0.0);
+        }
+        add(
+            &mut w,
+            &n("attn_output.weight"),
+            &[qd, d],
+            spec.dtype,
+            s,
+            0.0,
+        );
+        add(&mut w, &n("ffn_norm.weight"), &[d], DType::F32, 0.2, 1.0);
+        add(&mut w, &n("ffn_gate.weight"), &[d, f], spec.dtype, s, 0.0);
+        add(&mut w, &n("ffn_up.weight"), &[d, f], spec.dtype, s, 0.0);
+        add(
+            &mut w,
+            &n("ffn_down.weight"),
+            &[f, d],
+            spec.dtype,
+            1.0 / (f as f32).sqrt() * 1.5,
+            0.0,
+        );
+    }
+    add(&mut w, "output_norm.weight", &[d], DType::F32, 0.2, 1.0);
+    add(&mut w, "output.weight", &[d, vocab], spec.dtype, s, 0.0);
+    w.write(path).expect("write tiny model");
+    TinyWeights {
+        spec,
+        vocab,
+        tensors,
+    }
+}
+
+fn rmsnorm(x: &[f32], w: &[f32], eps: f32) -> Vec<f32> {
+    let ss = x.iter().map(|v| v * v).sum::<f32>() / x.len() as f32;
+    let inv = 1.0 / (ss + eps).sqrt();
+    x.iter().zip(w).map(|(a, b)| a * inv * b).collect()
+}
+
+/// y = W x for W stored [rows, cols] row-major.
+pub fn matvec(w: &[f32], x: &[f32], rows: usize) -> Vec<f32> {
+    let cols = x.len();
+    (0..rows)
+        .map(|r| {
+            w[r * cols..(r + 1) * cols]
+                .iter()
+                .zip(x)
+                .map(|(a, b)| a * b)
+                .sum()
+        })
+        .collect()
+}
+
+/// RoPE on one head in place; neox pairs (i, i + d/2), normal pairs (2i, 2i+1).
+pub fn rope(v: &mut [f32], pos: usize, base: f32, neox: bool) {
+    let d = v.len();
+    for i in 0..d / 2 {
+        let theta = pos as f32 * base.powf(-2.0 * i as f32 / d as f32);
+        let (a, b) = if neox {
+            (i, i + d / 2)
+        } else {
+            (2 * i, 2 * i + 1)
+        };
+        let (x0, x1) = (v[a], v[b]);
+        v[a] = x0 * theta.cos() - x1 * theta.sin();
+        v[b] = x0 * theta.sin() + x1 * theta.cos();
+    }
+}
+
+/// Causal attention of one query head over cached keys/values [pos+1][hd].
+pub fn attend(q: &[f32], keys: &[Vec<f32>], values: &[Vec<f32>]) -> Vec<f32> {
+    let scale = 1.0 / (q.len() as f32).sqrt();
+    let scores: Vec<f32> = keys
+        .iter()
+        .map(|k| k.iter().zip(q).map(|(a, b)| a * b).sum::<f32>() * scale)
+        .collect();
+    let m = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let e: Vec<f32> = scores.iter().map(|s| (s - m).exp()).collect();
+    let z: f32 = e.iter().sum();
+    let mut out = vec![0f32; q.len()];
+    for (p, v) in e.iter().zip(values) {
+        for (o, x) in out.iter_mut().zip(v) {
+            *o += p / z * x;
+        }
+    }
+    out
+}
+
+/// The CPU reference forward pass: logits after each token of `tokens`.
+pub fn reference_logits(tw: &TinyWeights, tokens: &[u32]) -> Vec<Vec<f32>> {
+    let s = tw.spec;
+    let t = |n: &str| tw.tensors.get(n).unwrap_or_else(|| panic!("{n}"));
+    let (d, hd) = (s.d_model, s.d_model / s.n_head);
+    let neox = s.arch == "qwen2";
+    let group = s.n_head / s.n_kv_head;
+    let mut kcache: Vec<Vec<Vec<Vec<f32>>>> = vec![vec![Vec::new(); s.n_kv_head]; s.n_layer];
+    let mut vcache = kcache.clone();
+    let mut out = Vec::new();
+    for (pos, &tok) in tokens.iter().enumerate() {
+        let mut x = t("token_embd.weight")[tok as usize * d..(tok as usize + 1) * d].to_vec();
+        for l in 0..s.n_layer {
+            let n = |x: &str| format!("blk.{l}.{x}");
+            let xn = rmsnorm(&x, t(&n("attn_norm.weight")), 1e-6);
+            let bias = |v: Vec<f32>, name: &str| -> Vec<f32> {
+                match tw.tensors.get(&n(name)) {
+                    Some(b) => v.iter().zip(b).map(|(a, c)| a + c).collect(),
+                    None => v,
+                }
+            };
+            let mut q = bias(
+                matvec(t(&n("attn_q.weight")), &xn, s.n_head * hd),
+                "attn_q.bias",
+            );
+            let mut k = bias(
+                matvec(t(&n("attn_k.weight")), &xn, s.n_kv_head * hd),
+                "attn_k.bias",
+            );
+            let v = bias(
+                matvec(t(&n("attn_v.weight")), &xn, s.n_kv_head * hd),
+                "attn_v.bias",
+            );
+            for h in 0..s.n_head {
+                rope(&mut q[h * hd..(h + 1) * hd], pos, 10000.0, neox);
+            }
+            for h in 0..s.n_kv_head {
+                rope(&mut k[h * hd..(h + 1) * hd], pos, 10000.0, neox);
+                kcache[l][h].push(k[h * hd..(h + 1) * hd].to_vec());
+                vcache[l][h].push(v[h * hd..(h + 1) * hd].to_vec());
+            }
+            let mut att = Vec::with_capacity(d);
+            for h in 0..s.n_head {
+                att.extend(attend(
+                    &q[h * hd..(h + 1) * hd],
+                    &kcache[l][h / group],
+                    &vcache[l][h / group],
+                ));
+            }
+            let o = matvec(t(&n("attn_output.weight")), &att, d);
+            x.iter_mut().zip(&o).for_each(|(a, b)| *a += b);
+            let xn = rmsnorm(&x, t(&n("ffn_norm.weight")), 1e-6);
+            let g = matvec(t(&n("ffn_gate.weight")), &xn, s.d_ff);
+            let u = matvec(t(&n("ffn_up.weight")), &xn, s.d_ff);
+            let h: Vec<f32> = g
+                .iter()
+                .zip(&u)
+                .map(|(g, u)| g / (1.0 + (-g).exp()) * u)
+                .collect();
+            let dn = matvec(t(&n("ffn_down.weight")), &h, d);
+            x.iter_mut().zip(&dn).for_each(|(a, b)| *a += b);
+        }
+        let xn = rmsnorm(&x, t("output_norm.weight"), 1e-6);
+        out.push(matvec(t("output.weight"), &xn, tw.vocab));
+    }
+    out
+}
+
+pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0f32, f32::max)
+}

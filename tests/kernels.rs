@@ -1,0 +1,277 @@
+//! Every GPU kernel against a CPU reference on random data, with odd sizes and every quant
+//! type. Runs on whatever adapter wgpu finds (lavapipe in CI).
+
+mod common;
+
+use common::{attend, max_abs_diff, rope, Rng};
+use pregate::gpu::ops::{self, AttnShape, RopeMode, RowBuffers, Write};
+use pregate::gpu::{DispatchBuilder, Gpu, GpuOptions, Kernel, Matrix, Vector};
+use pregate::quant::{dequantize, quantize, DType};
+
+fn gpu() -> Gpu {
+    Gpu::new(&GpuOptions::default())
+        .expect("a GPU adapter (install mesa-vulkan-drivers for lavapipe)")
+}
+
+fn upload(g: &Gpu, v: &[f32]) -> pregate::gpu::GpuBuffer {
+    g.storage_init("t", bytemuck::cast_slice(v))
+        .expect("upload")
+}
+
+/// A random quantized matrix and its dequantized values.
+fn random_matrix(rng: &mut Rng, dtype: DType, rows: usize, cols: usize) -> (Vec<u8>, Vec<f32>) {
+    let bytes = quantize(dtype, &rng.vec(rows * cols, 1.0)).expect("quantize");
+    let mut w = vec![0f32; rows * cols];
+    dequantize(dtype, &bytes, &mut w).expect("dequantize");
+    (bytes, w)
+}
+
+#[test]
+fn matmul_matches_cpu_for_every_type_and_shape() {
+    let g = gpu();
+    let mut rng = Rng::new(1);
+    let dummy = g.storage("dummy", 16).expect("dummy");
+    for dtype in DType::ALL {
+        let cols_list: &[usize] = if dtype.block_len() == 256 {
+            &[256, 768]
+        } else {
+            &[96, 256]
+        };
+        for &cols in cols_list {
+            for (rows, tokens, shard) in [
+                (67usize, 1u32, None),
+                (131, 3, Some(50)),
+                (37, 13, None),
+                (64, 1, Some(7)),
+            ] {
+                let (bytes, w) = random_matrix(&mut rng, dtype, rows, cols);
+                let m = Matrix::upload_sharded(&g, "w", dtype, rows, cols, &bytes, shard)
+                    .expect("upload");
+                let x = rng.vec(tokens as usize * cols, 1.0);
+                let bias = rng.vec(rows, 1.0);
+                let y0 = rng.vec(tokens as usize * rows, 1.0);
+                let xb = upload(&g, &x);
+                let bb = Vector::upload(&g, "b", &bias).expect("bias");
+                let yb = upload(&g, &y0);
+                let accumulate = tokens % 2 == 1 && rows % 2 == 1;
+                let mut b = DispatchBuilder::new();
+                let write = if accumulate {
+                    Write::Accumulate
+                } else {
+                    Write::Store
+                };
+                ops::matmul(&mut b, &m, &xb, 0, tokens, &yb, Some(&bb), write, &dummy);
+                g.run_once(&b.finish(&g).expect("plan")).expect("run");
+                let got = g.read_f32(&yb, tokens as usize * rows).expect("read");
+                for t in 0..tokens as usize {
+                    for r in 0..rows {
+                        let dot: f32 = (0..cols).map(|k| w[r * cols + k] * x[t * cols + k]).sum();
+                        let want = dot + bias[r] + if accumulate { y0[t * rows + r] } else { 0.0 };
+                        let have = got[t * rows + r];
+                        assert!(
+                            (want - have).abs() <= 1e-3 * (1.0 + want.abs()) + 1e-4 * cols as f32,
+                            "{dtype} {rows}x{cols} tokens {tokens} row {r} token {t}: gpu {have}, cpu {want}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn embed_fetches_dequantized_rows_for_every_type() {
+    let g = gpu();
+    let mut rng = Rng::new(2);
+    for dtype in DType::ALL {
+        let cols = if dtype.block_len() == 256 { 512 } else { 96 };
+        let rows = 41;
+        let (bytes, w) = random_matrix(&mut rng, dtype, rows, cols);
+        let m =
+            Matrix::upload_sharded(&g, "e", dtype, rows, cols, &bytes, Some(16)).expect("upload");
+        let ids: Vec<u32> = vec![0, 40, 17, 16, 15, 3];
+        let idb = g
+            .storage_init("ids", bytemuck::cast_slice(&ids))
+            .expect("ids");
+        let yb = g.storage("y", (ids.len() * cols * 4) as u64).expect("y");
+        let mut b = DispatchBuilder::new();
+        ops::embed(&mut b, &m, &idb, ids.len() as u32, &yb);
+        g.run_once(&b.finish(&g).expect("plan")).expect("run");
+        let got = g.read_f32(&yb, ids.len() * cols).expect("read");
+        for (t, id) in ids.iter().enumerate() {
+            let want = &w[*id as usize * cols..(*id as usize + 1) * cols];
+            assert!(
+                max_abs_diff(&got[t * cols..(t + 1) * cols], want) < 1e-5,
+                "{dtype} row {id}"
+            );
+        }
+    }
+}
+
+#[test]
+fn rms_norm_matches_cpu_with_row_offset() {
+    let g = gpu();
+    let mut rng = Rng::new(3);
+    let (n, rows) = (200usize, 5usize);
+    let x = rng.vec(n * rows, 3.0);
+    let w = rng.vec(n, 1.0);
+    let (xb, yb) = (
+        upload(&g, &x),
+        g.storage("y", (n * rows * 4) as u64).expect("y"),
+    );
+    let wv = Vector::upload(&g, "w", &w).expect("w");
+    let mut b = DispatchBuilder::new();
+    ops::rms_norm(&mut b, &xb, 2, 3, &wv, 1e-6, &yb);
+    g.run_once(&b.finish(&g).expect("plan")).expect("run");
+    let got = g.read_f32(&yb, n * 3).expect("read");
+    for t in 0..3 {
+        let row = &x[(t + 2) * n..(t + 3) * n];
+        let inv = 1.0 / (row.iter().map(|v| v * v).sum::<f32>() / n as f32 + 1e-6).sqrt();
+        let want: Vec<f32> = row.iter().zip(&w).map(|(a, b)| a * inv * b).collect();
+        assert!(
+            max_abs_diff(&got[t * n..(t + 1) * n], &want) < 1e-4,
+            "row {t}"
+        );
+    }
+}
+
+/// RoPE + KV store + attention over two steps (a prefill of 5 tokens, then 1 decode token),
+/// for both RoPE styles and GQA, against the CPU reference.
+#[test]
+fn rope_and_attention_match_cpu_for_prefill_then_decode() {
+    let g = gpu();
+    for mode in [RopeMode::Neox, RopeMode::Normal] {
+        let mut rng = Rng::new(4);
+        let shape = AttnShape {
+            n_head: 6,
+            n_kv_head: 2,
+            head_dim: 16,
+            ctx: 32,
+        };
+        let (nh, nkv, hd) = (6usize, 2usize, 16usize);
+        let kc = g.storage("kc", (nkv * 32 * hd * 4) as u64).expect("kc");
+        let vc = g.storage("vc", (nkv * 32 * hd * 4) as u64).expect("vc");
+        let step = g.uniform_init("step", &[0u8; 16]).expect("step");
+        let mut keys = vec![Vec::new(); nkv];
+        let mut vals = vec![Vec::new(); nkv];
+        let mut pos0 = 0usize;
+        for n in [5usize, 1] {
+            let q = rng.vec(n * nh * hd, 1.0);
+            let k = rng.vec(n * nkv * hd, 1.0);
+            let v = rng.vec(n * nkv * hd, 1.0);
+            let (qb, kb, vb) = (upload(&g, &q), upload(&g, &k), upload(&g, &v));
+            let out = g.storage("out", (n * nh * hd * 4) as u64).expect("out");
+            g.queue.write_buffer(
+                &step,
+                0,
+                bytemuck::cast_slice(&[pos0 as u32, n as u32, 0, 0]),
+            );
+            let mut b = DispatchBuilder::new();
+            ops::rope_store_kv(
+                &mut b, shape, mode, 10000.0, n as u32, &step, &qb, &kb, &vb, &kc, &vc,
+            );
+            ops::attention(&mut b, shape, n as u32, &step, &qb, &kc, &vc, &out);
+            g.run_once(&b.finish(&g).expect("plan")).expect("run");
+            let got = g.read_f32(&out, n * nh * hd).expect("read");
+            for t in 0..n {
+                let pos = pos0 + t;
+                for h in 0..nkv {
+                    let mut kk = k[(t * nkv + h) * hd..(t * nkv + h + 1) * hd].to_vec();
+                    rope(&mut kk, pos, 10000.0, mode == RopeMode::Neox);
+                    keys[h].push(kk);
+                    vals[h].push(v[(t * nkv + h) * hd..(t * nkv + h + 1) * hd].to_vec());
+                }
+                for h in 0..nh {
+                    let mut qq = q[(t * nh + h) * hd..(t * nh + h + 1) * hd].to_vec();
+                    rope(&mut qq, pos, 10000.0, mode == RopeMode::Neox);
+                    let kvh = h / (nh / nkv);
+                    let want = attend(&qq, &keys[kvh][..=pos], &vals[kvh][..=pos]);
+                    let have = &got[(t * nh + h) * hd..(t * nh + h + 1) * hd];
+                    assert!(
+                        max_abs_diff(have, &want) < 1e-4,
+                        "{mode:?} pos {pos} head {h}"
+                    );
+                }
+            }
+            pos0 += n;
+        }
+    }
+}
+
+#[test]
+fn elementwise_ops_match_cpu() {
+    let g = gpu();
+    let mut rng = Rng::new(5);
+    let n = 1001;
+    let (a, c) = (rng.vec(n, 4.0), rng.vec(n, 4.0));
+    for kernel in [Kernel::SwiGlu, Kernel::Add] {
+        let (ab, cb) = (upload(&g, &a), upload(&g, &c));
+        let mut b = DispatchBuilder::new();
+        match kernel {
+            Kernel::SwiGlu => ops::swiglu(&mut b, &ab, &cb, n as u32),
+            _ => ops::add(&mut b, &ab, &cb, n as u32),
+        }
+        g.run_once(&b.finish(&g).expect("plan")).expect("run");
+        let got = g.read_f32(&ab, n).expect("read");
+        let want: Vec<f32> = a
+            .iter()
+            .zip(&c)
+            .map(|(x, y)| {
+                if kernel == Kernel::SwiGlu {
+                    x / (1.0 + (-x).exp()) * y
+                } else {
+                    x + y
+                }
+            })
+            .collect();
+        assert!(max_abs_diff(&got, &want) < 1e-4, "{kernel:?}");
+    }
+}
+
+#[test]
+fn argmax_softmax_and_nll_match_cpu() {
+    let g = gpu();
+    let mut rng = Rng::new(6);
+    let (n, rows) = (3001usize, 3usize);
+    let mut x = rng.vec(n * rows, 5.0);
+    x[2 * n + 2999] = 50.0; // a clear winner in the last row
+    let targets: Vec<u32> = vec![7, 3000, 0];
+    let xb = upload(&g, &x);
+    let tb = g
+        .storage_init("targets", bytemuck::cast_slice(&targets))
+        .expect("targets");
+    let nll = g.storage("nll", 16).expect("nll");
+    let am = g.storage("argmax", 16).expect("argmax");
+    let rb = RowBuffers {
+        x: &xb,
+        targets: &tb,
+        out_f: &nll,
+        out_u: &am,
+    };
+    let mut b = DispatchBuilder::new();
+    ops::row_op(&mut b, Kernel::Nll, &rb, n as u32, 0, rows as u32);
+    ops::row_op(&mut b, Kernel::Argmax, &rb, n as u32, 2, 1);
+    ops::row_op(&mut b, Kernel::Softmax, &rb, n as u32, 1, 1);
+    g.run_once(&b.finish(&g).expect("plan")).expect("run");
+    let got_nll = g.read_f32(&nll, rows).expect("read");
+    for r in 0..rows {
+        let row = &x[r * n..(r + 1) * n];
+        let m = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let lse = m + row.iter().map(|v| (v - m).exp()).sum::<f32>().ln();
+        let want = lse - row[targets[r] as usize];
+        assert!(
+            (got_nll[r] - want).abs() < 1e-3,
+            "nll row {r}: {} vs {want}",
+            got_nll[r]
+        );
+    }
+    let am_bytes = g.read_f32(&am, 1).expect("read");
+    assert_eq!(am_bytes[0].to_bits(), 2999);
+    let soft = g.read_f32(&xb, 2 * n).expect("read");
+    let row = &x[n..2 * n];
+    let m = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let z: f32 = row.iter().map(|v| (v - m).exp()).sum();
+    let want: Vec<f32> = row.iter().map(|v| (v - m).exp() / z).collect();
+    assert!(max_abs_diff(&soft[n..2 * n], &want) < 1e-6);
+    assert!((soft[n..2 * n].iter().sum::<f32>() - 1.0).abs() < 1e-4);
+}

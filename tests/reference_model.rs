@@ -1,0 +1,91 @@
+//! The real default model against llama.cpp's golden outputs in
+//! `../shared/reference/qwen2.5-coder-0.5b-instruct-q4_k_m/`. The model is pulled into the
+//! cache on first use (as `pregate pull` does), so the first run downloads ~490 MB.
+
+use std::path::PathBuf;
+
+use pregate::pull::{resolve_model, DEFAULT_MODEL};
+use pregate::{Engine, EngineOptions, GenerateParams};
+
+fn reference_dir() -> PathBuf {
+    let d = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../shared/reference/qwen2.5-coder-0.5b-instruct-q4_k_m");
+    assert!(d.is_dir(), "reference outputs not found at {}", d.display());
+    d
+}
+
+fn engine() -> Engine {
+    let path = resolve_model(DEFAULT_MODEL, |_| {}).expect("pull the default model");
+    Engine::load(
+        path,
+        &EngineOptions {
+            ctx: 512,
+            ..Default::default()
+        },
+    )
+    .expect("load")
+}
+
+#[test]
+fn greedy_generation_reproduces_llama_cpp() {
+    let engine = engine();
+    let text = std::fs::read_to_string(reference_dir().join("greedy.jsonl")).expect("greedy.jsonl");
+    let mut full_matches = 0;
+    let mut n = 0;
+    for line in text.lines().filter(|l| !l.trim().is_empty()) {
+        let v: serde_json::Value = serde_json::from_str(line).expect("json");
+        let prompt = v["prompt"].as_str().expect("prompt");
+        let want = v["continuation"].as_str().expect("continuation");
+        let n_predict = v["n_predict"].as_u64().unwrap_or(48) as usize;
+        let ids = engine.tokenizer.encode(prompt, true).expect("encode");
+        let mut session = engine.session().expect("session");
+        let params = GenerateParams {
+            max_tokens: n_predict,
+            ..Default::default()
+        };
+        let mut g = engine
+            .generate(&mut session, &ids, params)
+            .expect("generate");
+        let got: String = g.by_ref().map(|p| p.expect("piece")).collect();
+        // At least the first 16 tokens of llama.cpp's continuation must match.
+        let want_ids = engine.tokenizer.encode(want, false).expect("encode");
+        let prefix = engine
+            .tokenizer
+            .decode(&want_ids[..16.min(want_ids.len())])
+            .expect("decode");
+        assert!(
+            got.starts_with(&prefix),
+            "prompt {prompt:?}:\n  ours:      {got:?}\n  llama.cpp: {want:?}"
+        );
+        if got == want {
+            full_matches += 1;
+        }
+        n += 1;
+    }
+    assert!(n >= 4, "expected the reference prompts");
+    eprintln!("{full_matches}/{n} prompts match all {} tokens", 48);
+}
+
+#[test]
+fn perplexity_matches_llama_cpp_within_one_percent() {
+    let engine = engine();
+    let text = std::fs::read_to_string(reference_dir().join("eval.txt")).expect("eval.txt");
+    let r = pregate::eval::perplexity(&engine, &text, 512, None, |_, _, _| {}).expect("perplexity");
+    let llama_cpp = 5.3173;
+    assert_eq!(
+        r.chunks, 20,
+        "llama-perplexity scores 20 chunks of 512 tokens"
+    );
+    assert_eq!(r.tokens_scored, 20 * 255);
+    let rel = (r.ppl - llama_cpp).abs() / llama_cpp;
+    eprintln!(
+        "PPL {:.4} vs llama.cpp {llama_cpp} ({:.3}%)",
+        r.ppl,
+        rel * 100.0
+    );
+    assert!(
+        rel < 0.01,
+        "PPL {} is more than 1% from llama.cpp's {llama_cpp}",
+        r.ppl
+    );
+}
