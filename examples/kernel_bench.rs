@@ -37,7 +37,7 @@ fn main() -> anyhow::Result<()> {
     ] {
         let bytes = quantize(dtype, &vals)?;
         let m = Matrix::upload(&gpu, "w", dtype, rows, cols, &bytes)?;
-        let mut b = DispatchBuilder::new();
+        let mut b = DispatchBuilder::new(&gpu);
         ops::matmul(&mut b, &m, &xb, 0, tokens, &yb, None, Write::Store, &dummy);
         let list = b.finish(&gpu)?;
         let run = |n: usize| {

@@ -1,6 +1,7 @@
-// Prefill mat-mul: y[t, row_offset + r] (+)= sum_k W[r, k] * x[x_row0 + t, k] (+ bias[r]).
-// One thread per output row covering TB tokens, so each dequantized chunk of the weight row
-// is reused TB times. The per-type `chunk_scale`/`chunk_q` are prepended by the host.
+// Prefill mat-mul over a tile of TB tokens: y[t, row_offset + r] (+)= sum_k W[r, k] * x[t, k]
+// (+ bias[r]) for t < n_tokens (<= TB). One thread per output row: each dequantized chunk
+// of the weight row is reused for every token of the tile. x is a uniform buffer holding
+// just this tile when it fits (see matvec.wgsl for why), else a storage buffer.
 
 const TB: u32 = {{TB}}u;
 
@@ -9,15 +10,19 @@ struct Params {
     n_rows: u32,      // rows in this weight shard
     row_offset: u32,  // first output feature of this shard
     y_stride: u32,    // floats per output row
-    n_tokens: u32,
+    n_tokens: u32,    // tokens in this tile
     x_stride: u32,    // floats per input row
     flags: u32,       // 1: add bias, 2: accumulate into y (residual)
-    x_row0: u32,      // first input row to read
+    x_row0: u32,      // first input row (storage x only; a uniform x is pre-offset)
+    y_row0: u32,      // first output row to write
+    _pad0: u32,
+    _pad1: u32,
+    _pad2: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> w: array<u32>;
-@group(0) @binding(2) var<storage, read> x: array<vec4<f32>>;
+{{X_DECL}}
 @group(0) @binding(3) var<storage, read_write> y: array<f32>;
 @group(0) @binding(4) var<storage, read> bias: array<f32>;
 
@@ -29,11 +34,11 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
     if (r >= p.n_rows) {
         return;
     }
-    let t0 = gid.y * TB;
-    let nt = min(TB, p.n_tokens - t0);
+    let nt = p.n_tokens;
     let n_chunks = p.k / 32u;
     let row_base = r * (n_chunks / CHUNKS_PER_BLOCK) * BLOCK_WORDS;
     let xs = p.x_stride / 4u;
+    let x0 = {{X_ROW0}};
     var acc: array<f32, TB>;
     for (var c = 0u; c < n_chunks; c++) {
         let blk = row_base + (c / CHUNKS_PER_BLOCK) * BLOCK_WORDS;
@@ -47,23 +52,21 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
         let q5 = chunk_q(blk, cc, 5u);
         let q6 = chunk_q(blk, cc, 6u);
         let q7 = chunk_q(blk, cc, 7u);
-        for (var t = 0u; t < TB; t++) {
-            if (t < nt) {
-                let xb = (p.x_row0 + t0 + t) * xs + c * 8u;
-                let xa = x[xb];
-                let xb1 = x[xb + 1u];
-                let xc = x[xb + 2u];
-                let xd = x[xb + 3u];
-                let xe = x[xb + 4u];
-                let xf = x[xb + 5u];
-                let xg = x[xb + 6u];
-                let xh = x[xb + 7u];
-                let d0 = dot(q0, xa) + dot(q1, xb1) + dot(q2, xc) + dot(q3, xd);
-                let d1 = dot(q4, xe) + dot(q5, xf) + dot(q6, xg) + dot(q7, xh);
-                let sx0 = dot(xa + xb1 + xc + xd, ONES);
-                let sx1 = dot(xe + xf + xg + xh, ONES);
-                acc[t] += s.x * d0 + s.y * sx0 + s.z * d1 + s.w * sx1;
-            }
+        for (var t = 0u; t < nt; t++) {
+            let xb = x0 + t * xs + c * 8u;
+            let xa = x[xb];
+            let xb1 = x[xb + 1u];
+            let xc = x[xb + 2u];
+            let xd = x[xb + 3u];
+            let xe = x[xb + 4u];
+            let xf = x[xb + 5u];
+            let xg = x[xb + 6u];
+            let xh = x[xb + 7u];
+            let d0 = dot(q0, xa) + dot(q1, xb1) + dot(q2, xc) + dot(q3, xd);
+            let d1 = dot(q4, xe) + dot(q5, xf) + dot(q6, xg) + dot(q7, xh);
+            let sx0 = dot(xa + xb1 + xc + xd, ONES);
+            let sx1 = dot(xe + xf + xg + xh, ONES);
+            acc[t] += s.x * d0 + s.y * sx0 + s.z * d1 + s.w * sx1;
         }
     }
     var b = 0.0;
@@ -71,7 +74,7 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
         b = bias[p.row_offset + r];
     }
     for (var t = 0u; t < nt; t++) {
-        let o = (t0 + t) * p.y_stride + p.row_offset + r;
+        let o = (p.y_row0 + t) * p.y_stride + p.row_offset + r;
         if ((p.flags & 2u) != 0u) {
             y[o] += acc[t] + b;
         } else {

@@ -1,7 +1,8 @@
-// Decode mat-vec: y[row_offset + r] (+)= sum_k W[r, k] * x[x_row0, k] (+ bias[r]).
-// One thread per output row. Neighbouring threads read the same x, so x loads are uniform;
-// each 32-element chunk costs one scale read and eight quant words. The per-type
-// `chunk_scale`/`chunk_q` are prepended by the host (quant_common.wgsl + quant/<type>.wgsl).
+// Decode mat-vec: y[row_offset + r] (+)= sum_k W[r, k] * x[k] (+ bias[r]).
+// One thread per row. x is bound as a uniform buffer when it fits (the host picks the
+// declaration): every thread reads the same x, and drivers serve uniform reads from one
+// scalar load where storage reads cost a gather per thread on CPU Vulkan (lavapipe).
+// The per-type `chunk_scale`/`chunk_q` are prepended by the host.
 
 struct Params {
     k: u32,           // row length (input features)
@@ -11,12 +12,16 @@ struct Params {
     n_tokens: u32,
     x_stride: u32,    // floats per input row
     flags: u32,       // 1: add bias, 2: accumulate into y (residual)
-    x_row0: u32,      // first input row to read
+    x_row0: u32,      // first input row to read (storage x only; a uniform x is pre-offset)
+    y_row0: u32,      // first output row to write
+    _pad0: u32,
+    _pad1: u32,
+    _pad2: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> w: array<u32>;
-@group(0) @binding(2) var<storage, read> x: array<vec4<f32>>;
+{{X_DECL}}
 @group(0) @binding(3) var<storage, read_write> y: array<f32>;
 @group(0) @binding(4) var<storage, read> bias: array<f32>;
 
@@ -30,7 +35,7 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
     }
     let n_chunks = p.k / 32u;
     let row_base = r * (n_chunks / CHUNKS_PER_BLOCK) * BLOCK_WORDS;
-    let x0 = p.x_row0 * p.x_stride / 4u;
+    let x0 = {{X_ROW0}};
     var acc = 0.0;
     for (var c = 0u; c < n_chunks; c++) {
         let blk = row_base + (c / CHUNKS_PER_BLOCK) * BLOCK_WORDS;
@@ -56,7 +61,7 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
     if ((p.flags & 1u) != 0u) {
         acc += bias[p.row_offset + r];
     }
-    let o = p.row_offset + r;
+    let o = p.y_row0 * p.y_stride + p.row_offset + r;
     if ((p.flags & 2u) != 0u) {
         y[o] += acc;
     } else {

@@ -2,10 +2,13 @@
 //   argmax:  out_u[row] = index of the largest logit (ties: lowest index)
 //   softmax: x[row] = softmax(x[row]) in place
 //   nll:     out_f[row] = logsumexp(x[row]) - x[row][targets[row]]  (for perplexity)
+//   topk:    the k largest of one row, as (index, value) pairs (see below)
 
 struct Params {
     n: u32,       // row length (vocabulary)
     x_row0: u32,  // first row to read
+    k: u32,       // top-k only: how many to keep
+    cap: u32,     // top-k only: most pairs written (ties at the threshold may add a few)
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -90,5 +93,56 @@ fn nll(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid:
     row_sum_exp(base, m, lid.x);
     if (lid.x == 0u) {
         out_f[wid.x] = m + log(red_v[0]) - x[base + targets[wid.x]];
+    }
+}
+
+// top-k: writes the k largest logits of row x_row0 as (index, value) pairs to out_u/out_f,
+// preceded by their count in out_u[0] (ties at the threshold may add a few, up to `cap`).
+// The threshold is found by bisection on order-preserving integer keys of the floats: 32
+// counting passes over the row, no sort and no scratch memory.
+var<workgroup> wg_count: atomic<u32>;
+
+fn order_key(v: f32) -> u32 {
+    let b = bitcast<u32>(v);
+    return select(b | 0x80000000u, ~b, (b & 0x80000000u) != 0u);
+}
+
+@compute @workgroup_size(WG)
+fn topk(@builtin(local_invocation_id) lid: vec3<u32>) {
+    let base = p.x_row0 * p.n;
+    var t = 0u;
+    for (var bit = 31i; bit >= 0; bit--) {
+        let cand = t | (1u << u32(bit));
+        if (lid.x == 0u) {
+            atomicStore(&wg_count, 0u);
+        }
+        workgroupBarrier();
+        var c = 0u;
+        for (var i = lid.x; i < p.n; i += WG) {
+            c += select(0u, 1u, order_key(x[base + i]) >= cand);
+        }
+        atomicAdd(&wg_count, c);
+        let total = workgroupUniformLoad(&wg_count);
+        if (total >= p.k) {
+            t = cand;
+        }
+    }
+    if (lid.x == 0u) {
+        atomicStore(&wg_count, 0u);
+    }
+    workgroupBarrier();
+    for (var i = lid.x; i < p.n; i += WG) {
+        let v = x[base + i];
+        if (order_key(v) >= t) {
+            let slot = atomicAdd(&wg_count, 1u);
+            if (slot < p.cap) {
+                out_u[1u + slot] = i;
+                out_f[slot] = v;
+            }
+        }
+    }
+    workgroupBarrier();
+    if (lid.x == 0u) {
+        out_u[0] = min(atomicLoad(&wg_count), p.cap);
     }
 }

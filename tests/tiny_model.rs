@@ -62,7 +62,7 @@ fn check_against_reference(spec: TinySpec, tag: &str) {
     // Scoring: nll of each next token equals the reference log-softmax.
     let mut s = Session::new(engine.model.clone(), 64).expect("session");
     let targets: Vec<u32> = tokens[1..].iter().copied().chain([0]).collect();
-    let nll = s.nll(&tokens, &targets).expect("nll");
+    let nll = s.nll(&tokens, &targets, 0).expect("nll");
     for i in 0..tokens.len() - 1 {
         let row = &want[i];
         let m = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);

@@ -14,6 +14,9 @@ use crate::error::{Error, Result};
 pub enum BackendChoice {
     #[default]
     Auto,
+    /// Vulkan, Metal or DX12 (not GL).
+    #[value(skip)]
+    Native,
     Vulkan,
     Metal,
     Dx12,
@@ -24,6 +27,7 @@ impl BackendChoice {
     fn backends(self) -> wgpu::Backends {
         match self {
             BackendChoice::Auto => wgpu::Backends::all(),
+            BackendChoice::Native => wgpu::Backends::PRIMARY,
             BackendChoice::Vulkan => wgpu::Backends::VULKAN,
             BackendChoice::Metal => wgpu::Backends::METAL,
             BackendChoice::Dx12 => wgpu::Backends::DX12,
@@ -116,16 +120,28 @@ impl Gpu {
                 }
                 all.swap_remove(i)
             }
-            None => pollster::block_on(instance(opts.backend).request_adapter(
-                &wgpu::RequestAdapterOptions {
-                    power_preference: wgpu::PowerPreference::HighPerformance,
-                    force_fallback_adapter: false,
-                    compatible_surface: None,
-                    // Real limits, not privacy buckets: we size shards by them.
-                    apply_limit_buckets: false,
-                },
-            ))
-            .map_err(|e| Error::NoAdapter(format!(" ({e})")))?,
+            None => {
+                let request = |backend: BackendChoice| {
+                    pollster::block_on(instance(backend).request_adapter(
+                        &wgpu::RequestAdapterOptions {
+                            power_preference: wgpu::PowerPreference::HighPerformance,
+                            force_fallback_adapter: false,
+                            compatible_surface: None,
+                            // Real limits, not privacy buckets: we size shards by them.
+                            apply_limit_buckets: false,
+                        },
+                    ))
+                };
+                // Auto tries the native APIs first: probing GL/EGL is slow and noisy, and
+                // it is only the last resort.
+                let found = match opts.backend {
+                    BackendChoice::Auto => {
+                        request(BackendChoice::Native).or_else(|_| request(BackendChoice::Gl))
+                    }
+                    b => request(b),
+                };
+                found.map_err(|e| Error::NoAdapter(format!(" ({e})")))?
+            }
         };
         let info = adapter.get_info();
         let wanted =
@@ -176,7 +192,9 @@ impl Gpu {
         let buf = self.device.create_buffer(&wgpu::BufferDescriptor {
             label: Some(label),
             size,
+            // UNIFORM too: mat-vec kernels bind activations as uniforms (see matvec.wgsl).
             usage: wgpu::BufferUsages::STORAGE
+                | wgpu::BufferUsages::UNIFORM
                 | wgpu::BufferUsages::COPY_DST
                 | wgpu::BufferUsages::COPY_SRC,
             mapped_at_creation: false,
@@ -201,6 +219,7 @@ impl Gpu {
                 label: Some(label),
                 contents,
                 usage: wgpu::BufferUsages::STORAGE
+                    | wgpu::BufferUsages::UNIFORM
                     | wgpu::BufferUsages::COPY_DST
                     | wgpu::BufferUsages::COPY_SRC,
             });

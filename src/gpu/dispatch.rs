@@ -69,14 +69,18 @@ impl DispatchList {
     }
 }
 
-#[derive(Default)]
 pub struct DispatchBuilder {
     pending: Vec<Pending>,
+    /// The device's limits, for kernels whose variant depends on them.
+    pub limits: wgpu::Limits,
 }
 
 impl DispatchBuilder {
-    pub fn new() -> Self {
-        Self::default()
+    pub fn new(gpu: &Gpu) -> Self {
+        DispatchBuilder {
+            pending: Vec::new(),
+            limits: gpu.limits.clone(),
+        }
     }
 
     /// Records `kernel` with `params` at binding 0 and `binds` at the others.

@@ -31,10 +31,12 @@ fn quant_source(dtype: DType) -> &'static str {
 /// Every compute pipeline pregate uses, keyed for the pipeline cache.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Kernel {
-    /// Quantized mat-mul; `tokens` = tokens per thread (1 for decode).
+    /// Quantized mat-mul over `tokens` tokens (1: the decode mat-vec). `uniform_x` is the
+    /// number of vec4s of x bound as a uniform buffer, or 0 for a storage binding.
     Matmul {
         dtype: DType,
         tokens: u32,
+        uniform_x: u32,
     },
     Embed {
         dtype: DType,
@@ -49,6 +51,7 @@ pub enum Kernel {
     Argmax,
     Softmax,
     Nll,
+    TopK,
 }
 
 impl Kernel {
@@ -64,6 +67,7 @@ impl Kernel {
             Kernel::Argmax => "argmax",
             Kernel::Softmax => "softmax",
             Kernel::Nll => "nll",
+            Kernel::TopK => "topk",
         }
     }
 
@@ -74,21 +78,38 @@ impl Kernel {
             Kernel::Argmax => "argmax",
             Kernel::Softmax => "softmax",
             Kernel::Nll => "nll",
+            Kernel::TopK => "topk",
             _ => "main",
         }
     }
 
     pub fn source(&self) -> String {
         match *self {
-            Kernel::Matmul { dtype, tokens: 1 } => {
-                format!("{QUANT_COMMON}\n{}\n{MATVEC}", quant_source(dtype))
+            Kernel::Matmul {
+                dtype,
+                tokens,
+                uniform_x,
+            } => {
+                let body = if tokens == 1 { MATVEC } else { MATMUL };
+                let (decl, row0) = if uniform_x > 0 {
+                    (
+                        format!(
+                            "@group(0) @binding(2) var<uniform> x: array<vec4<f32>, {uniform_x}>;"
+                        ),
+                        "0u",
+                    )
+                } else {
+                    (
+                        "@group(0) @binding(2) var<storage, read> x: array<vec4<f32>>;".to_string(),
+                        "p.x_row0 * p.x_stride / 4u",
+                    )
+                };
+                let body = body
+                    .replace("{{TB}}", &tokens.to_string())
+                    .replace("{{X_DECL}}", &decl)
+                    .replace("{{X_ROW0}}", row0);
+                format!("{QUANT_COMMON}\n{}\n{body}", quant_source(dtype))
             }
-            Kernel::Matmul { dtype, tokens } => format!(
-                "{}\n{}\n{}",
-                QUANT_COMMON,
-                quant_source(dtype),
-                MATMUL.replace("{{TB}}", &tokens.to_string())
-            ),
             Kernel::Embed { dtype } => format!("{QUANT_COMMON}\n{}\n{EMBED}", quant_source(dtype)),
             Kernel::RmsNorm => NORM.to_string(),
             Kernel::Rope => ROPE.to_string(),
@@ -96,7 +117,7 @@ impl Kernel {
                 ATTENTION.replace("{{HD4}}", &(head_dim / 4).to_string())
             }
             Kernel::SwiGlu | Kernel::Add => ELEMENTWISE.to_string(),
-            Kernel::Argmax | Kernel::Softmax | Kernel::Nll => SAMPLING.to_string(),
+            Kernel::Argmax | Kernel::Softmax | Kernel::Nll | Kernel::TopK => SAMPLING.to_string(),
         }
     }
 }

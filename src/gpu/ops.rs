@@ -7,8 +7,8 @@ use super::dispatch::{grid_1d, Bind, DispatchBuilder};
 use super::kernels::Kernel;
 use super::tensor::{Matrix, Vector};
 
-/// Tokens per thread in the prefill mat-mul: each dequantized weight chunk is reused this often.
-pub const PREFILL_TOKENS_PER_THREAD: u32 = 8;
+/// Largest token tile of the prefill mat-mul (its per-thread accumulator array).
+pub const MAX_TOKEN_TILE: u32 = 16;
 
 #[repr(C)]
 #[derive(Clone, Copy, Pod, Zeroable)]
@@ -21,6 +21,8 @@ struct MatmulParams {
     x_stride: u32,
     flags: u32,
     x_row0: u32,
+    y_row0: u32,
+    _pad: [u32; 3],
 }
 
 /// How a mat-mul writes its output.
@@ -29,6 +31,21 @@ pub enum Write {
     Store,
     /// y += W·x (fused residual add).
     Accumulate,
+}
+
+/// Tokens per prefill tile for rows of `k` floats: the largest power of two whose x tile
+/// fits one uniform binding (so reads of x are uniform), else 8 with a storage binding.
+fn token_tile(k: usize, limits: &wgpu::Limits) -> (u32, bool) {
+    let max = limits.max_uniform_buffer_binding_size as usize;
+    let mut tb = MAX_TOKEN_TILE;
+    while tb > 1 && tb as usize * k * 4 > max {
+        tb /= 2;
+    }
+    if tb as usize * k * 4 <= max && tb >= 2 {
+        (tb, true)
+    } else {
+        (8, false)
+    }
 }
 
 /// y[t, :] (+)= W · x[x_row0 + t, :] (+ bias), for `n_tokens` rows of x. `dummy` is bound
@@ -45,38 +62,64 @@ pub fn matmul(
     write: Write,
     dummy: &wgpu::Buffer,
 ) {
-    let tokens = if n_tokens == 1 {
-        1
+    let k = w.cols;
+    let row_bytes = (k * 4) as u64;
+    let (tile, uniform_ok) = if n_tokens == 1 {
+        (1, row_bytes <= b.limits.max_uniform_buffer_binding_size)
     } else {
-        PREFILL_TOKENS_PER_THREAD
+        token_tile(k, &b.limits)
     };
-    for s in &w.shards {
-        let flags = bias.is_some() as u32 | if write == Write::Accumulate { 2 } else { 0 };
-        let p = MatmulParams {
-            k: w.cols as u32,
-            n_rows: s.n_rows,
-            row_offset: s.row_start,
-            y_stride: w.rows as u32,
-            n_tokens,
-            x_stride: w.cols as u32,
-            flags,
-            x_row0,
+    let align = b.limits.min_uniform_buffer_offset_alignment as u64;
+    let flags = bias.is_some() as u32 | if write == Write::Accumulate { 2 } else { 0 };
+    let bias_buf = bias.map(|v| &*v.buffer).unwrap_or(dummy);
+    let mut t0 = 0;
+    while t0 < n_tokens {
+        let nt = tile.min(n_tokens - t0);
+        let x_offset = (x_row0 + t0) as u64 * row_bytes;
+        // A uniform x binds exactly this tile: it must start aligned and lie inside x.
+        let x_len = tile as u64 * row_bytes;
+        let uniform = uniform_ok && x_offset.is_multiple_of(align) && x_offset + x_len <= x.size();
+        let kernel = Kernel::Matmul {
+            dtype: w.dtype,
+            tokens: tile,
+            uniform_x: if uniform { (x_len / 16) as u32 } else { 0 },
         };
-        let bias_buf = bias.map(|v| &*v.buffer).unwrap_or(dummy);
-        b.push(
-            Kernel::Matmul {
-                dtype: w.dtype,
-                tokens,
-            },
-            &p,
-            vec![
-                Bind::whole(1, &s.buffer),
-                Bind::whole(2, x),
-                Bind::whole(3, y),
-                Bind::whole(4, bias_buf),
-            ],
-            [s.n_rows.div_ceil(64), n_tokens.div_ceil(tokens), 1],
-        );
+        let x_bind = if uniform {
+            Bind {
+                binding: 2,
+                buffer: x.clone(),
+                offset: x_offset,
+                size: Some(x_len),
+            }
+        } else {
+            Bind::whole(2, x)
+        };
+        for s in &w.shards {
+            let p = MatmulParams {
+                k: k as u32,
+                n_rows: s.n_rows,
+                row_offset: s.row_start,
+                y_stride: w.rows as u32,
+                n_tokens: nt,
+                x_stride: k as u32,
+                flags,
+                x_row0: x_row0 + t0,
+                y_row0: t0,
+                _pad: [0; 3],
+            };
+            b.push(
+                kernel,
+                &p,
+                vec![
+                    Bind::whole(1, &s.buffer),
+                    x_bind.clone(),
+                    Bind::whole(3, y),
+                    Bind::whole(4, bias_buf),
+                ],
+                [s.n_rows.div_ceil(64), 1, 1],
+            );
+        }
+        t0 += nt;
     }
 }
 
@@ -306,6 +349,8 @@ pub fn add(b: &mut DispatchBuilder, a: &wgpu::Buffer, other: &wgpu::Buffer, n: u
 struct RowParams {
     n: u32,
     x_row0: u32,
+    k: u32,
+    cap: u32,
 }
 
 /// Buffers the row-reduction kernels bind (unused ones get a dummy).
@@ -327,7 +372,12 @@ pub fn row_op(
 ) {
     b.push(
         kernel,
-        &RowParams { n, x_row0 },
+        &RowParams {
+            n,
+            x_row0,
+            k: 0,
+            cap: 0,
+        },
         // Auto-derived layouts hold only the bindings an entry point uses.
         match kernel {
             Kernel::Argmax => vec![Bind::whole(1, bufs.x), Bind::whole(4, bufs.out_u)],
@@ -339,5 +389,20 @@ pub fn row_op(
             _ => vec![Bind::whole(1, bufs.x)],
         },
         [rows, 1, 1],
+    );
+}
+
+/// The `k` largest values of row `x_row0` (length n): out_u[0] = count, out_u[1..] = indices,
+/// out_f[..] = values, at most `cap` pairs (ties at the k-th value may add a few beyond k).
+pub fn top_k(b: &mut DispatchBuilder, bufs: &RowBuffers, n: u32, x_row0: u32, k: u32, cap: u32) {
+    b.push(
+        Kernel::TopK,
+        &RowParams { n, x_row0, k, cap },
+        vec![
+            Bind::whole(1, bufs.x),
+            Bind::whole(3, bufs.out_f),
+            Bind::whole(4, bufs.out_u),
+        ],
+        [1, 1, 1],
     );
 }

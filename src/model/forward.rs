@@ -7,7 +7,7 @@ use crate::error::Result;
 use crate::gpu::ops::{self, AttnShape, RowBuffers, Write};
 use crate::gpu::{DispatchBuilder, DispatchList, Kernel};
 
-use super::session::StateBuffers;
+use super::session::{StateBuffers, TOPK_CAP};
 use super::weights::Model;
 
 /// What a step must leave for the host to read.
@@ -21,6 +21,8 @@ pub enum Output {
     Logits,
     /// Every token's negative log-likelihood of `targets` (perplexity).
     Nll,
+    /// The last token's k largest logits with their ids (sampling without reading all logits).
+    TopK(u32),
 }
 
 pub fn build(
@@ -39,7 +41,7 @@ pub fn build(
         head_dim: c.head_dim as u32,
         ctx: s.ctx as u32,
     };
-    let mut b = DispatchBuilder::new();
+    let mut b = DispatchBuilder::new(&model.gpu);
 
     ops::embed(&mut b, &w.embed, &s.ids, n, &s.x);
     for (l, lw) in w.layers.iter().enumerate() {
@@ -144,7 +146,7 @@ pub fn build(
     // Head: only the rows whose logits are needed.
     let (row0, rows) = match output {
         Output::None => return b.finish(&model.gpu),
-        Output::Argmax | Output::Logits => (n - 1, 1),
+        Output::Argmax | Output::Logits | Output::TopK(_) => (n - 1, 1),
         Output::Nll => (0, n),
     };
     ops::rms_norm(&mut b, &s.x, row0, rows, &w.out_norm, eps, &s.xn);
@@ -168,6 +170,15 @@ pub fn build(
     match output {
         Output::Argmax => ops::row_op(&mut b, Kernel::Argmax, &rb, c.vocab as u32, 0, 1),
         Output::Nll => ops::row_op(&mut b, Kernel::Nll, &rb, c.vocab as u32, 0, rows),
+        Output::TopK(k) => {
+            let tk = RowBuffers {
+                x: &s.logits,
+                targets: &s.targets,
+                out_f: &s.topk_val,
+                out_u: &s.topk_idx,
+            };
+            ops::top_k(&mut b, &tk, c.vocab as u32, 0, k, TOPK_CAP as u32);
+        }
         _ => {}
     }
     b.finish(&model.gpu)

@@ -71,12 +71,32 @@ impl Sampler {
         if c.temperature <= 0.0 {
             return argmax(logits);
         }
-        // Candidates sorted by logit, cut by top-k.
-        let mut cand: Vec<(u32, f32)> = logits
+        let cand = logits
             .iter()
             .enumerate()
+            .map(|(i, l)| (i as u32, *l))
+            .collect();
+        self.sample_candidates(cand)
+    }
+
+    /// The k for which the GPU's top-k gives the same distribution as all logits: no
+    /// penalty to apply first, and a k the kernel can return.
+    pub fn gpu_top_k(&self) -> Option<usize> {
+        let c = &self.config;
+        let ok = c.temperature > 0.0
+            && c.repeat_penalty == 1.0
+            && (1..=super::session::TOPK_CAP).contains(&c.top_k);
+        ok.then_some(c.top_k)
+    }
+
+    /// Samples from (id, logit) candidates: temperature, top-k, min-p, top-p.
+    pub fn sample_candidates(&mut self, cand: Vec<(u32, f32)>) -> u32 {
+        let c = &self.config;
+        // Candidates sorted by logit, cut by top-k.
+        let mut cand: Vec<(u32, f32)> = cand
+            .into_iter()
             .filter(|(_, l)| l.is_finite())
-            .map(|(i, l)| (i as u32, *l / c.temperature))
+            .map(|(i, l)| (i, l / c.temperature.max(1e-6)))
             .collect();
         if cand.is_empty() {
             return 0;

@@ -12,6 +12,9 @@ use crate::gpu::{DispatchList, GpuBuffer};
 use super::forward::{self, Output};
 use super::weights::Model;
 
+/// Most candidates the GPU top-k returns; larger k reads back all logits instead.
+pub const TOPK_CAP: usize = 256;
+
 /// Largest number of tokens processed in one step (prefill is split into chunks of this).
 pub const DEFAULT_UBATCH: usize = 128;
 
@@ -19,21 +22,23 @@ pub const DEFAULT_UBATCH: usize = 128;
 pub struct StateBuffers {
     pub ctx: usize,
     pub ub: usize,
-    pub x: GpuBuffer,       // [ub, d_model] residual stream
-    pub xn: GpuBuffer,      // [ub, d_model] normed input
-    pub q: GpuBuffer,       // [ub, n_head * head_dim]
-    pub k: GpuBuffer,       // [ub, n_kv_head * head_dim]
-    pub v: GpuBuffer,       // [ub, n_kv_head * head_dim]
-    pub attn: GpuBuffer,    // [ub, n_head * head_dim]
-    pub gate: GpuBuffer,    // [ub, d_ff]
-    pub up: GpuBuffer,      // [ub, d_ff]
-    pub logits: GpuBuffer,  // [ub or 1, vocab]
-    pub ids: GpuBuffer,     // [ub] u32
-    pub targets: GpuBuffer, // [ub] u32
-    pub nll: GpuBuffer,     // [ub] f32
-    pub argmax: GpuBuffer,  // [1] u32
-    pub step: GpuBuffer,    // uniform Step
-    pub kc: Vec<GpuBuffer>, // per layer [n_kv_head, ctx, head_dim]
+    pub x: GpuBuffer,        // [ub, d_model] residual stream
+    pub xn: GpuBuffer,       // [ub, d_model] normed input
+    pub q: GpuBuffer,        // [ub, n_head * head_dim]
+    pub k: GpuBuffer,        // [ub, n_kv_head * head_dim]
+    pub v: GpuBuffer,        // [ub, n_kv_head * head_dim]
+    pub attn: GpuBuffer,     // [ub, n_head * head_dim]
+    pub gate: GpuBuffer,     // [ub, d_ff]
+    pub up: GpuBuffer,       // [ub, d_ff]
+    pub logits: GpuBuffer,   // [ub or 1, vocab]
+    pub ids: GpuBuffer,      // [ub] u32
+    pub targets: GpuBuffer,  // [ub] u32
+    pub nll: GpuBuffer,      // [ub] f32
+    pub argmax: GpuBuffer,   // [1] u32
+    pub topk_idx: GpuBuffer, // [1 + TOPK_CAP] u32: count, then ids
+    pub topk_val: GpuBuffer, // [TOPK_CAP] f32
+    pub step: GpuBuffer,     // uniform Step
+    pub kc: Vec<GpuBuffer>,  // per layer [n_kv_head, ctx, head_dim]
     pub vc: Vec<GpuBuffer>,
     pub readback: GpuBuffer,
     pub dummy: GpuBuffer,
@@ -82,6 +87,8 @@ impl StateBuffers {
             targets: g.storage("targets", ubx)?,
             nll: g.storage("nll", ubx)?,
             argmax: g.storage("argmax", f)?,
+            topk_idx: g.storage("topk ids", (TOPK_CAP as u64 + 1) * f)?,
+            topk_val: g.storage("topk values", TOPK_CAP as u64 * f)?,
             step: g.uniform_init("step", bytemuck::bytes_of(&Step::zeroed()))?,
             kc,
             vc,
@@ -153,18 +160,39 @@ impl Session {
 
     /// Feeds `tokens` and returns the argmax of the logits after the last one.
     pub fn next_argmax(&mut self, tokens: &[u32]) -> Result<u32> {
-        let out = self.feed(tokens, Output::Argmax, &[])?;
+        let out = self.feed(tokens, Output::Argmax, &[], 0)?;
         Ok(bytemuck::pod_read_unaligned::<u32>(&out[..4]))
+    }
+
+    /// Feeds `tokens` and returns the `k` (1..=TOPK_CAP) largest logits after the last one,
+    /// as (id, logit) pairs in no particular order; ties at the k-th value may add a few.
+    pub fn next_top_k(&mut self, tokens: &[u32], k: usize) -> Result<Vec<(u32, f32)>> {
+        if k == 0 || k > TOPK_CAP {
+            return Err(Error::InvalidArgument(format!(
+                "top-k must be in 1..={TOPK_CAP}"
+            )));
+        }
+        let out = self.feed(tokens, Output::TopK(k as u32), &[], 0)?;
+        let words: Vec<u32> = bytemuck::pod_collect_to_vec(&out);
+        let n = (words[0] as usize).min(TOPK_CAP);
+        let ids = &words[1..1 + n];
+        let vals = &words[1 + TOPK_CAP..1 + TOPK_CAP + n];
+        Ok(ids
+            .iter()
+            .zip(vals)
+            .map(|(i, v)| (*i, f32::from_bits(*v)))
+            .collect())
     }
 
     /// Feeds `tokens` and returns the logits after the last one.
     pub fn next_logits(&mut self, tokens: &[u32]) -> Result<Vec<f32>> {
-        let out = self.feed(tokens, Output::Logits, &[])?;
+        let out = self.feed(tokens, Output::Logits, &[], 0)?;
         Ok(bytemuck::pod_collect_to_vec(&out))
     }
 
-    /// Feeds `tokens` and returns, for each, -log p(targets[i] | tokens[..=i]).
-    pub fn nll(&mut self, tokens: &[u32], targets: &[u32]) -> Result<Vec<f32>> {
+    /// Feeds `tokens` and returns, for each, -log p(targets[i] | tokens[..=i]). Positions
+    /// before `score_from` are returned as NaN: chunks made only of them skip the lm_head.
+    pub fn nll(&mut self, tokens: &[u32], targets: &[u32], score_from: usize) -> Result<Vec<f32>> {
         if targets.len() != tokens.len() {
             return Err(Error::InvalidArgument(
                 "targets and tokens differ in length".into(),
@@ -177,13 +205,19 @@ impl Session {
             self.bufs = StateBuffers::new(&self.model, self.bufs.ctx, ub, ub)?;
             self.tokens.clear();
         }
-        let out = self.feed(tokens, Output::Nll, targets)?;
+        let out = self.feed(tokens, Output::Nll, targets, score_from)?;
         Ok(bytemuck::pod_collect_to_vec(&out))
     }
 
     /// Runs `tokens` through the model in chunks of at most `ub`, returning the raw bytes of
     /// the requested output (for Nll: all chunks concatenated).
-    fn feed(&mut self, tokens: &[u32], output: Output, targets: &[u32]) -> Result<Vec<u8>> {
+    fn feed(
+        &mut self,
+        tokens: &[u32],
+        output: Output,
+        targets: &[u32],
+        score_from: usize,
+    ) -> Result<Vec<u8>> {
         if tokens.is_empty() {
             return Err(Error::InvalidArgument("no tokens to process".into()));
         }
@@ -200,6 +234,7 @@ impl Session {
         for (i, chunk) in tokens.chunks(ub).enumerate() {
             let last = i + 1 == n_chunks;
             let out = match output {
+                Output::Nll if (i + 1) * ub <= score_from => Output::None,
                 Output::Nll => Output::Nll,
                 o if last => o,
                 _ => Output::None,
@@ -210,7 +245,11 @@ impl Session {
                 &[][..]
             };
             let bytes = self.step(chunk, out, tg)?;
-            result.extend(bytes);
+            if output == Output::Nll && out == Output::None {
+                result.extend(std::iter::repeat_n(f32::NAN.to_le_bytes(), chunk.len()).flatten());
+            } else {
+                result.extend(bytes);
+            }
         }
         Ok(result)
     }
@@ -255,8 +294,13 @@ impl Session {
             Output::Argmax => (&b.argmax, 4),
             Output::Logits => (&b.logits, self.model.config.vocab as u64 * 4),
             Output::Nll => (&b.nll, n as u64 * 4),
+            Output::TopK(_) => (&b.topk_idx, (2 * TOPK_CAP as u64 + 1) * 4),
         };
-        if bytes > 0 {
+        if let Output::TopK(_) = output {
+            let ids = (TOPK_CAP as u64 + 1) * 4;
+            enc.copy_buffer_to_buffer(&b.topk_idx, 0, &b.readback, 0, ids);
+            enc.copy_buffer_to_buffer(&b.topk_val, 0, &b.readback, ids, bytes - ids);
+        } else if bytes > 0 {
             enc.copy_buffer_to_buffer(src, 0, &b.readback, 0, bytes);
         }
         g.queue.submit([enc.finish()]);
