@@ -52,7 +52,12 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
         let q5 = chunk_q(blk, cc, 5u);
         let q6 = chunk_q(blk, cc, 6u);
         let q7 = chunk_q(blk, cc, 7u);
-        for (var t = 0u; t < nt; t++) {
+        // A constant trip count lets the compiler unroll this loop and keep acc[] in
+        // registers; a dynamic index would spill it to memory.
+        for (var t = 0u; t < TB; t++) {
+            if (t >= nt) {
+                break;
+            }
             let xb = x0 + t * xs + c * 8u;
             let xa = x[xb];
             let xb1 = x[xb + 1u];
