@@ -5,28 +5,7 @@
 
 const TB: u32 = {{TB}}u;
 
-struct Params {
-    k: u32,           // row length (input features)
-    n_rows: u32,      // rows in this weight shard
-    row_offset: u32,  // first output feature of this shard
-    y_stride: u32,    // floats per output row
-    n_tokens: u32,    // tokens in this tile
-    x_stride: u32,    // floats per input row
-    flags: u32,       // 1: add bias, 2: accumulate into y (residual)
-    x_row0: u32,      // first input row (storage x only; a uniform x is pre-offset)
-    y_row0: u32,      // first output row to write
-    _pad0: u32,
-    _pad1: u32,
-    _pad2: u32,
-}
-
-@group(0) @binding(0) var<uniform> p: Params;
-@group(0) @binding(1) var<storage, read> w: array<u32>;
-{{X_DECL}}
-@group(0) @binding(3) var<storage, read_write> y: array<f32>;
-@group(0) @binding(4) var<storage, read> bias: array<f32>;
-
-const ONES = vec4<f32>(1.0);
+// Params and bindings: matmul_common.wgsl, prepended by the host.
 
 @compute @workgroup_size(64)
 fn main(@builtin(global_invocation_id) gid: vec3<u32>) {

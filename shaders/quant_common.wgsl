@@ -29,6 +29,17 @@ fn f16_lo(v: u32) -> f32 {
     return unpack2x16float(v).x;
 }
 
+// K-quants (Q4_K, Q5_K): // The 6-bit scale and min of sub-block j (scales start at byte 4 of the block).
+fn scale_min_k4(base: u32, j: u32) -> vec2<f32> {
+    if (j < 4u) {
+        return vec2<f32>(f32(byte_at(base, 4u + j) & 63u), f32(byte_at(base, 8u + j) & 63u));
+    }
+    let a = byte_at(base, 8u + j);
+    let s = (a & 0xFu) | ((byte_at(base, j) >> 6u) << 4u);
+    let m = (a >> 4u) | ((byte_at(base, 4u + j) >> 6u) << 4u);
+    return vec2<f32>(f32(s), f32(m));
+}
+
 // Dequantized elements 4i..4i+3 of chunk c (for embedding rows and tests).
 fn dequant4(base: u32, c: u32, i: u32) -> vec4<f32> {
     let s = chunk_scale(base, c);

@@ -4,16 +4,7 @@
 const CHUNKS_PER_BLOCK: u32 = 8u;
 const BLOCK_WORDS: u32 = 36u;
 
-// The 6-bit scale and min of sub-block j (scales start at byte 4 of the block).
-fn scale_min_k4(base: u32, j: u32) -> vec2<f32> {
-    if (j < 4u) {
-        return vec2<f32>(f32(byte_at(base, 4u + j) & 63u), f32(byte_at(base, 8u + j) & 63u));
-    }
-    let a = byte_at(base, 8u + j);
-    let s = (a & 0xFu) | ((byte_at(base, j) >> 6u) << 4u);
-    let m = (a >> 4u) | ((byte_at(base, 4u + j) >> 6u) << 4u);
-    return vec2<f32>(f32(s), f32(m));
-}
+// scale_min_k4 is in quant_common.wgsl (Q4_K and Q5_K share it).
 
 fn chunk_scale(base: u32, c: u32) -> vec4<f32> {
     let dd = unpack2x16float(w[base]);

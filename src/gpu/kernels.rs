@@ -5,6 +5,7 @@
 use crate::quant::DType;
 
 const QUANT_COMMON: &str = include_str!("../../shaders/quant_common.wgsl");
+const MATMUL_COMMON: &str = include_str!("../../shaders/matmul_common.wgsl");
 const MATVEC: &str = include_str!("../../shaders/matvec.wgsl");
 const MATMUL: &str = include_str!("../../shaders/matmul.wgsl");
 const EMBED: &str = include_str!("../../shaders/embed.wgsl");
@@ -71,14 +72,15 @@ impl Kernel {
         }
     }
 
+    /// Files holding several kernels name each entry point after its kernel.
     pub fn entry_point(&self) -> &'static str {
         match self {
-            Kernel::SwiGlu => "swiglu",
-            Kernel::Add => "add",
-            Kernel::Argmax => "argmax",
-            Kernel::Softmax => "softmax",
-            Kernel::Nll => "nll",
-            Kernel::TopK => "topk",
+            Kernel::SwiGlu
+            | Kernel::Add
+            | Kernel::Argmax
+            | Kernel::Softmax
+            | Kernel::Nll
+            | Kernel::TopK => self.label(),
             _ => "main",
         }
     }
@@ -104,7 +106,7 @@ impl Kernel {
                         "p.x_row0 * p.x_stride / 4u",
                     )
                 };
-                let body = body
+                let body = format!("{MATMUL_COMMON}\n{body}")
                     .replace("{{TB}}", &tokens.to_string())
                     .replace("{{X_DECL}}", &decl)
                     .replace("{{X_ROW0}}", row0);
