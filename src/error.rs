@@ -5,10 +5,11 @@ use std::path::PathBuf;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("cannot open {path}: {source}")]
+    // `cause`, not `source`: the message already includes it, so error chains print it once.
+    #[error("cannot open {path}: {cause}")]
     Open {
         path: PathBuf,
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     #[error("i/o error: {0}")]
     Io(#[from] std::io::Error),

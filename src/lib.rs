@@ -11,6 +11,7 @@ pub mod eval;
 pub mod format;
 pub mod gpu;
 pub mod model;
+pub mod moe;
 pub mod pull;
 pub mod quant;
 

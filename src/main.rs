@@ -53,6 +53,8 @@ enum Command {
         #[arg(long)]
         tensors: bool,
     },
+    /// Replay a recorded expert trace through cache policies, beside Belady's optimum
+    Simulate(SimulateArgs),
     /// List GPU adapters with backend and limits
     Devices {
         #[arg(long, value_enum, default_value_t = BackendChoice::Auto)]
@@ -164,6 +166,26 @@ struct EvalArgs {
 }
 
 #[derive(Args)]
+struct SimulateArgs {
+    /// Trace file (written by `pregate trace`)
+    trace: PathBuf,
+    /// Cache slots: a count, or a percentage of all experts (e.g. 25%)
+    #[arg(long, default_value = "25%")]
+    slots: String,
+    /// Policies to compare (comma-separated)
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        default_value = "lru,lfu,belady"
+    )]
+    policy: Vec<pregate::moe::PolicyKind>,
+    /// One JSON object per policy
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
 struct BenchArgs {
     #[command(flatten)]
     model: ModelArgs,
@@ -199,6 +221,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Eval(a) => cmd_eval(a),
         Command::Bench(a) => cmd_bench(a),
         Command::Inspect { model, tensors } => cmd_inspect(&model, tensors),
+        Command::Simulate(a) => cmd_simulate(a),
         Command::Devices { backend } => cmd_devices(backend),
     }
 }
@@ -470,6 +493,53 @@ fn cmd_inspect(spec: &str, list_tensors: bool) -> Result<()> {
     let path = resolve(spec)?;
     let f = pregate::format::GgufFile::open(&path)?;
     print!("{}", pregate::format::inspect::summary(&f, list_tensors));
+    Ok(())
+}
+
+fn cmd_simulate(a: SimulateArgs) -> Result<()> {
+    let trace = pregate::moe::ExpertTrace::read(&a.trace)?;
+    let total = trace.total_experts();
+    let slots = match a.slots.strip_suffix('%') {
+        Some(p) => {
+            let p: f64 = p
+                .trim()
+                .parse()
+                .with_context(|| format!("--slots {}", a.slots))?;
+            if !(0.0..=100.0).contains(&p) {
+                bail!("--slots {} must be a percentage between 0 and 100", a.slots);
+            }
+            ((total as f64 * p / 100.0).round() as usize).max(1)
+        }
+        None => a
+            .slots
+            .parse()
+            .with_context(|| format!("--slots {} is not a count or a percentage", a.slots))?,
+    };
+    let seq = trace.sequence();
+    if !a.json {
+        println!(
+            "{} tokens x {} layers x top-{} of {} experts; {slots} slots ({:.1}% of {total})",
+            trace.n_tokens(),
+            trace.n_layers,
+            trace.k,
+            trace.experts_per_layer,
+            100.0 * slots as f64 / total.max(1) as f64
+        );
+    }
+    for kind in &a.policy {
+        let r = pregate::moe::simulate(&seq, slots, kind.build(&seq).as_mut());
+        if a.json {
+            println!("{}", serde_json::to_string(&r)?);
+        } else {
+            println!(
+                "{:8} misses {:8} of {:8} accesses ({:.2}%)",
+                r.policy,
+                r.misses,
+                r.accesses,
+                100.0 * r.misses as f64 / r.accesses.max(1) as f64
+            );
+        }
+    }
     Ok(())
 }
 

@@ -95,7 +95,7 @@ pub fn resolve_model(spec: &str, on_event: impl FnMut(PullEvent)) -> Result<Path
         Some(m) => pull(&m, on_event),
         None => Err(Error::Open {
             path: p.to_path_buf(),
-            source: std::io::Error::new(
+            cause: std::io::Error::new(
                 std::io::ErrorKind::NotFound,
                 format!(
                     "no such file, and not a known model name (known: {})",

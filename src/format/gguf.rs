@@ -270,13 +270,13 @@ impl GgufFile {
         let path = path.as_ref();
         let file = File::open(path).map_err(|source| Error::Open {
             path: path.to_path_buf(),
-            source,
+            cause: source,
         })?;
         // SAFETY: the mapping is read-only. Another process truncating the file while mapped
         // is undefined behaviour we cannot rule out in safe Rust; sizes are checked at open.
         let mmap = unsafe { Mmap::map(&file) }.map_err(|source| Error::Open {
             path: path.to_path_buf(),
-            source,
+            cause: source,
         })?;
         Self::parse(path.to_path_buf(), Arc::new(mmap))
     }
@@ -534,7 +534,7 @@ impl GgufWriter {
     fn write_to(&self, path: &Path) -> Result<()> {
         let f = File::create(path).map_err(|source| Error::Open {
             path: path.to_path_buf(),
-            source,
+            cause: source,
         })?;
         let w = BufWriter::new(f);
         let mut meta = self.metadata.clone();

@@ -1,0 +1,123 @@
+//! Expert-access traces: for every token and MoE layer, the experts the router chose.
+//! `pregate simulate` replays them through cache policies. File layout (little endian):
+//! magic "PGTR", version u32 = 1, n_layers u32, experts_per_layer u32, k u32,
+//! n_tokens u32, then n_tokens × n_layers × k expert indices (u16).
+
+use std::io::Write;
+use std::path::Path;
+
+use crate::error::{Error, Result};
+use crate::moe::policy::ExpertId;
+
+const MAGIC: &[u8; 4] = b"PGTR";
+const VERSION: u32 = 1;
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ExpertTrace {
+    pub n_layers: u32,
+    pub experts_per_layer: u32,
+    /// Experts chosen per token and layer.
+    pub k: u32,
+    /// `[token][layer][k]`, flattened.
+    pub choices: Vec<u16>,
+}
+
+impl ExpertTrace {
+    pub fn n_tokens(&self) -> usize {
+        let per = (self.n_layers * self.k) as usize;
+        self.choices.len().checked_div(per).unwrap_or(0)
+    }
+
+    pub fn total_experts(&self) -> usize {
+        (self.n_layers * self.experts_per_layer) as usize
+    }
+
+    /// The access sequence in execution order (token by token, layer by layer), as global ids.
+    pub fn sequence(&self) -> Vec<ExpertId> {
+        let k = self.k as usize;
+        let per_token = self.n_layers as usize * k;
+        self.choices
+            .iter()
+            .enumerate()
+            .map(|(i, e)| {
+                let layer = (i % per_token) / k;
+                layer as u32 * self.experts_per_layer + *e as u32
+            })
+            .collect()
+    }
+
+    /// Writes atomically (temporary file, then rename).
+    pub fn write(&self, path: &Path) -> Result<()> {
+        let mut bytes = Vec::with_capacity(24 + 2 * self.choices.len());
+        bytes.extend(MAGIC);
+        for v in [
+            VERSION,
+            self.n_layers,
+            self.experts_per_layer,
+            self.k,
+            self.n_tokens() as u32,
+        ] {
+            bytes.extend(v.to_le_bytes());
+        }
+        for c in &self.choices {
+            bytes.extend(c.to_le_bytes());
+        }
+        let tmp = path.with_extension("tmp");
+        let result = std::fs::File::create(&tmp)
+            .and_then(|mut f| f.write_all(&bytes).and_then(|_| f.sync_all()))
+            .and_then(|_| std::fs::rename(&tmp, path));
+        if result.is_err() {
+            let _ = std::fs::remove_file(&tmp);
+        }
+        result.map_err(Error::Io)
+    }
+
+    pub fn read(path: &Path) -> Result<ExpertTrace> {
+        let bytes = std::fs::read(path).map_err(|source| Error::Open {
+            path: path.to_path_buf(),
+            cause: source,
+        })?;
+        let bad = |why: String| Error::Malformed {
+            what: format!("trace {}", path.display()),
+            why,
+        };
+        if bytes.len() < 24 || &bytes[..4] != MAGIC {
+            return Err(bad("not a pregate trace (bad magic or too short)".into()));
+        }
+        let word = |i: usize| {
+            u32::from_le_bytes([
+                bytes[4 * i],
+                bytes[4 * i + 1],
+                bytes[4 * i + 2],
+                bytes[4 * i + 3],
+            ])
+        };
+        if word(1) != VERSION {
+            return Err(bad(format!("version {} (expected {VERSION})", word(1))));
+        }
+        let (n_layers, experts_per_layer, k, n_tokens) = (word(2), word(3), word(4), word(5));
+        let n = n_tokens as u64 * n_layers as u64 * k as u64;
+        if bytes.len() as u64 != 24 + 2 * n {
+            return Err(bad(format!(
+                "{} bytes, expected {} for {n_tokens} tokens",
+                bytes.len(),
+                24 + 2 * n
+            )));
+        }
+        let choices: Vec<u16> = bytes[24..]
+            .chunks_exact(2)
+            .map(|c| u16::from_le_bytes([c[0], c[1]]))
+            .collect();
+        if let Some(e) = choices.iter().find(|e| **e as u32 >= experts_per_layer) {
+            return Err(bad(format!(
+                "expert {e} out of range (experts per layer: {experts_per_layer})"
+            )));
+        }
+        Ok(ExpertTrace {
+            n_layers,
+            experts_per_layer,
+            k,
+            choices,
+        })
+    }
+}
