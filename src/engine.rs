@@ -21,6 +21,8 @@ pub struct EngineOptions {
 }
 
 pub struct Engine {
+    /// What the run will allocate, decided at load.
+    pub memory: crate::model::memory::MemoryPlan,
     pub model: Arc<Model>,
     pub tokenizer: Arc<Tokenizer>,
     pub path: PathBuf,
@@ -44,14 +46,15 @@ impl Engine {
         // Validate everything cheap before touching the GPU.
         let config = crate::model::ModelConfig::from_gguf(&file)?;
         let tokenizer = Tokenizer::load(path, &file)?;
+        // Decide the context length (and refuse a budget too small) before allocating.
+        let plan =
+            crate::model::memory::fit_context(&file, &config, opts.ctx, opts.gpu.vram_budget)?;
+        tracing::info!("{}", plan.summary(opts.gpu.vram_budget));
         let gpu = Arc::new(Gpu::new(&opts.gpu)?);
         let model = Model::load(gpu, file, progress)?;
-        let ctx = if opts.ctx == 0 {
-            config.ctx_train.min(4096)
-        } else {
-            opts.ctx
-        };
+        let ctx = plan.ctx;
         Ok(Engine {
+            memory: plan,
             model: Arc::new(model),
             tokenizer: Arc::new(tokenizer),
             path: path.to_path_buf(),

@@ -51,6 +51,12 @@ pub enum Error {
     Manifest(String),
     #[error("download failed: {0}")]
     Download(String),
+    #[error("VRAM budget too small: {needed} bytes needed, {budget} available. {detail}")]
+    BudgetTooSmall {
+        needed: u64,
+        budget: u64,
+        detail: String,
+    },
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
 }

@@ -76,6 +76,9 @@ struct ModelArgs {
     /// Graphics API
     #[arg(long, value_enum, default_value_t = BackendChoice::Auto)]
     backend: BackendChoice,
+    /// Most VRAM to use, e.g. 192MiB, 1.5GiB, or all. Without --ctx, the context shrinks to fit
+    #[arg(long, default_value = "all")]
+    vram_budget: String,
 }
 
 #[derive(Args, Clone)]
@@ -263,11 +266,12 @@ fn resolve(spec: &str) -> Result<PathBuf> {
 
 fn load(m: &ModelArgs) -> Result<Engine> {
     let path = resolve(&m.model)?;
+    let budget = pregate::gpu::parse_size(&m.vram_budget)?;
     let opts = EngineOptions {
         gpu: GpuOptions {
             adapter: m.adapter,
             backend: m.backend,
-            vram_budget: None,
+            vram_budget: budget,
         },
         ctx: m.ctx,
     };
@@ -278,6 +282,9 @@ fn load(m: &ModelArgs) -> Result<Engine> {
     })
     .with_context(|| format!("loading {}", path.display()))?;
     pb.finish_and_clear();
+    if budget.is_some() {
+        eprintln!("{}", engine.memory.summary(budget));
+    }
     tracing::info!(adapter = %engine.gpu().adapter_name(), "model loaded");
     Ok(engine)
 }

@@ -261,3 +261,53 @@ fn bad_input_gives_clear_errors_and_exit_code_1() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[test]
+fn vram_budget_fits_the_context_or_names_the_bytes_needed() {
+    let path = common::tmp_dir("budget").join("tiny.gguf");
+    write_tiny_model(&path, TinySpec::default(), 4);
+    let load = |budget: Option<u64>, ctx: usize| {
+        let mut opts = EngineOptions {
+            ctx,
+            ..Default::default()
+        };
+        opts.gpu.vram_budget = budget;
+        Engine::load(&path, &opts)
+    };
+    let full = load(None, 0).expect("load");
+    let need = full.memory.total();
+    assert_eq!(full.ctx(), 256, "the tiny model's trained context");
+    drop(full);
+
+    // A budget below the weights is refused, naming the bytes.
+    let err = load(Some(need / 4), 0).err().expect("too small");
+    assert!(
+        matches!(err, pregate::Error::BudgetTooSmall { .. }),
+        "{err}"
+    );
+    assert!(err.to_string().contains("bytes needed"), "{err}");
+
+    // A budget that fits: the run never charges more than it.
+    let e = load(Some(need), 0).expect("fits");
+    let mut s = e.session().expect("session");
+    let ids = e.tokenizer.encode("hello", true).expect("encode");
+    let params = GenerateParams {
+        max_tokens: 4,
+        ..Default::default()
+    };
+    let _: Vec<_> = e
+        .generate(&mut s, &ids, params)
+        .expect("generate")
+        .collect();
+    assert!(
+        e.gpu().arena.peak() <= need,
+        "peak {} > budget {need}",
+        e.gpu().arena.peak()
+    );
+
+    // An explicit --ctx that does not fit is an error, not a silent shrink.
+    let err = load(Some(need - 1024), 256)
+        .err()
+        .expect("ctx does not fit");
+    assert!(err.to_string().contains("VRAM budget"), "{err}");
+}

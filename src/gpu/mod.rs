@@ -7,7 +7,7 @@ pub mod kernels;
 pub mod ops;
 pub mod tensor;
 
-pub use arena::{Arena, GpuBuffer};
+pub use arena::{parse_size, Arena, GpuBuffer};
 pub use context::{list_adapters, AdapterSummary, BackendChoice, Gpu, GpuOptions};
 pub use dispatch::{grid_1d, Bind, DispatchBuilder, DispatchList};
 pub use kernels::Kernel;

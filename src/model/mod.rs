@@ -4,6 +4,7 @@
 pub mod chat;
 pub mod config;
 pub mod forward;
+pub mod memory;
 pub mod sampler;
 pub mod session;
 pub mod tokenizer;
