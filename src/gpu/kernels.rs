@@ -29,6 +29,10 @@ fn quant_source(dtype: DType) -> &'static str {
     }
 }
 
+/// Rows per thread in the prefill mat-mul (written out in matmul.wgsl: its per-row
+/// registers must be named variables, as arrays would live in memory on lavapipe).
+pub const MATMUL_ROWS: u32 = 2;
+
 /// Every compute pipeline pregate uses, keyed for the pipeline cache.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Kernel {

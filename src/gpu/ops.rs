@@ -116,7 +116,15 @@ pub fn matmul(
                     Bind::whole(3, y),
                     Bind::whole(4, bias_buf),
                 ],
-                [s.n_rows.div_ceil(64), 1, 1],
+                [
+                    s.n_rows.div_ceil(if tile == 1 {
+                        64
+                    } else {
+                        64 * super::kernels::MATMUL_ROWS
+                    }),
+                    1,
+                    1,
+                ],
             );
         }
         t0 += nt;
