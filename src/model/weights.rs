@@ -7,7 +7,7 @@ use std::sync::Arc;
 use crate::error::{Error, Result};
 use crate::format::{GgufFile, TensorInfo};
 use crate::gpu::{Gpu, Matrix, Vector};
-use crate::quant::{dequantize, DType};
+use crate::quant::dequantize;
 
 use super::config::ModelConfig;
 
@@ -144,9 +144,4 @@ impl Model {
         }
         n
     }
-}
-
-/// The dtype of a named tensor, for display.
-pub fn dtype_of(f: &GgufFile, name: &str) -> Option<DType> {
-    f.tensor(name).map(|t| t.dtype)
 }
