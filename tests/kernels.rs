@@ -168,27 +168,38 @@ fn rms_norm_matches_cpu_with_row_offset() {
     }
 }
 
-/// RoPE + KV store + attention over two steps (a prefill of 5 tokens, then 1 decode token),
-/// for both RoPE styles and GQA, against the CPU reference.
+/// RoPE + KV store + attention over three steps (a prefill, one decode token, another
+/// prefill), for both RoPE styles, GQA, head sizes that do and do not divide the kernel's
+/// workgroup, and contexts longer than one 64-key chunk, against the CPU reference.
 #[test]
 fn rope_and_attention_match_cpu_for_prefill_then_decode() {
     let g = gpu();
-    for mode in [RopeMode::Neox, RopeMode::Normal] {
+    let cases = [
+        (RopeMode::Neox, 16usize, vec![5usize, 1]),
+        (RopeMode::Normal, 16, vec![5, 1]),
+        (RopeMode::Neox, 64, vec![70, 1, 63]),
+        (RopeMode::Normal, 80, vec![3, 66, 1]),
+    ];
+    for ((mode, hd, steps), serial) in cases
+        .into_iter()
+        .flat_map(|c| [(c.clone(), false), (c, true)])
+    {
         let mut rng = Rng::new(4);
+        let ctx = 160usize;
         let shape = AttnShape {
             n_head: 6,
             n_kv_head: 2,
-            head_dim: 16,
-            ctx: 32,
+            head_dim: hd as u32,
+            ctx: ctx as u32,
         };
-        let (nh, nkv, hd) = (6usize, 2usize, 16usize);
-        let kc = g.storage("kc", (nkv * 32 * hd * 4) as u64).expect("kc");
-        let vc = g.storage("vc", (nkv * 32 * hd * 4) as u64).expect("vc");
+        let (nh, nkv) = (6usize, 2usize);
+        let kc = g.storage("kc", (nkv * ctx * hd * 4) as u64).expect("kc");
+        let vc = g.storage("vc", (nkv * ctx * hd * 4) as u64).expect("vc");
         let step = g.uniform_init("step", &[0u8; 16]).expect("step");
         let mut keys = vec![Vec::new(); nkv];
         let mut vals = vec![Vec::new(); nkv];
         let mut pos0 = 0usize;
-        for n in [5usize, 1] {
+        for n in steps.iter().copied() {
             let q = rng.vec(n * nh * hd, 1.0);
             let k = rng.vec(n * nkv * hd, 1.0);
             let v = rng.vec(n * nkv * hd, 1.0);
@@ -200,6 +211,7 @@ fn rope_and_attention_match_cpu_for_prefill_then_decode() {
                 bytemuck::cast_slice(&[pos0 as u32, n as u32, 0, 0]),
             );
             let mut b = DispatchBuilder::new(&g);
+            b.cpu_adapter = serial; // both attention variants, whatever the adapter
             ops::rope_store_kv(
                 &mut b, shape, mode, 10000.0, n as u32, &step, &qb, &kb, &vb, &kc, &vc,
             );
@@ -222,7 +234,7 @@ fn rope_and_attention_match_cpu_for_prefill_then_decode() {
                     let have = &got[(t * nh + h) * hd..(t * nh + h + 1) * hd];
                     assert!(
                         max_abs_diff(have, &want) < 1e-4,
-                        "{mode:?} pos {pos} head {h}"
+                        "{mode:?} hd {hd} serial {serial} pos {pos} head {h}"
                     );
                 }
             }

@@ -73,6 +73,8 @@ pub struct DispatchBuilder {
     pending: Vec<Pending>,
     /// The device's limits, for kernels whose variant depends on them.
     pub limits: wgpu::Limits,
+    /// A CPU adapter (lavapipe) favours kernels with fewer, longer threads.
+    pub cpu_adapter: bool,
 }
 
 impl DispatchBuilder {
@@ -80,6 +82,7 @@ impl DispatchBuilder {
         DispatchBuilder {
             pending: Vec::new(),
             limits: gpu.limits.clone(),
+            cpu_adapter: gpu.info.device_type == wgpu::DeviceType::Cpu,
         }
     }
 

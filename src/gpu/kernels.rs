@@ -48,8 +48,10 @@ pub enum Kernel {
     },
     RmsNorm,
     Rope,
+    /// `serial`: one thread per (head, token) instead of a workgroup (CPU adapters).
     Attention {
         head_dim: u32,
+        serial: bool,
     },
     SwiGlu,
     Add,
@@ -85,6 +87,7 @@ impl Kernel {
             | Kernel::Softmax
             | Kernel::Nll
             | Kernel::TopK => self.label(),
+            Kernel::Attention { serial: true, .. } => "serial",
             _ => "main",
         }
     }
@@ -119,7 +122,7 @@ impl Kernel {
             Kernel::Embed { dtype } => format!("{QUANT_COMMON}\n{}\n{EMBED}", quant_source(dtype)),
             Kernel::RmsNorm => NORM.to_string(),
             Kernel::Rope => ROPE.to_string(),
-            Kernel::Attention { head_dim } => {
+            Kernel::Attention { head_dim, .. } => {
                 ATTENTION.replace("{{HD4}}", &(head_dim / 4).to_string())
             }
             Kernel::SwiGlu | Kernel::Add => ELEMENTWISE.to_string(),

@@ -310,9 +310,16 @@ pub fn attention(
         scale: 1.0 / (shape.head_dim as f32).sqrt(),
         _pad: [0; 2],
     };
+    let serial = b.cpu_adapter;
+    let groups = if serial {
+        [shape.n_head.div_ceil(32), n_tokens, 1]
+    } else {
+        [shape.n_head, n_tokens, 1]
+    };
     b.push(
         Kernel::Attention {
             head_dim: shape.head_dim,
+            serial,
         },
         &p,
         vec![
@@ -322,7 +329,7 @@ pub fn attention(
             Bind::whole(4, vc),
             Bind::whole(5, out),
         ],
-        [shape.n_head.div_ceil(32), n_tokens, 1],
+        groups,
     );
 }
 
