@@ -44,40 +44,46 @@ fn matmul_matches_cpu_for_every_type_and_shape() {
                 (37, 13, None),
                 (64, 1, Some(7)),
             ] {
-                let (bytes, w) = random_matrix(&mut rng, dtype, rows, cols);
-                let m = Matrix::upload_sharded(&g, "w", dtype, rows, cols, &bytes, shard)
-                    .expect("upload");
-                let x = rng.vec(tokens as usize * cols, 1.0);
-                let bias = rng.vec(rows, 1.0);
-                let y0 = rng.vec(tokens as usize * rows, 1.0);
-                // Room for a whole token tile lets the kernel bind x as a uniform; the exact
-                // size forces the storage-buffer variant. Both must agree with the CPU.
-                let mut padded = x.clone();
-                if tokens == 13 {
-                    padded.resize(64 * cols, 0.0);
-                }
-                let xb = upload(&g, &padded);
-                let bb = Vector::upload(&g, "b", &bias).expect("bias");
-                let yb = upload(&g, &y0);
-                let accumulate = tokens % 2 == 1 && rows % 2 == 1;
-                let mut b = DispatchBuilder::new(&g);
-                let write = if accumulate {
-                    Write::Accumulate
-                } else {
-                    Write::Store
-                };
-                ops::matmul(&mut b, &m, &xb, 0, tokens, &yb, Some(&bb), write, &dummy);
-                g.run_once(&b.finish(&g).expect("plan")).expect("run");
-                let got = g.read_f32(&yb, tokens as usize * rows).expect("read");
-                for t in 0..tokens as usize {
-                    for r in 0..rows {
-                        let dot: f32 = (0..cols).map(|k| w[r * cols + k] * x[t * cols + k]).sum();
-                        let want = dot + bias[r] + if accumulate { y0[t * rows + r] } else { 0.0 };
-                        let have = got[t * rows + r];
-                        assert!(
+                // Decode has a per-row and a split (threads per row) variant; test both.
+                for cpu_adapter in [false, true] {
+                    let (bytes, w) = random_matrix(&mut rng, dtype, rows, cols);
+                    let m = Matrix::upload_sharded(&g, "w", dtype, rows, cols, &bytes, shard)
+                        .expect("upload");
+                    let x = rng.vec(tokens as usize * cols, 1.0);
+                    let bias = rng.vec(rows, 1.0);
+                    let y0 = rng.vec(tokens as usize * rows, 1.0);
+                    // Room for a whole token tile lets the kernel bind x as a uniform; the exact
+                    // size forces the storage-buffer variant. Both must agree with the CPU.
+                    let mut padded = x.clone();
+                    if tokens == 13 {
+                        padded.resize(64 * cols, 0.0);
+                    }
+                    let xb = upload(&g, &padded);
+                    let bb = Vector::upload(&g, "b", &bias).expect("bias");
+                    let yb = upload(&g, &y0);
+                    let accumulate = tokens % 2 == 1 && rows % 2 == 1;
+                    let mut b = DispatchBuilder::new(&g);
+                    b.cpu_adapter = cpu_adapter;
+                    let write = if accumulate {
+                        Write::Accumulate
+                    } else {
+                        Write::Store
+                    };
+                    ops::matmul(&mut b, &m, &xb, 0, tokens, &yb, Some(&bb), write, &dummy);
+                    g.run_once(&b.finish(&g).expect("plan")).expect("run");
+                    let got = g.read_f32(&yb, tokens as usize * rows).expect("read");
+                    for t in 0..tokens as usize {
+                        for r in 0..rows {
+                            let dot: f32 =
+                                (0..cols).map(|k| w[r * cols + k] * x[t * cols + k]).sum();
+                            let want =
+                                dot + bias[r] + if accumulate { y0[t * rows + r] } else { 0.0 };
+                            let have = got[t * rows + r];
+                            assert!(
                             (want - have).abs() <= 1e-3 * (1.0 + want.abs()) + 1e-4 * cols as f32,
-                            "{dtype} {rows}x{cols} tokens {tokens} row {r} token {t}: gpu {have}, cpu {want}"
+                            "{dtype} {rows}x{cols} tokens {tokens} cpu_adapter {cpu_adapter} row {r} token {t}: gpu {have}, cpu {want}"
                         );
+                        }
                     }
                 }
             }

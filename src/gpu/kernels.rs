@@ -32,16 +32,20 @@ fn quant_source(dtype: DType) -> &'static str {
 /// Rows per thread in the prefill mat-mul (written out in matmul.wgsl: its per-row
 /// registers must be named variables, as arrays would live in memory on lavapipe).
 pub const MATMUL_ROWS: u32 = 2;
+/// Threads per row of the split decode mat-vec (a power of two dividing 64).
+pub const MATVEC_TPR: u32 = 16;
 
 /// Every compute pipeline pregate uses, keyed for the pipeline cache.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Kernel {
     /// Quantized mat-mul over `tokens` tokens (1: the decode mat-vec). `uniform_x` is the
     /// number of vec4s of x bound as a uniform buffer, or 0 for a storage binding.
+    /// `split`: the decode mat-vec with MATVEC_TPR threads per row (GPUs).
     Matmul {
         dtype: DType,
         tokens: u32,
         uniform_x: u32,
+        split: bool,
     },
     Embed {
         dtype: DType,
@@ -62,6 +66,10 @@ pub enum Kernel {
 }
 
 impl Kernel {
+    pub fn is_split_matvec(&self) -> bool {
+        matches!(self, Kernel::Matmul { split: true, .. })
+    }
+
     pub fn label(&self) -> &'static str {
         match self {
             Kernel::Matmul { .. } => "matmul",
@@ -88,6 +96,7 @@ impl Kernel {
             | Kernel::Nll
             | Kernel::TopK => self.label(),
             Kernel::Attention { serial: true, .. } => "serial",
+            Kernel::Matmul { split: true, .. } => "split",
             _ => "main",
         }
     }
@@ -98,6 +107,7 @@ impl Kernel {
                 dtype,
                 tokens,
                 uniform_x,
+                ..
             } => {
                 let body = if tokens == 1 { MATVEC } else { MATMUL };
                 let (decl, row0) = if uniform_x > 0 {
@@ -115,6 +125,7 @@ impl Kernel {
                 };
                 let body = format!("{MATMUL_COMMON}\n{body}")
                     .replace("{{TB}}", &tokens.to_string())
+                    .replace("{{TPR}}", &MATVEC_TPR.to_string())
                     .replace("{{X_DECL}}", &decl)
                     .replace("{{X_ROW0}}", row0);
                 format!("{QUANT_COMMON}\n{}\n{body}", quant_source(dtype))

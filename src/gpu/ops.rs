@@ -83,6 +83,7 @@ pub fn matmul(
             dtype: w.dtype,
             tokens: tile,
             uniform_x: if uniform { (x_len / 16) as u32 } else { 0 },
+            split: tile == 1 && !b.cpu_adapter,
         };
         let x_bind = if uniform {
             Bind {
@@ -117,7 +118,9 @@ pub fn matmul(
                     Bind::whole(4, bias_buf),
                 ],
                 [
-                    s.n_rows.div_ceil(if tile == 1 {
+                    s.n_rows.div_ceil(if kernel.is_split_matvec() {
+                        64 / super::kernels::MATVEC_TPR
+                    } else if tile == 1 {
                         64
                     } else {
                         64 * super::kernels::MATMUL_ROWS
