@@ -1,7 +1,9 @@
 // Element-wise ops over n floats. swiglu: a = silu(a) * b. add: a = a + b.
+// copy: a[off + i] = b[i] (captures activations for carving).
 
 struct Params {
     n: u32,
+    off: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -25,4 +27,13 @@ fn add(@builtin(global_invocation_id) gid: vec3<u32>) {
         return;
     }
     a[i] = a[i] + b[i];
+}
+
+@compute @workgroup_size(64)
+fn copy(@builtin(global_invocation_id) gid: vec3<u32>) {
+    let i = gid.x + gid.y * 65535u * 64u;
+    if (i >= p.n) {
+        return;
+    }
+    a[p.off + i] = b[i];
 }

@@ -18,6 +18,8 @@ pub struct EngineOptions {
     pub gpu: GpuOptions,
     /// Context length of new sessions (0: min(model's, 4096)).
     pub ctx: usize,
+    /// Experts per token in MoE layers (None: the model's own; `usize::MAX`: all of them).
+    pub experts_per_token: Option<usize>,
 }
 
 pub struct Engine {
@@ -51,7 +53,10 @@ impl Engine {
             crate::model::memory::fit_context(&file, &config, opts.ctx, opts.gpu.vram_budget)?;
         tracing::info!("{}", plan.summary(opts.gpu.vram_budget));
         let gpu = Arc::new(Gpu::new(&opts.gpu)?);
-        let model = Model::load(gpu, file, progress)?;
+        let mut model = Model::load(gpu, file, progress)?;
+        if let Some(k) = opts.experts_per_token {
+            model.set_experts_per_token(k)?;
+        }
         let ctx = plan.ctx;
         Ok(Engine {
             memory: plan,

@@ -79,6 +79,19 @@ struct ModelArgs {
     /// Most VRAM to use, e.g. 192MiB, 1.5GiB, or all. Without --ctx, the context shrinks to fit
     #[arg(long, default_value = "all")]
     vram_budget: String,
+    /// Experts per token in MoE layers: a count, or `all` (default: the model's)
+    #[arg(long, value_parser = parse_experts)]
+    experts_per_token: Option<usize>,
+}
+
+fn parse_experts(s: &str) -> Result<usize, String> {
+    match s {
+        "all" => Ok(usize::MAX),
+        n => match n.parse::<usize>() {
+            Ok(k) if k > 0 => Ok(k),
+            _ => Err(format!("expected a positive count or `all`, got `{n}`")),
+        },
+    }
 }
 
 #[derive(Args, Clone)]
@@ -274,6 +287,7 @@ fn load(m: &ModelArgs) -> Result<Engine> {
             vram_budget: budget,
         },
         ctx: m.ctx,
+        experts_per_token: m.experts_per_token,
     };
     let pb = bar(0, "loading {bar:40} {pos}/{len} layers");
     let engine = Engine::load_with_progress(&path, &opts, |done, total| {

@@ -7,6 +7,9 @@ use crate::quant::DType;
 const QUANT_COMMON: &str = include_str!("../../shaders/quant_common.wgsl");
 const MATMUL_COMMON: &str = include_str!("../../shaders/matmul_common.wgsl");
 const MATVEC: &str = include_str!("../../shaders/matvec.wgsl");
+const CHUNK_DOT: &str = include_str!("../../shaders/chunk_dot.wgsl");
+const MOE: &str = include_str!("../../shaders/moe.wgsl");
+const MOE_ROUTE: &str = include_str!("../../shaders/moe_route.wgsl");
 const MATMUL: &str = include_str!("../../shaders/matmul.wgsl");
 const EMBED: &str = include_str!("../../shaders/embed.wgsl");
 const NORM: &str = include_str!("../../shaders/norm.wgsl");
@@ -59,6 +62,15 @@ pub enum Kernel {
     },
     SwiGlu,
     Add,
+    Copy,
+    /// Expert gate/up rows and the weighted expert down-projection (moe.wgsl).
+    MoeRows {
+        dtype: DType,
+    },
+    MoeDown {
+        dtype: DType,
+    },
+    MoeRoute,
     Argmax,
     Softmax,
     Nll,
@@ -79,6 +91,10 @@ impl Kernel {
             Kernel::Attention { .. } => "attention",
             Kernel::SwiGlu => "swiglu",
             Kernel::Add => "add",
+            Kernel::Copy => "copy",
+            Kernel::MoeRows { .. } => "moe_rows",
+            Kernel::MoeDown { .. } => "moe_down",
+            Kernel::MoeRoute => "moe_route",
             Kernel::Argmax => "argmax",
             Kernel::Softmax => "softmax",
             Kernel::Nll => "nll",
@@ -91,12 +107,15 @@ impl Kernel {
         match self {
             Kernel::SwiGlu
             | Kernel::Add
+            | Kernel::Copy
             | Kernel::Argmax
             | Kernel::Softmax
             | Kernel::Nll
             | Kernel::TopK => self.label(),
             Kernel::Attention { serial: true, .. } => "serial",
             Kernel::Matmul { split: true, .. } => "split",
+            Kernel::MoeRows { .. } => "rows",
+            Kernel::MoeDown { .. } => "down",
             _ => "main",
         }
     }
@@ -109,7 +128,11 @@ impl Kernel {
                 uniform_x,
                 ..
             } => {
-                let body = if tokens == 1 { MATVEC } else { MATMUL };
+                let body = if tokens == 1 {
+                    format!("{CHUNK_DOT}\n{MATVEC}")
+                } else {
+                    MATMUL.to_string()
+                };
                 let (decl, row0) = if uniform_x > 0 {
                     (
                         format!(
@@ -136,7 +159,14 @@ impl Kernel {
             Kernel::Attention { head_dim, .. } => {
                 ATTENTION.replace("{{HD4}}", &(head_dim / 4).to_string())
             }
-            Kernel::SwiGlu | Kernel::Add => ELEMENTWISE.to_string(),
+            Kernel::SwiGlu | Kernel::Add | Kernel::Copy => ELEMENTWISE.to_string(),
+            Kernel::MoeRows { dtype } | Kernel::MoeDown { dtype } => {
+                format!(
+                    "{QUANT_COMMON}\n{}\n{CHUNK_DOT}\n{MOE}",
+                    quant_source(dtype)
+                )
+            }
+            Kernel::MoeRoute => MOE_ROUTE.to_string(),
             Kernel::Argmax | Kernel::Softmax | Kernel::Nll | Kernel::TopK => SAMPLING.to_string(),
         }
     }

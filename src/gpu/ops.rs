@@ -340,13 +340,14 @@ pub fn attention(
 #[derive(Clone, Copy, Pod, Zeroable)]
 struct ElemParams {
     n: u32,
+    off: u32,
 }
 
 /// a = silu(a) * b over n elements.
 pub fn swiglu(b: &mut DispatchBuilder, a: &wgpu::Buffer, other: &wgpu::Buffer, n: u32) {
     b.push(
         Kernel::SwiGlu,
-        &ElemParams { n },
+        &ElemParams { n, off: 0 },
         vec![Bind::whole(1, a), Bind::whole(2, other)],
         grid_1d(n, 64),
     );
@@ -356,8 +357,18 @@ pub fn swiglu(b: &mut DispatchBuilder, a: &wgpu::Buffer, other: &wgpu::Buffer, n
 pub fn add(b: &mut DispatchBuilder, a: &wgpu::Buffer, other: &wgpu::Buffer, n: u32) {
     b.push(
         Kernel::Add,
-        &ElemParams { n },
+        &ElemParams { n, off: 0 },
         vec![Bind::whole(1, a), Bind::whole(2, other)],
+        grid_1d(n, 64),
+    );
+}
+
+/// dst[off + i] = src[i] for i < n.
+pub fn copy(b: &mut DispatchBuilder, dst: &wgpu::Buffer, off: u32, src: &wgpu::Buffer, n: u32) {
+    b.push(
+        Kernel::Copy,
+        &ElemParams { n, off },
+        vec![Bind::whole(1, dst), Bind::whole(2, src)],
         grid_1d(n, 64),
     );
 }
@@ -423,4 +434,153 @@ pub fn top_k(b: &mut DispatchBuilder, bufs: &RowBuffers, n: u32, x_row0: u32, k:
         ],
         [1, 1, 1],
     );
+}
+
+/// How the router turns its outputs into expert choices (moe_route.wgsl).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RouteScore {
+    /// CMoE's training-free score |u · silu(g)| from two representative-neuron rows.
+    Cmoe = 0,
+    /// Plain router logits (native MoE models).
+    Logits = 1,
+}
+
+/// How the chosen experts' outputs are weighted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RouteWeights {
+    Ones = 0,
+    Renormalised = 1,
+    Probabilities = 2,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Pod, Zeroable)]
+struct RouteParams {
+    n_expert: u32,
+    n_used: u32,
+    n_tokens: u32,
+    score_mode: u32,
+    weights_mode: u32,
+    _pad: [u32; 3],
+}
+
+/// Writes each token's `n_used` expert ids and weights from router outputs `g` (and `u`).
+#[allow(clippy::too_many_arguments)]
+pub fn moe_route(
+    b: &mut DispatchBuilder,
+    score: RouteScore,
+    weights: RouteWeights,
+    n_expert: u32,
+    n_used: u32,
+    n_tokens: u32,
+    g: &wgpu::Buffer,
+    u: &wgpu::Buffer,
+    bias: &wgpu::Buffer,
+    ids: &wgpu::Buffer,
+    wts: &wgpu::Buffer,
+) {
+    let p = RouteParams {
+        n_expert,
+        n_used,
+        n_tokens,
+        score_mode: score as u32,
+        weights_mode: weights as u32,
+        _pad: [0; 3],
+    };
+    b.push(
+        Kernel::MoeRoute,
+        &p,
+        vec![
+            Bind::whole(1, g),
+            Bind::whole(2, u),
+            Bind::whole(3, bias),
+            Bind::whole(4, ids),
+            Bind::whole(5, wts),
+        ],
+        [n_tokens.div_ceil(64), 1, 1],
+    );
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Pod, Zeroable)]
+struct ExpertParams {
+    k: u32,
+    m: u32,
+    n_used: u32,
+    n_tokens: u32,
+    x_stride: u32,
+    y_stride: u32,
+    _pad: [u32; 2],
+}
+
+/// Buffers shared by the expert kernels: the routing decision and the activations.
+pub struct ExpertIo<'a> {
+    pub ids: &'a wgpu::Buffer,
+    pub wts: &'a wgpu::Buffer,
+    pub x: &'a wgpu::Buffer,
+    pub y: &'a wgpu::Buffer,
+}
+
+/// Gate or up rows of each token's experts: y[t, j*m + r] = W[ids[t, j]*m + r] · x[t].
+/// `w` stacks the experts' `m` rows each.
+pub fn moe_rows(
+    b: &mut DispatchBuilder,
+    w: &Matrix,
+    m: u32,
+    n_used: u32,
+    n_tokens: u32,
+    io: &ExpertIo,
+) {
+    let p = ExpertParams {
+        k: w.cols as u32,
+        m,
+        n_used,
+        n_tokens,
+        x_stride: w.cols as u32,
+        y_stride: n_used * m,
+        _pad: [0; 2],
+    };
+    b.push(
+        Kernel::MoeRows { dtype: w.dtype },
+        &p,
+        expert_binds(w, io),
+        [(n_used * m).div_ceil(64), n_tokens, 1],
+    );
+}
+
+/// y[t] += sum_j wts[t, j] * W_e · x[t, j*k ..], with `w` stacking `m`-row experts of
+/// `k = w.cols` columns (the down-projection).
+pub fn moe_down(
+    b: &mut DispatchBuilder,
+    w: &Matrix,
+    m: u32,
+    n_used: u32,
+    n_tokens: u32,
+    io: &ExpertIo,
+) {
+    let p = ExpertParams {
+        k: w.cols as u32,
+        m,
+        n_used,
+        n_tokens,
+        x_stride: n_used * w.cols as u32,
+        y_stride: m,
+        _pad: [0; 2],
+    };
+    b.push(
+        Kernel::MoeDown { dtype: w.dtype },
+        &p,
+        expert_binds(w, io),
+        [m.div_ceil(64), n_tokens, 1],
+    );
+}
+
+fn expert_binds(w: &Matrix, io: &ExpertIo) -> Vec<Bind> {
+    vec![
+        Bind::whole(1, &w.shards[0].buffer),
+        Bind::whole(2, io.x),
+        Bind::whole(3, io.y),
+        Bind::whole(4, io.ids),
+        Bind::whole(5, io.wts),
+    ]
 }

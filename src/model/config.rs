@@ -2,7 +2,7 @@
 
 use crate::error::{Error, Result};
 use crate::format::GgufFile;
-use crate::gpu::ops::RopeMode;
+use crate::gpu::ops::{RopeMode, RouteScore, RouteWeights};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Arch {
@@ -27,6 +27,81 @@ pub struct ModelConfig {
     /// Context length the model was trained for.
     pub ctx_train: usize,
     pub vocab: usize,
+    /// Present when the FFN layers are mixtures of experts.
+    pub moe: Option<MoeConfig>,
+}
+
+/// The mixture-of-experts shape of a model (carved by pregate or native).
+#[derive(Clone, Debug)]
+pub struct MoeConfig {
+    /// Routed experts per layer.
+    pub n_expert: usize,
+    /// Experts each token uses (the model's default, or --experts-per-token).
+    pub n_used: usize,
+    /// Neurons per routed expert.
+    pub expert_ff: usize,
+    /// Neurons of the shared expert (0: none).
+    pub shared_ff: usize,
+    pub score: RouteScore,
+    pub weights: RouteWeights,
+}
+
+/// Most routed experts a layer may have (moe_route.wgsl's MAX_EXPERTS).
+pub const MAX_EXPERTS: usize = 128;
+
+impl MoeConfig {
+    fn from_gguf(f: &GgufFile, arch: &str) -> Result<Option<MoeConfig>> {
+        let key = |k: &str| format!("{arch}.{k}");
+        let Some(n) = f.get(&key("expert_count")).and_then(|v| v.as_u64()) else {
+            return Ok(None);
+        };
+        let n_expert = n as usize;
+        let n_used = f.get_u64(&key("expert_used_count"))? as usize;
+        if n_expert == 0 || n_expert > MAX_EXPERTS || n_used == 0 || n_used > n_expert {
+            return Err(Error::Malformed {
+                what: key("expert_count"),
+                why: format!(
+                    "{n_expert} experts with {n_used} used (need 1..={MAX_EXPERTS}, used <= experts)"
+                ),
+            });
+        }
+        let cmoe = f.get("pregate.moe.router").and_then(|v| v.as_str()) == Some("cmoe");
+        Ok(Some(MoeConfig {
+            n_expert,
+            n_used,
+            expert_ff: f.get_u64(&key("expert_feed_forward_length"))? as usize,
+            shared_ff: f
+                .get(&key("expert_shared_feed_forward_length"))
+                .and_then(|v| v.as_u64())
+                .unwrap_or(0) as usize,
+            score: if cmoe {
+                RouteScore::Cmoe
+            } else {
+                RouteScore::Logits
+            },
+            weights: if cmoe {
+                RouteWeights::Ones
+            } else if f
+                .get(&key("expert_weights_norm"))
+                .and_then(|v| v.as_bool())
+                .unwrap_or(false)
+            {
+                RouteWeights::Renormalised
+            } else {
+                RouteWeights::Probabilities
+            },
+        }))
+    }
+}
+
+impl ModelConfig {
+    /// Floats per token the FFN's intermediate buffers must hold.
+    pub fn ffn_width(&self) -> usize {
+        match &self.moe {
+            Some(m) => self.d_ff.max(m.shared_ff).max(m.n_expert * m.expert_ff),
+            None => self.d_ff,
+        }
+    }
 }
 
 impl ModelConfig {
@@ -93,6 +168,7 @@ impl ModelConfig {
                 .and_then(|v| v.as_u64())
                 .unwrap_or(4096) as usize,
             vocab,
+            moe: MoeConfig::from_gguf(f, &arch_name)?,
         })
     }
 }

@@ -4,11 +4,12 @@
 //! → norm → lm_head → (argmax | nll).
 
 use crate::error::Result;
-use crate::gpu::ops::{self, AttnShape, RowBuffers, Write};
+use crate::gpu::ops::{self, AttnShape, ExpertIo, RowBuffers, Write};
 use crate::gpu::{DispatchBuilder, DispatchList, Kernel};
 
+use super::config::MoeConfig;
 use super::session::{StateBuffers, TOPK_CAP};
-use super::weights::Model;
+use super::weights::{Ffn, Mlp, Model, MoeWeights};
 
 /// What a step must leave for the host to read.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -23,6 +24,104 @@ pub enum Output {
     Nll,
     /// The last token's k largest logits with their ids (sampling without reading all logits).
     TopK(u32),
+    /// Every dense layer's FFN input and gate/up pre-activations, for carving.
+    Capture,
+}
+
+/// gate, up → swiglu → down (+x). With `capture`, the FFN input is already at its start;
+/// gate and up pre-activations are copied after it (at `ub * d_model` and past the gate).
+fn ffn_dense(
+    b: &mut DispatchBuilder,
+    s: &StateBuffers,
+    mlp: &Mlp,
+    n: u32,
+    capture: Option<&wgpu::Buffer>,
+    d_model: usize,
+) {
+    let ff = mlp.gate.rows as u32;
+    ops::matmul(
+        b,
+        &mlp.gate,
+        &s.xn,
+        0,
+        n,
+        &s.gate,
+        None,
+        Write::Store,
+        &s.dummy,
+    );
+    ops::matmul(b, &mlp.up, &s.xn, 0, n, &s.up, None, Write::Store, &s.dummy);
+    if let Some(cap) = capture {
+        let ub = s.ub as u32;
+        ops::copy(b, cap, ub * d_model as u32, &s.gate, n * ff);
+        ops::copy(b, cap, ub * (d_model as u32 + ff), &s.up, n * ff);
+    }
+    ops::swiglu(b, &s.gate, &s.up, n * ff);
+    ops::matmul(
+        b,
+        &mlp.down,
+        &s.gate,
+        0,
+        n,
+        &s.x,
+        None,
+        Write::Accumulate,
+        &s.dummy,
+    );
+}
+
+/// router → top-k ids and weights (on the GPU) → the chosen experts' gate, up → swiglu →
+/// weighted down (+x).
+fn ffn_experts(b: &mut DispatchBuilder, s: &StateBuffers, m: &MoeWeights, moe: &MoeConfig, n: u32) {
+    let (e, k, ff) = (moe.n_expert as u32, moe.n_used as u32, moe.expert_ff as u32);
+    ops::matmul(
+        b,
+        &m.router_gate,
+        &s.xn,
+        0,
+        n,
+        &s.router_g,
+        None,
+        Write::Store,
+        &s.dummy,
+    );
+    if let Some(ru) = &m.router_up {
+        ops::matmul(
+            b,
+            ru,
+            &s.xn,
+            0,
+            n,
+            &s.router_u,
+            None,
+            Write::Store,
+            &s.dummy,
+        );
+    }
+    ops::moe_route(
+        b,
+        moe.score,
+        moe.weights,
+        e,
+        k,
+        n,
+        &s.router_g,
+        &s.router_u,
+        &m.bias.buffer,
+        &s.expert_ids,
+        &s.expert_wts,
+    );
+    let io = |x, y| ExpertIo {
+        ids: &s.expert_ids,
+        wts: &s.expert_wts,
+        x,
+        y,
+    };
+    ops::moe_rows(b, &m.gate_exps, ff, k, n, &io(&s.xn, &s.gate));
+    ops::moe_rows(b, &m.up_exps, ff, k, n, &io(&s.xn, &s.up));
+    ops::swiglu(b, &s.gate, &s.up, n * k * ff);
+    let d = (m.down_exps.rows / moe.n_expert) as u32;
+    ops::moe_down(b, &m.down_exps, d, k, n, &io(&s.gate, &s.x));
 }
 
 pub fn build(
@@ -105,47 +204,30 @@ pub fn build(
             Write::Accumulate,
             &s.dummy,
         );
-        // Feed-forward block (SwiGLU).
+        // Feed-forward block (SwiGLU), dense or a mixture of experts.
         ops::rms_norm(&mut b, &s.x, 0, n, &lw.ffn_norm, eps, &s.xn);
-        ops::matmul(
-            &mut b,
-            &lw.gate,
-            &s.xn,
-            0,
-            n,
-            &s.gate,
-            None,
-            Write::Store,
-            &s.dummy,
-        );
-        ops::matmul(
-            &mut b,
-            &lw.up,
-            &s.xn,
-            0,
-            n,
-            &s.up,
-            None,
-            Write::Store,
-            &s.dummy,
-        );
-        ops::swiglu(&mut b, &s.gate, &s.up, n * c.d_ff as u32);
-        ops::matmul(
-            &mut b,
-            &lw.down,
-            &s.gate,
-            0,
-            n,
-            &s.x,
-            None,
-            Write::Accumulate,
-            &s.dummy,
-        );
+        if output == Output::Capture {
+            let cap = &s.capture[l];
+            ops::copy(&mut b, cap, 0, &s.xn, n * c.d_model as u32);
+        }
+        match &lw.ffn {
+            Ffn::Dense(mlp) => {
+                let capture = (output == Output::Capture).then(|| &*s.capture[l]);
+                ffn_dense(&mut b, s, mlp, n, capture, c.d_model);
+            }
+            Ffn::Moe(m) => {
+                let moe = c.moe.as_ref().expect("an MoE layer implies an MoE config");
+                if let Some(shared) = &m.shared {
+                    ffn_dense(&mut b, s, shared, n, None, 0);
+                }
+                ffn_experts(&mut b, s, m, moe, n);
+            }
+        }
     }
 
     // Head: only the rows whose logits are needed.
     let (row0, rows) = match output {
-        Output::None => return b.finish(&model.gpu),
+        Output::None | Output::Capture => return b.finish(&model.gpu),
         Output::Argmax | Output::Logits | Output::TopK(_) => (n - 1, 1),
         Output::Nll => (0, n),
     };

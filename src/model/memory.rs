@@ -95,9 +95,15 @@ pub fn plan(f: &GgufFile, c: &ModelConfig, ctx: usize) -> MemoryPlan {
         ] {
             p.attention += gpu_bytes(f, &n(t));
         }
-        for t in ["ffn_gate.weight", "ffn_up.weight", "ffn_down.weight"] {
-            p.ffn += gpu_bytes(f, &n(t));
+        // Dense FFN, or experts, shared expert and router: every ffn_* tensor but the norm.
+        let prefix = n("ffn_");
+        for t in f.tensors.iter().filter(|t| t.name.starts_with(&prefix)) {
+            if t.name != n("ffn_norm.weight") {
+                p.ffn += gpu_bytes(f, &t.name);
+            }
         }
+        // The selection bias is a vector uploaded as f32.
+        p.ffn += gpu_bytes(f, &n("exp_probs_b.bias"));
         p.norms += gpu_bytes(f, &n("attn_norm.weight")) + gpu_bytes(f, &n("ffn_norm.weight"));
     }
     p.kv_cache = kv_bytes_per_token(c) * ctx as u64;
@@ -106,14 +112,16 @@ pub fn plan(f: &GgufFile, c: &ModelConfig, ctx: usize) -> MemoryPlan {
         c.d_model as u64,
         (c.n_head * c.head_dim) as u64,
         (c.n_kv_head * c.head_dim) as u64,
-        c.d_ff as u64,
+        c.ffn_width() as u64,
     );
+    let experts = c.moe.as_ref().map_or(1, |m| m.n_expert) as u64;
     // x, xn, q, k, v, attn, gate, up per row; one row of logits; readback; small buffers.
     // Plus each plan's packed dispatch parameters (256 bytes a dispatch): an allowance.
     p.activations = ub * 4 * (2 * d + 2 * qd + 2 * kvd + 2 * ff)
         + 2 * c.vocab as u64 * 4
         + (2 * TOPK_CAP as u64 + 16) * 4
         + ub * 12
+        + ub * 4 * 4 * experts
         + 64 * 1024 * c.n_layer as u64;
     p
 }

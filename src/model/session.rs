@@ -22,14 +22,20 @@ pub const DEFAULT_UBATCH: usize = 128;
 pub struct StateBuffers {
     pub ctx: usize,
     pub ub: usize,
-    pub x: GpuBuffer,        // [ub, d_model] residual stream
-    pub xn: GpuBuffer,       // [ub, d_model] normed input
-    pub q: GpuBuffer,        // [ub, n_head * head_dim]
-    pub k: GpuBuffer,        // [ub, n_kv_head * head_dim]
-    pub v: GpuBuffer,        // [ub, n_kv_head * head_dim]
-    pub attn: GpuBuffer,     // [ub, n_head * head_dim]
-    pub gate: GpuBuffer,     // [ub, d_ff]
-    pub up: GpuBuffer,       // [ub, d_ff]
+    pub x: GpuBuffer,          // [ub, d_model] residual stream
+    pub xn: GpuBuffer,         // [ub, d_model] normed input
+    pub q: GpuBuffer,          // [ub, n_head * head_dim]
+    pub k: GpuBuffer,          // [ub, n_kv_head * head_dim]
+    pub v: GpuBuffer,          // [ub, n_kv_head * head_dim]
+    pub attn: GpuBuffer,       // [ub, n_head * head_dim]
+    pub gate: GpuBuffer,       // [ub, ffn_width]
+    pub up: GpuBuffer,         // [ub, ffn_width]
+    pub router_g: GpuBuffer,   // [ub, n_expert] router outputs (MoE)
+    pub router_u: GpuBuffer,   // [ub, n_expert]
+    pub expert_ids: GpuBuffer, // [ub, n_used] u32, written by the router on the GPU
+    pub expert_wts: GpuBuffer, // [ub, n_used]
+    /// Per layer [ub, d_model + 2 d_ff]: FFN input, gate and up (Output::Capture only).
+    pub capture: Vec<GpuBuffer>,
     pub logits: GpuBuffer,   // [ub or 1, vocab]
     pub ids: GpuBuffer,      // [ub] u32
     pub targets: GpuBuffer,  // [ub] u32
@@ -71,6 +77,7 @@ impl StateBuffers {
             vc.push(g.storage("v cache", cache)?);
         }
         let vocab = c.vocab as u64;
+        let n_expert = c.moe.as_ref().map_or(1, |m| m.n_expert) as u64;
         Ok(StateBuffers {
             ctx,
             ub,
@@ -80,8 +87,13 @@ impl StateBuffers {
             k: g.storage("k", ubx * kvd)?,
             v: g.storage("v", ubx * kvd)?,
             attn: g.storage("attn", ubx * qd)?,
-            gate: g.storage("gate", ubx * c.d_ff as u64)?,
-            up: g.storage("up", ubx * c.d_ff as u64)?,
+            gate: g.storage("gate", ubx * c.ffn_width() as u64)?,
+            up: g.storage("up", ubx * c.ffn_width() as u64)?,
+            router_g: g.storage("router g", ubx * n_expert)?,
+            router_u: g.storage("router u", ubx * n_expert)?,
+            expert_ids: g.storage("expert ids", ubx * n_expert)?,
+            expert_wts: g.storage("expert weights", ubx * n_expert)?,
+            capture: Vec::new(),
             logits: g.storage("logits", logit_rows as u64 * vocab * f)?,
             ids: g.storage("ids", ubx)?,
             targets: g.storage("targets", ubx)?,
@@ -105,6 +117,7 @@ pub struct Session {
     bufs: StateBuffers,
     plans: HashMap<(usize, Output), DispatchList>,
     tokens: Vec<u32>,
+    capture_readback: Option<GpuBuffer>,
 }
 
 impl Session {
@@ -121,6 +134,7 @@ impl Session {
             bufs,
             plans: HashMap::new(),
             tokens: Vec::new(),
+            capture_readback: None,
         })
     }
 
@@ -201,6 +215,44 @@ impl Session {
         }
         let out = self.feed(tokens, Output::Nll, targets, score_from)?;
         Ok(bytemuck::pod_collect_to_vec(&out))
+    }
+
+    /// Runs `tokens` through a dense model from an empty cache and hands each chunk's FFN
+    /// activations to `sink(layer, n, xn, gate, up)`: `n` rows of the FFN input [n, d_model]
+    /// and the gate and up pre-activations [n, d_ff]. Carving profiles neurons with these.
+    pub fn capture_ffn(
+        &mut self,
+        tokens: &[u32],
+        mut sink: impl FnMut(usize, usize, &[f32], &[f32], &[f32]),
+    ) -> Result<()> {
+        let c = self.model.config.clone();
+        if c.moe.is_some() {
+            return Err(Error::InvalidArgument(
+                "the model is already a mixture of experts".into(),
+            ));
+        }
+        let (ub, d, ff) = (self.bufs.ub, c.d_model, c.d_ff);
+        let per_layer = (ub * (d + 2 * ff) * 4) as u64;
+        if self.bufs.capture.is_empty() {
+            let g = &self.model.gpu;
+            for _ in 0..c.n_layer {
+                self.bufs.capture.push(g.storage("capture", per_layer)?);
+            }
+            self.capture_readback =
+                Some(g.readback("capture readback", per_layer * c.n_layer as u64)?);
+        }
+        self.reset();
+        for chunk in tokens.chunks(ub) {
+            let bytes = self.step(chunk, Output::Capture, &[])?;
+            let all: &[f32] = bytemuck::cast_slice(&bytes);
+            let n = chunk.len();
+            for (l, layer) in all.chunks_exact(ub * (d + 2 * ff)).enumerate() {
+                let (xn, rest) = layer.split_at(ub * d);
+                let (gate, up) = rest.split_at(ub * ff);
+                sink(l, n, &xn[..n * d], &gate[..n * ff], &up[..n * ff]);
+            }
+        }
+        Ok(())
     }
 
     /// Runs `tokens` through the model in chunks of at most `ub`, returning the raw bytes of
@@ -289,7 +341,18 @@ impl Session {
             Output::Logits => (&b.logits, self.model.config.vocab as u64 * 4),
             Output::Nll => (&b.nll, n as u64 * 4),
             Output::TopK(_) => (&b.topk_idx, (2 * TOPK_CAP as u64 + 1) * 4),
+            Output::Capture => (&b.argmax, 0),
         };
+        if let (Output::Capture, Some(rb)) = (output, &self.capture_readback) {
+            let size = b.capture[0].size();
+            for (l, cap) in b.capture.iter().enumerate() {
+                enc.copy_buffer_to_buffer(cap, 0, rb, l as u64 * size, size);
+            }
+            g.queue.submit([enc.finish()]);
+            g.check()?;
+            self.tokens.extend_from_slice(chunk);
+            return g.read(rb, size * b.capture.len() as u64);
+        }
         if let Output::TopK(_) = output {
             let ids = (TOPK_CAP as u64 + 1) * 4;
             enc.copy_buffer_to_buffer(&b.topk_idx, 0, &b.readback, 0, ids);

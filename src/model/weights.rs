@@ -9,7 +9,8 @@ use crate::format::{GgufFile, TensorInfo};
 use crate::gpu::{Gpu, Matrix, Vector};
 use crate::quant::dequantize;
 
-use super::config::ModelConfig;
+use super::config::{ModelConfig, MoeConfig};
+use crate::gpu::ops::RouteScore;
 
 /// One transformer block.
 pub struct LayerWeights {
@@ -22,9 +23,34 @@ pub struct LayerWeights {
     pub v_bias: Option<Vector>,
     pub o: Matrix,        // [d_model, n_head * head_dim]
     pub ffn_norm: Vector, // [d_model]
-    pub gate: Matrix,     // [d_ff, d_model]
-    pub up: Matrix,       // [d_ff, d_model]
-    pub down: Matrix,     // [d_model, d_ff]
+    pub ffn: Ffn,
+}
+
+/// A gated feed-forward block: gate, up ([n, d_model]) and down ([d_model, n]).
+pub struct Mlp {
+    pub gate: Matrix,
+    pub up: Matrix,
+    pub down: Matrix,
+}
+
+pub enum Ffn {
+    Dense(Mlp),
+    Moe(MoeWeights),
+}
+
+/// A mixture-of-experts FFN. Routed experts are stacked: expert e owns rows
+/// e*expert_ff.. of gate/up and rows e*d_model.. of down.
+pub struct MoeWeights {
+    /// Router rows [n_expert, d_model]: logits (native) or CMoE's representative gate rows.
+    pub router_gate: Matrix,
+    /// CMoE's representative up rows (None for native routers).
+    pub router_up: Option<Matrix>,
+    /// Selection-only load-balance bias [n_expert] (zeros when the file has none).
+    pub bias: Vector,
+    pub gate_exps: Matrix, // [n_expert * expert_ff, d_model]
+    pub up_exps: Matrix,   // [n_expert * expert_ff, d_model]
+    pub down_exps: Matrix, // [n_expert * d_model, expert_ff]
+    pub shared: Option<Mlp>,
 }
 
 pub struct Weights {
@@ -68,6 +94,65 @@ fn optional_vector(gpu: &Gpu, f: &GgufFile, name: &str, len: usize) -> Result<Op
     }
 }
 
+fn mlp(gpu: &Gpu, f: &GgufFile, l: usize, suffix: &str, n: usize, d: usize) -> Result<Mlp> {
+    let name = |s: &str| format!("blk.{l}.ffn_{s}{suffix}.weight");
+    Ok(Mlp {
+        gate: matrix(gpu, f, &name("gate"), n, d)?,
+        up: matrix(gpu, f, &name("up"), n, d)?,
+        down: matrix(gpu, f, &name("down"), d, n)?,
+    })
+}
+
+/// A stacked expert tensor ggml-shaped [cols, rows_per_expert, n_expert], uploaded unsharded
+/// (the expert kernels address it as one binding).
+fn experts(
+    gpu: &Gpu,
+    f: &GgufFile,
+    name: &str,
+    cols: usize,
+    rows: usize,
+    n: usize,
+) -> Result<Matrix> {
+    let t = f.require(name)?;
+    check_shape(t, &[cols, rows, n])?;
+    let m = Matrix::upload(gpu, name, t.dtype, rows * n, cols, f.bytes(t))?;
+    if m.shards.len() != 1 {
+        return Err(Error::BadTensor {
+            tensor: name.into(),
+            why: "larger than the device's largest storage binding".into(),
+        });
+    }
+    Ok(m)
+}
+
+fn moe_weights(gpu: &Gpu, f: &GgufFile, l: usize, m: &MoeConfig, d: usize) -> Result<MoeWeights> {
+    let n = |s: &str| format!("blk.{l}.{s}");
+    let (e, ff) = (m.n_expert, m.expert_ff);
+    let bias = match f.tensor(&n("exp_probs_b.bias")) {
+        Some(_) => vector(gpu, f, &n("exp_probs_b.bias"), e)?,
+        None => Vector::upload(gpu, "router bias", &vec![0.0; e])?,
+    };
+    Ok(MoeWeights {
+        router_gate: matrix(gpu, f, &n("ffn_gate_inp.weight"), e, d)?,
+        router_up: match f.tensor(&n("ffn_up_inp.weight")) {
+            Some(_) => Some(matrix(gpu, f, &n("ffn_up_inp.weight"), e, d)?),
+            None if m.score == RouteScore::Cmoe => {
+                return Err(Error::MissingTensor(n("ffn_up_inp.weight")))
+            }
+            None => None,
+        },
+        bias,
+        gate_exps: experts(gpu, f, &n("ffn_gate_exps.weight"), d, ff, e)?,
+        up_exps: experts(gpu, f, &n("ffn_up_exps.weight"), d, ff, e)?,
+        down_exps: experts(gpu, f, &n("ffn_down_exps.weight"), ff, d, e)?,
+        shared: if m.shared_ff > 0 {
+            Some(mlp(gpu, f, l, "_shexp", m.shared_ff, d)?)
+        } else {
+            None
+        },
+    })
+}
+
 fn check_shape(t: &TensorInfo, want: &[usize]) -> Result<()> {
     let got: Vec<usize> = t.dims.iter().map(|d| *d as usize).collect();
     if got != want {
@@ -107,9 +192,10 @@ impl Model {
                 v_bias: optional_vector(g, f, &n("attn_v.bias"), kvd)?,
                 o: matrix(g, f, &n("attn_output.weight"), d, qd)?,
                 ffn_norm: vector(g, f, &n("ffn_norm.weight"), d)?,
-                gate: matrix(g, f, &n("ffn_gate.weight"), c.d_ff, d)?,
-                up: matrix(g, f, &n("ffn_up.weight"), c.d_ff, d)?,
-                down: matrix(g, f, &n("ffn_down.weight"), d, c.d_ff)?,
+                ffn: match &c.moe {
+                    None => Ffn::Dense(mlp(g, f, l, "", c.d_ff, d)?),
+                    Some(m) => Ffn::Moe(moe_weights(g, f, l, m, d)?),
+                },
             });
             progress(l + 2, total);
         }
@@ -132,15 +218,39 @@ impl Model {
         })
     }
 
+    /// Routes each token to `k` experts (clamped to the routed count; `usize::MAX`: all).
+    pub fn set_experts_per_token(&mut self, k: usize) -> Result<()> {
+        let Some(moe) = self.config.moe.as_mut() else {
+            return Err(Error::InvalidArgument(
+                "--experts-per-token needs a mixture-of-experts model (see `pregate carve`)".into(),
+            ));
+        };
+        if k == 0 {
+            return Err(Error::InvalidArgument(
+                "--experts-per-token must be at least 1".into(),
+            ));
+        }
+        moe.n_used = k.min(moe.n_expert);
+        Ok(())
+    }
+
     /// Bytes of weights resident on the GPU.
     pub fn weight_bytes(&self) -> u64 {
         let w = &self.weights;
         let mut n = w.embed.gpu_bytes() + w.lm_head.as_ref().map_or(0, |m| m.gpu_bytes());
         for l in &w.layers {
-            n += [&l.q, &l.k, &l.v, &l.o, &l.gate, &l.up, &l.down]
-                .iter()
-                .map(|m| m.gpu_bytes())
-                .sum::<u64>();
+            let mut mats = vec![&l.q, &l.k, &l.v, &l.o];
+            match &l.ffn {
+                Ffn::Dense(mlp) => mats.extend([&mlp.gate, &mlp.up, &mlp.down]),
+                Ffn::Moe(m) => {
+                    mats.extend([&m.router_gate, &m.gate_exps, &m.up_exps, &m.down_exps]);
+                    mats.extend(m.router_up.as_ref());
+                    if let Some(s) = &m.shared {
+                        mats.extend([&s.gate, &s.up, &s.down]);
+                    }
+                }
+            }
+            n += mats.iter().map(|m| m.gpu_bytes()).sum::<u64>();
         }
         n
     }

@@ -1,0 +1,75 @@
+// Router top-k: per token, probabilities over the routed experts, then the n_used experts of
+// largest probability + bias (the bias balances load and affects selection only).
+// score_mode 0 (CMoE, training-free): score_e = |u_e * silu(g_e)|, softmax over e.
+// score_mode 1 (native MoE): g holds the router logits, softmax over e.
+// weights_mode 0: every weight 1 (CMoE: all experts active == the dense FFN);
+// 1: selected probabilities renormalised to sum 1; 2: raw probabilities.
+
+const MAX_EXPERTS: u32 = 128u;
+
+struct Params {
+    n_expert: u32,
+    n_used: u32,
+    n_tokens: u32,
+    score_mode: u32,
+    weights_mode: u32,
+    _pad0: u32,
+    _pad1: u32,
+    _pad2: u32,
+}
+
+@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(1) var<storage, read> g: array<f32>;
+@group(0) @binding(2) var<storage, read> u: array<f32>;
+@group(0) @binding(3) var<storage, read> bias: array<f32>;
+@group(0) @binding(4) var<storage, read_write> ids: array<u32>;
+@group(0) @binding(5) var<storage, read_write> wts: array<f32>;
+
+@compute @workgroup_size(64)
+fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
+    let t = gid.x;
+    if (t >= p.n_tokens) {
+        return;
+    }
+    let n = p.n_expert;
+    var prob: array<f32, MAX_EXPERTS>;
+    var mx = -3.0e38;
+    for (var e = 0u; e < n; e++) {
+        var s = g[t * n + e];
+        if (p.score_mode == 0u) {
+            s = abs(u[t * n + e] * s / (1.0 + exp(-s)));
+        }
+        prob[e] = s;
+        mx = max(mx, s);
+    }
+    var sum = 0.0;
+    for (var e = 0u; e < n; e++) {
+        prob[e] = exp(prob[e] - mx);
+        sum += prob[e];
+    }
+    var taken: array<bool, MAX_EXPERTS>;
+    var picked_sum = 0.0;
+    for (var j = 0u; j < p.n_used; j++) {
+        var best = 0u;
+        var best_v = -3.0e38;
+        for (var e = 0u; e < n; e++) {
+            let v = prob[e] / sum + bias[e];
+            if (!taken[e] && v > best_v) {
+                best = e;
+                best_v = v;
+            }
+        }
+        taken[best] = true;
+        ids[t * p.n_used + j] = best;
+        wts[t * p.n_used + j] = prob[best] / sum;
+        picked_sum += prob[best] / sum;
+    }
+    for (var j = 0u; j < p.n_used; j++) {
+        let o = t * p.n_used + j;
+        if (p.weights_mode == 0u) {
+            wts[o] = 1.0;
+        } else if (p.weights_mode == 1u) {
+            wts[o] = wts[o] / picked_sum;
+        }
+    }
+}
