@@ -59,6 +59,8 @@ pub enum Error {
     },
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
+    #[error("cannot carve: {0}")]
+    Carve(String),
 }
 
 pub type Result<T> = std::result::Result<T, Error>;

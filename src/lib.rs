@@ -5,6 +5,7 @@
 //! [`Engine::generate`]. See `examples/generate.rs`.
 
 pub mod bench;
+pub mod carve;
 pub mod engine;
 pub mod error;
 pub mod eval;

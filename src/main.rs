@@ -53,6 +53,8 @@ enum Command {
         #[arg(long)]
         tensors: bool,
     },
+    /// Turn a dense model into a mixture of experts without training (CMoE)
+    Carve(CarveArgs),
     /// Replay a recorded expert trace through cache policies, beside Belady's optimum
     Simulate(SimulateArgs),
     /// List GPU adapters with backend and limits
@@ -181,6 +183,66 @@ struct EvalArgs {
     json: bool,
 }
 
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum CarveMethod {
+    /// CMoE: shared experts by activation rate, routed experts by co-activation
+    Cmoe,
+}
+
+#[derive(Args)]
+struct CarveArgs {
+    /// Dense GGUF path or known model name (pulled if missing)
+    #[arg(short, long, default_value = DEFAULT_MODEL)]
+    model: String,
+    /// Output GGUF (written to a temporary file, then renamed)
+    #[arg(short, long)]
+    output: PathBuf,
+    #[arg(long, value_enum, default_value = "cmoe")]
+    method: CarveMethod,
+    /// Experts per layer in all, shared ones included
+    #[arg(long, default_value_t = 16)]
+    experts: usize,
+    /// Shared (always active) experts
+    #[arg(long, default_value_t = 2)]
+    shared: usize,
+    /// Routed experts each token uses
+    #[arg(long, default_value_t = 2)]
+    active: usize,
+    /// Neurons each calibration token marks active (K_a)
+    #[arg(long, default_value_t = 10)]
+    k_act: usize,
+    /// Calibration text files (default: the built-in corpus, calib/SOURCES.md)
+    #[arg(long, num_args = 1..)]
+    calib: Vec<PathBuf>,
+    /// Calibration tokens to profile
+    #[arg(long, default_value_t = 2048)]
+    calib_tokens: usize,
+    /// Tokens per calibration sequence
+    #[arg(long, default_value_t = 1024)]
+    seq_len: usize,
+    /// Block type of the re-quantised down-projection
+    #[arg(long, default_value = "q8_0", value_parser = parse_dtype)]
+    down_type: pregate::quant::DType,
+    /// Adapter index from `pregate devices`
+    #[arg(long)]
+    adapter: Option<usize>,
+    #[arg(long, value_enum, default_value_t = BackendChoice::Auto)]
+    backend: BackendChoice,
+    /// Print the summary as JSON
+    #[arg(long)]
+    json: bool,
+}
+
+fn parse_dtype(s: &str) -> Result<pregate::quant::DType, String> {
+    use pregate::quant::DType;
+    match DType::parse(s) {
+        Some(t) if t.block_len() > 1 => Ok(t),
+        _ => Err(format!(
+            "unknown block type `{s}` (q4_0, q5_0, q8_0, q4_k, q5_k, q6_k)"
+        )),
+    }
+}
+
 #[derive(Args)]
 struct SimulateArgs {
     /// Trace file (written by `pregate trace`)
@@ -237,6 +299,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Eval(a) => cmd_eval(a),
         Command::Bench(a) => cmd_bench(a),
         Command::Inspect { model, tensors } => cmd_inspect(&model, tensors),
+        Command::Carve(a) => cmd_carve(a),
         Command::Simulate(a) => cmd_simulate(a),
         Command::Devices { backend } => cmd_devices(backend),
     }
@@ -514,6 +577,79 @@ fn cmd_inspect(spec: &str, list_tensors: bool) -> Result<()> {
     let path = resolve(spec)?;
     let f = pregate::format::GgufFile::open(&path)?;
     print!("{}", pregate::format::inspect::summary(&f, list_tensors));
+    Ok(())
+}
+
+fn cmd_carve(a: CarveArgs) -> Result<()> {
+    use pregate::carve::{self, CarveEvent, CarveOptions, Method};
+    let input = resolve(&a.model)?;
+    let opts = CarveOptions {
+        method: match a.method {
+            CarveMethod::Cmoe => Method::Cmoe,
+        },
+        n_experts: a.experts,
+        n_shared: a.shared,
+        n_active: a.active,
+        k_act: a.k_act,
+        calib: a.calib,
+        calib_tokens: a.calib_tokens,
+        seq_len: a.seq_len,
+        down_type: a.down_type,
+        gpu: GpuOptions {
+            adapter: a.adapter,
+            backend: a.backend,
+            vram_budget: None,
+        },
+    };
+    let mut pb: Option<(ProgressBar, &str)> = None;
+    let summary = carve::carve(&input, &a.output, &opts, |ev| {
+        let (stage, done, total) = match ev {
+            CarveEvent::Calibrating { done, total } => ("calibrating", done, total),
+            CarveEvent::Carving { done, total } => ("carving", done, total),
+            CarveEvent::Writing => ("writing", 0, 0),
+        };
+        if pb.as_ref().map(|(_, s)| *s) != Some(stage) {
+            if let Some((old, _)) = pb.take() {
+                old.finish_and_clear();
+            }
+            let t = match stage {
+                "calibrating" => "calibrating {bar:40} {pos}/{len} tokens",
+                "carving" => "carving     {bar:40} {pos}/{len} layers",
+                _ => "writing {spinner}",
+            };
+            pb = Some((bar(total as u64, t), stage));
+        }
+        if let Some((p, _)) = &pb {
+            p.set_position(done as u64);
+        }
+    })
+    .with_context(|| format!("carving {}", input.display()))?;
+    if let Some((p, _)) = pb {
+        p.finish_and_clear();
+    }
+    if a.json {
+        println!("{}", serde_json::to_string(&summary)?);
+    } else {
+        eprintln!(
+            "carved {} layers in {:.1} s from {} calibration tokens: S{}A{}E{}, {} neurons per expert{}, {:.1}% of FFN neurons active, {:.2} MiB per expert, wrote {} ({:.1} MiB)",
+            summary.layers,
+            summary.seconds,
+            summary.calib_tokens,
+            a.shared,
+            a.active,
+            a.experts,
+            summary.neurons_per_expert,
+            if summary.padding_neurons > 0 {
+                format!(" ({} zero padding neurons)", summary.padding_neurons)
+            } else {
+                String::new()
+            },
+            100.0 * summary.active_fraction,
+            summary.bytes_per_expert as f64 / (1u64 << 20) as f64,
+            a.output.display(),
+            summary.output_bytes as f64 / (1u64 << 20) as f64,
+        );
+    }
     Ok(())
 }
 

@@ -543,7 +543,7 @@ pub fn moe_rows(
     b.push(
         Kernel::MoeRows { dtype: w.dtype },
         &p,
-        expert_binds(w, io),
+        expert_binds(w, io, false),
         [(n_used * m).div_ceil(64), n_tokens, 1],
     );
 }
@@ -570,17 +570,22 @@ pub fn moe_down(
     b.push(
         Kernel::MoeDown { dtype: w.dtype },
         &p,
-        expert_binds(w, io),
+        expert_binds(w, io, true),
         [m.div_ceil(64), n_tokens, 1],
     );
 }
 
-fn expert_binds(w: &Matrix, io: &ExpertIo) -> Vec<Bind> {
-    vec![
+/// The pipeline layouts are derived from what each entry point uses: `rows` never reads
+/// the weights, so it does not bind them.
+fn expert_binds(w: &Matrix, io: &ExpertIo, weighted: bool) -> Vec<Bind> {
+    let mut binds = vec![
         Bind::whole(1, &w.shards[0].buffer),
         Bind::whole(2, io.x),
         Bind::whole(3, io.y),
         Bind::whole(4, io.ids),
-        Bind::whole(5, io.wts),
-    ]
+    ];
+    if weighted {
+        binds.push(Bind::whole(5, io.wts));
+    }
+    binds
 }

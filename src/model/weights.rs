@@ -35,7 +35,7 @@ pub struct Mlp {
 
 pub enum Ffn {
     Dense(Mlp),
-    Moe(MoeWeights),
+    Moe(Box<MoeWeights>),
 }
 
 /// A mixture-of-experts FFN. Routed experts are stacked: expert e owns rows
@@ -194,7 +194,7 @@ impl Model {
                 ffn_norm: vector(g, f, &n("ffn_norm.weight"), d)?,
                 ffn: match &c.moe {
                     None => Ffn::Dense(mlp(g, f, l, "", c.d_ff, d)?),
-                    Some(m) => Ffn::Moe(moe_weights(g, f, l, m, d)?),
+                    Some(m) => Ffn::Moe(Box::new(moe_weights(g, f, l, m, d)?)),
                 },
             });
             progress(l + 2, total);

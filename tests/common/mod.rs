@@ -88,6 +88,8 @@ pub struct TinyWeights {
     pub spec: TinySpec,
     pub vocab: usize,
     pub tensors: std::collections::HashMap<String, Vec<f32>>,
+    /// Experts each token uses in MoE layers (ignored by dense ones).
+    pub experts_per_token: usize,
 }
 
 /// Writes a tiny model with random weights: vocab = 256 byte tokens + 2 specials.
@@ -204,6 +206,7 @@ pub fn write_tiny_model(path: &Path, spec: TinySpec, seed: u64) -> TinyWeights {
         spec,
         vocab,
         tensors,
+        experts_per_token: usize::MAX,
     }
 }
 
@@ -314,20 +317,88 @@ pub fn reference_logits(tw: &TinyWeights, tokens: &[u32]) -> Vec<Vec<f32>> {
             let o = matvec(t(&n("attn_output.weight")), &att, d);
             x.iter_mut().zip(&o).for_each(|(a, b)| *a += b);
             let xn = rmsnorm(&x, t(&n("ffn_norm.weight")), 1e-6);
-            let g = matvec(t(&n("ffn_gate.weight")), &xn, s.d_ff);
-            let u = matvec(t(&n("ffn_up.weight")), &xn, s.d_ff);
-            let h: Vec<f32> = g
-                .iter()
-                .zip(&u)
-                .map(|(g, u)| g / (1.0 + (-g).exp()) * u)
-                .collect();
-            let dn = matvec(t(&n("ffn_down.weight")), &h, d);
+            let dn = ffn(tw, l, &xn);
             x.iter_mut().zip(&dn).for_each(|(a, b)| *a += b);
         }
         let xn = rmsnorm(&x, t("output_norm.weight"), 1e-6);
         out.push(matvec(t("output.weight"), &xn, tw.vocab));
     }
     out
+}
+
+fn swiglu_mlp(g: &[f32], u: &[f32], down: &[f32], d: usize) -> Vec<f32> {
+    let h: Vec<f32> = g
+        .iter()
+        .zip(u)
+        .map(|(g, u)| g / (1.0 + (-g).exp()) * u)
+        .collect();
+    matvec(down, &h, d)
+}
+
+/// Dense SwiGLU, or a carved (CMoE) mixture of experts: shared expert, then the router's
+/// top-k routed experts (score |u·silu(g)| of the representative rows, softmax, selection by
+/// probability + bias, weight 1).
+fn ffn(tw: &TinyWeights, l: usize, xn: &[f32]) -> Vec<f32> {
+    let s = tw.spec;
+    let d = s.d_model;
+    let n = |x: &str| format!("blk.{l}.{x}");
+    let t = |name: &str| tw.tensors.get(&n(name)).unwrap_or_else(|| panic!("{name}"));
+    if !tw.tensors.contains_key(&n("ffn_gate_exps.weight")) {
+        let g = matvec(t("ffn_gate.weight"), xn, s.d_ff);
+        let u = matvec(t("ffn_up.weight"), xn, s.d_ff);
+        return swiglu_mlp(&g, &u, t("ffn_down.weight"), d);
+    }
+    let mut out = vec![0f32; d];
+    if let Some(sg) = tw.tensors.get(&n("ffn_gate_shexp.weight")) {
+        let rows = sg.len() / d;
+        let g = matvec(sg, xn, rows);
+        let u = matvec(t("ffn_up_shexp.weight"), xn, rows);
+        out = swiglu_mlp(&g, &u, t("ffn_down_shexp.weight"), d);
+    }
+    let rg = t("ffn_gate_inp.weight");
+    let n_exp = rg.len() / d;
+    let g = matvec(rg, xn, n_exp);
+    let u = matvec(t("ffn_up_inp.weight"), xn, n_exp);
+    let score: Vec<f32> = g
+        .iter()
+        .zip(&u)
+        .map(|(g, u)| (u * g / (1.0 + (-g).exp())).abs())
+        .collect();
+    let mx = score.iter().copied().fold(f32::MIN, f32::max);
+    let sum: f32 = score.iter().map(|v| (v - mx).exp()).sum();
+    let bias = t("exp_probs_b.bias");
+    let mut order: Vec<usize> = (0..n_exp).collect();
+    let key = |e: usize| (score[e] - mx).exp() / sum + bias[e];
+    order.sort_by(|&a, &b| key(b).total_cmp(&key(a)).then(a.cmp(&b)));
+    let m = t("ffn_gate_exps.weight").len() / d / n_exp;
+    for &e in order.iter().take(tw.experts_per_token.min(n_exp)) {
+        let rows = |name: &str, per: usize, cols: usize| -> Vec<f32> {
+            t(name)[e * per * cols..(e + 1) * per * cols].to_vec()
+        };
+        let g = matvec(&rows("ffn_gate_exps.weight", m, d), xn, m);
+        let u = matvec(&rows("ffn_up_exps.weight", m, d), xn, m);
+        let y = swiglu_mlp(&g, &u, &rows("ffn_down_exps.weight", d, m), d);
+        out.iter_mut().zip(&y).for_each(|(a, b)| *a += b);
+    }
+    out
+}
+
+/// Every tensor of a GGUF written by a tiny-model test (dense or carved), dequantized, for
+/// the CPU reference. `experts_per_token` applies to MoE layers.
+pub fn load_weights(path: &Path, spec: TinySpec, experts_per_token: usize) -> TinyWeights {
+    let f = pregate::format::GgufFile::open(path).expect("open");
+    let mut tensors = std::collections::HashMap::new();
+    for t in &f.tensors {
+        let mut v = vec![0f32; t.n_elements() as usize];
+        dequantize(t.dtype, f.bytes(t), &mut v).expect("dequantize");
+        tensors.insert(t.name.clone(), v);
+    }
+    TinyWeights {
+        spec,
+        vocab: f.require("token_embd.weight").expect("embd").rows_cols().0,
+        tensors,
+        experts_per_token,
+    }
 }
 
 pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {

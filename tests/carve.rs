@@ -1,0 +1,178 @@
+//! Carving a tiny dense model into experts: the lossless invariant (all experts active equals
+//! the dense model), the GPU MoE forward against a CPU reference for decode and prefill, and
+//! bad input.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use common::{load_weights, max_abs_diff, reference_logits, write_tiny_model, TinySpec};
+use pregate::carve::{self, CarveOptions};
+use pregate::{Engine, EngineOptions};
+
+fn calib_file(dir: &Path) -> PathBuf {
+    let text: String = (0..400)
+        .map(|i| {
+            format!(
+                "fn item_{i}(x: u32) -> u32 {{ x * {i} + {} }} // calibration\n",
+                i % 7
+            )
+        })
+        .collect();
+    let p = dir.join("calib.txt");
+    std::fs::write(&p, text).expect("write calib");
+    p
+}
+
+fn carve_tiny(tag: &str, experts: usize, shared: usize, active: usize) -> (PathBuf, PathBuf) {
+    let dir = common::tmp_dir(tag);
+    let dense = dir.join("dense.gguf");
+    write_tiny_model(&dense, TinySpec::default(), 21);
+    let out = dir.join("carved.gguf");
+    let opts = CarveOptions {
+        n_experts: experts,
+        n_shared: shared,
+        n_active: active,
+        calib: vec![calib_file(&dir)],
+        calib_tokens: 600,
+        seq_len: 200,
+        ..Default::default()
+    };
+    let summary = carve::carve(&dense, &out, &opts, |_| {}).expect("carve");
+    assert_eq!(summary.layers, 2);
+    assert_eq!(summary.calib_tokens, 600);
+    (dense, out)
+}
+
+fn logits(path: &Path, experts: Option<usize>, tokens: &[u32]) -> Vec<Vec<f32>> {
+    let engine = Engine::load(
+        path,
+        &EngineOptions {
+            ctx: 64,
+            experts_per_token: experts,
+            ..Default::default()
+        },
+    )
+    .expect("load");
+    let mut s = engine.session().expect("session");
+    // A prefill of most tokens, then decode steps: both MoE paths.
+    let split = tokens.len() - 3;
+    let mut out = vec![s.next_logits(&tokens[..split]).expect("prefill")];
+    for &t in &tokens[split..] {
+        out.push(s.next_logits(&[t]).expect("decode"));
+    }
+    out
+}
+
+const TOKENS: [u32; 12] = [102, 110, 32, 105, 116, 101, 109, 95, 51, 40, 120, 58];
+
+#[test]
+fn all_experts_active_matches_the_dense_model() {
+    // 6 experts do not divide 512 neurons: 96 per expert, 64 zero neurons of padding.
+    for (experts, shared) in [(8, 1), (6, 2)] {
+        let (dense, carved) = carve_tiny(&format!("carve_all_{experts}"), experts, shared, 1);
+        let want = logits(&dense, None, &TOKENS);
+        let got = logits(&carved, Some(usize::MAX), &TOKENS);
+        for (w, g) in want.iter().zip(&got) {
+            let scale = w.iter().fold(0f32, |m, v| m.max(v.abs()));
+            // Only the down-projection is re-quantised (Q8_0 → Q8_0 of its columns).
+            assert!(
+                max_abs_diff(w, g) < 0.01 * scale,
+                "E{experts}: {} vs scale {scale}",
+                max_abs_diff(w, g)
+            );
+        }
+    }
+}
+
+#[test]
+fn carved_model_on_the_gpu_matches_the_cpu_reference() {
+    let (_, carved) = carve_tiny("carve_topk", 8, 1, 2);
+    for k in [2usize, 3] {
+        let got = logits(&carved, Some(k), &TOKENS);
+        let cpu = reference_logits(&load_weights(&carved, TinySpec::default(), k), &TOKENS);
+        let want: Vec<&Vec<f32>> = std::iter::once(&cpu[TOKENS.len() - 4])
+            .chain(&cpu[TOKENS.len() - 3..])
+            .collect();
+        for (i, (w, g)) in want.iter().zip(&got).enumerate() {
+            assert!(
+                max_abs_diff(w, g) < 2e-3,
+                "k {k} step {i}: {}",
+                max_abs_diff(w, g)
+            );
+        }
+    }
+    // Sparse routing changes the output: the test would notice a router that picked all.
+    let all = logits(&carved, Some(usize::MAX), &TOKENS);
+    let two = logits(&carved, Some(2), &TOKENS);
+    assert!(max_abs_diff(&all[0], &two[0]) > 1e-3);
+}
+
+#[test]
+fn carve_rejects_bad_input_and_writes_nothing() {
+    let dir = common::tmp_dir("carve_bad");
+    let dense = dir.join("dense.gguf");
+    write_tiny_model(&dense, TinySpec::default(), 3);
+    let calib = calib_file(&dir);
+    let empty = dir.join("empty.txt");
+    std::fs::write(&empty, "").expect("write");
+    let out = dir.join("out.gguf");
+    let base = CarveOptions {
+        calib: vec![calib.clone()],
+        calib_tokens: 100,
+        seq_len: 100,
+        ..Default::default()
+    };
+    let cases: Vec<(CarveOptions, &Path, &str)> = vec![
+        (
+            CarveOptions {
+                n_active: 15,
+                ..base.clone()
+            },
+            &out,
+            "--active",
+        ),
+        (
+            CarveOptions {
+                n_shared: 16,
+                ..base.clone()
+            },
+            &out,
+            "no routed experts",
+        ),
+        (base.clone(), &dense, "is the input"),
+        (
+            CarveOptions {
+                calib: vec![empty.clone()],
+                ..base.clone()
+            },
+            &out,
+            "empty",
+        ),
+        (
+            CarveOptions {
+                calib: vec![dir.join("missing.txt")],
+                ..base.clone()
+            },
+            &out,
+            "missing.txt",
+        ),
+    ];
+    let before = std::fs::read(&dense).expect("read");
+    for (opts, output, want) in cases {
+        let err = carve::carve(&dense, output, &opts, |_| {}).expect_err(want);
+        assert!(err.to_string().contains(want), "{err}");
+        assert!(!out.exists(), "{want}: wrote an output");
+    }
+    assert_eq!(
+        std::fs::read(&dense).expect("read"),
+        before,
+        "input changed"
+    );
+
+    // An MoE model cannot be carved again.
+    let carved = dir.join("carved.gguf");
+    carve::carve(&dense, &carved, &base, |_| {}).expect("carve");
+    let err = carve::carve(&carved, &out, &base, |_| {}).expect_err("carve twice");
+    assert!(err.to_string().contains("already"), "{err}");
+}
