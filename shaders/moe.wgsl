@@ -3,6 +3,10 @@
 // host. Experts are stacked: expert e owns rows e*m .. e*m + m of W.
 // - rows: y[t, j*m + r] = W[ids[t, j] * m + r] · x[t]                  (gate and up)
 // - down: y[t, r] += sum_j wts[t, j] * W[ids[t, j] * m + r] · x[t, j*k ..] (down, weighted sum)
+// Prefill runs expert-major instead (`grouped`): one thread per (expert row, expert) walks
+// the expert's token list (moe_route.wgsl's `group`) in tiles of TB tokens, dequantising
+// each weight chunk once per tile, and writes y[slot * m + r] for slot = t * n_used + j:
+// the gate/up layout above, and per-slot down outputs that `combine` sums.
 // The per-type `chunk_scale`/`chunk_q` and `chunk_dot` are prepended by the host.
 
 struct Params {
@@ -12,7 +16,7 @@ struct Params {
     n_tokens: u32,
     x_stride: u32,  // floats per token of x
     y_stride: u32,  // floats per token of y
-    _pad0: u32,
+    down: u32,      // grouped: 1 when x rows are per slot (down), 0 per token (gate, up)
     _pad1: u32,
 }
 
@@ -22,6 +26,8 @@ struct Params {
 @group(0) @binding(3) var<storage, read_write> y: array<f32>;
 @group(0) @binding(4) var<storage, read> ids: array<u32>;
 @group(0) @binding(5) var<storage, read> wts: array<f32>;
+@group(0) @binding(6) var<storage, read> lists: array<u32>;
+@group(0) @binding(7) var<storage, read> counts: array<u32>;
 
 const ONES = vec4<f32>(1.0);
 
@@ -60,4 +66,47 @@ fn down(@builtin(global_invocation_id) gid: vec3<u32>) {
         total += wts[t * p.n_used + j] * row_dot(e, r, (t * p.x_stride + j * p.k) / 4u);
     }
     y[t * p.y_stride + r] += total;
+}
+
+const TB: u32 = 8u;
+
+@compute @workgroup_size(64)
+fn grouped(@builtin(global_invocation_id) gid: vec3<u32>) {
+    let r = gid.x;
+    let e = gid.y;
+    if (r >= p.m) {
+        return;
+    }
+    let count = counts[e];
+    let n_chunks = p.k / 32u;
+    let row_base = (e * p.m + r) * (n_chunks / CHUNKS_PER_BLOCK) * BLOCK_WORDS;
+    for (var i0 = 0u; i0 < count; i0 += TB) {
+        let nt = min(TB, count - i0);
+        var acc: array<f32, TB>;
+        for (var c = 0u; c < n_chunks; c++) {
+            let blk = row_base + (c / CHUNKS_PER_BLOCK) * BLOCK_WORDS;
+            let cc = c % CHUNKS_PER_BLOCK;
+            let s = chunk_scale(blk, cc);
+            let a0 = chunk_q(blk, cc, 0u); let a1 = chunk_q(blk, cc, 1u);
+            let a2 = chunk_q(blk, cc, 2u); let a3 = chunk_q(blk, cc, 3u);
+            let a4 = chunk_q(blk, cc, 4u); let a5 = chunk_q(blk, cc, 5u);
+            let a6 = chunk_q(blk, cc, 6u); let a7 = chunk_q(blk, cc, 7u);
+            for (var tt = 0u; tt < nt; tt++) {
+                let slot = lists[e * p.n_tokens + i0 + tt];
+                let row = select(slot / p.n_used, slot, p.down == 1u);
+                let xb = row * p.k / 4u + c * 8u;
+                let x0v = x[xb]; let x1v = x[xb + 1u]; let x2v = x[xb + 2u]; let x3v = x[xb + 3u];
+                let x4v = x[xb + 4u]; let x5v = x[xb + 5u]; let x6v = x[xb + 6u]; let x7v = x[xb + 7u];
+                let d0 = dot(a0, x0v) + dot(a1, x1v) + dot(a2, x2v) + dot(a3, x3v);
+                let d1 = dot(a4, x4v) + dot(a5, x5v) + dot(a6, x6v) + dot(a7, x7v);
+                let sx0 = dot(x0v + x1v + x2v + x3v, ONES);
+                let sx1 = dot(x4v + x5v + x6v + x7v, ONES);
+                acc[tt] += s.x * d0 + s.y * sx0 + s.z * d1 + s.w * sx1;
+            }
+        }
+        for (var tt = 0u; tt < nt; tt++) {
+            let slot = lists[e * p.n_tokens + i0 + tt];
+            y[slot * p.m + r] = acc[tt];
+        }
+    }
 }

@@ -4,6 +4,9 @@
 // score_mode 1 (native MoE): g holds the router logits, softmax over e.
 // weights_mode 0: every weight 1 (CMoE: all experts active == the dense FFN);
 // 1: selected probabilities renormalised to sum 1; 2: raw probabilities.
+// For prefill, `group` lists each expert's (token, slot) pairs so the grouped expert kernels
+// (moe.wgsl) read each expert's weights once per tile of tokens, and `combine` adds each
+// token's weighted expert outputs to the residual.
 
 const MAX_EXPERTS: u32 = 128u;
 
@@ -13,7 +16,7 @@ struct Params {
     n_tokens: u32,
     score_mode: u32,
     weights_mode: u32,
-    _pad0: u32,
+    d_model: u32,
     _pad1: u32,
     _pad2: u32,
 }
@@ -24,6 +27,10 @@ struct Params {
 @group(0) @binding(3) var<storage, read> bias: array<f32>;
 @group(0) @binding(4) var<storage, read_write> ids: array<u32>;
 @group(0) @binding(5) var<storage, read_write> wts: array<f32>;
+@group(0) @binding(6) var<storage, read_write> lists: array<u32>;  // [n_expert, n_tokens] slots
+@group(0) @binding(7) var<storage, read_write> counts: array<u32>; // [n_expert]
+@group(0) @binding(8) var<storage, read> parts: array<f32>;        // [n_tokens * n_used, d_model]
+@group(0) @binding(9) var<storage, read_write> xout: array<f32>;   // [n_tokens, d_model]
 
 @compute @workgroup_size(64)
 fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
@@ -72,4 +79,38 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
             wts[o] = wts[o] / picked_sum;
         }
     }
+}
+
+// Slot t * n_used + j (token t's j-th expert) goes to the list of expert ids[slot], in
+// token order.
+@compute @workgroup_size(64)
+fn group(@builtin(global_invocation_id) gid: vec3<u32>) {
+    let e = gid.x;
+    if (e >= p.n_expert) {
+        return;
+    }
+    var c = 0u;
+    for (var slot = 0u; slot < p.n_tokens * p.n_used; slot++) {
+        if (ids[slot] == e) {
+            lists[e * p.n_tokens + c] = slot;
+            c++;
+        }
+    }
+    counts[e] = c;
+}
+
+// x[t] += sum_j wts[t, j] * parts[t * n_used + j].
+@compute @workgroup_size(64)
+fn combine(@builtin(global_invocation_id) gid: vec3<u32>) {
+    let r = gid.x;
+    let t = gid.y;
+    if (r >= p.d_model || t >= p.n_tokens) {
+        return;
+    }
+    var s = 0.0;
+    for (var j = 0u; j < p.n_used; j++) {
+        let slot = t * p.n_used + j;
+        s += wts[slot] * parts[slot * p.d_model + r];
+    }
+    xout[t * p.d_model + r] += s;
 }

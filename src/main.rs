@@ -189,6 +189,12 @@ enum CarveMethod {
     Cmoe,
 }
 
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum CarveRouter {
+    Cmoe,
+    Lsq,
+}
+
 #[derive(Args)]
 struct CarveArgs {
     /// Dense GGUF path or known model name (pulled if missing)
@@ -223,6 +229,14 @@ struct CarveArgs {
     /// Block type of the re-quantised down-projection
     #[arg(long, default_value = "q8_0", value_parser = parse_dtype)]
     down_type: pregate::quant::DType,
+    /// Router: `cmoe` (representative neurons, as in the paper) or `lsq` (least squares
+    /// on the calibration tokens, predicting each expert's output norm)
+    #[arg(long, value_enum, default_value = "cmoe")]
+    router: CarveRouter,
+    /// Refit the shared expert's down-projection by least squares so that the MoE
+    /// reconstructs the dense FFN output on the calibration tokens
+    #[arg(long)]
+    refit: bool,
     /// Adapter index from `pregate devices`
     #[arg(long)]
     adapter: Option<usize>,
@@ -595,6 +609,11 @@ fn cmd_carve(a: CarveArgs) -> Result<()> {
         calib_tokens: a.calib_tokens,
         seq_len: a.seq_len,
         down_type: a.down_type,
+        router_fit: match a.router {
+            CarveRouter::Cmoe => carve::RouterFit::Representative,
+            CarveRouter::Lsq => carve::RouterFit::LeastSquares,
+        },
+        refit_shared: a.refit,
         gpu: GpuOptions {
             adapter: a.adapter,
             backend: a.backend,

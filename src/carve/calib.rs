@@ -2,6 +2,8 @@
 
 use std::path::PathBuf;
 
+use half::f16;
+
 use crate::engine::Engine;
 use crate::error::{Error, Result};
 use crate::model::Tokenizer;
@@ -42,6 +44,8 @@ pub struct LayerCalibration {
     pub markers: NeuronProfile,
     /// The FFN inputs [n_tokens, d_model] (the router's load balance is tuned on them).
     pub inputs: Vec<f32>,
+    /// silu(gate) * up of every neuron [n_tokens, d_ff], kept only for recovery fits.
+    pub hidden: Vec<f16>,
 }
 
 /// Runs the calibration tokens through the dense model on the GPU, in sequences of
@@ -72,8 +76,10 @@ pub fn profile(
         .map(|_| LayerCalibration {
             markers: NeuronProfile::new(ff, tokens.len()),
             inputs: Vec::with_capacity(tokens.len() * d),
+            hidden: Vec::new(),
         })
         .collect();
+    let keep_hidden = opts.router_fit != super::RouterFit::Representative || opts.refit_shared;
     let mut session = engine.session()?;
     let mut scores = vec![0f32; ff];
     let mut scratch = Vec::new();
@@ -97,6 +103,13 @@ pub fn profile(
                     .mark_top(global, &scores, opts.k_act, &mut scratch);
             }
             layer.inputs.extend_from_slice(xn);
+            if keep_hidden {
+                layer.hidden.extend(
+                    gate.iter()
+                        .zip(up)
+                        .map(|(g, u)| f16::from_f32(g / (1.0 + (-g).exp()) * u)),
+                );
+            }
             seen[l] += n;
         })?;
         done += seq.len();

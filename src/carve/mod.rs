@@ -8,6 +8,7 @@
 
 pub mod calib;
 pub mod partition;
+pub mod recover;
 pub mod router;
 mod tensors;
 
@@ -20,6 +21,8 @@ use crate::gpu::GpuOptions;
 use crate::quant::DType;
 
 pub use partition::{partition_neurons, NeuronProfile, Partition};
+pub use recover::RouterFit;
+use tensors::Router;
 
 /// Carving method. Only CMoE exists so far; Read-ME clustering is tracked in the carve issue.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -43,6 +46,10 @@ pub struct CarveOptions {
     pub seq_len: usize,
     /// Block type of the re-quantised down-projection slices.
     pub down_type: DType,
+    /// How the router scores experts.
+    pub router_fit: RouterFit,
+    /// Refit the shared expert's down-projection by least squares.
+    pub refit_shared: bool,
     pub gpu: GpuOptions,
 }
 
@@ -58,6 +65,8 @@ impl Default for CarveOptions {
             calib_tokens: 2048,
             seq_len: 1024,
             down_type: DType::Q8_0,
+            router_fit: RouterFit::Representative,
+            refit_shared: false,
             gpu: GpuOptions::default(),
         }
     }
@@ -145,7 +154,34 @@ pub fn carve(
     let mut writer = tensors::ExpertWriter::new(f, opts, size, padding)?;
     for (l, layer) in profiles.into_iter().enumerate() {
         let part = partition_neurons(&layer.markers, opts.n_experts, opts.n_shared, size);
-        writer.add_layer(l, &part, &layer.inputs)?;
+        let down = writer.dense_down(l)?;
+        let mut router = writer.representative_router(l, &part, &layer.inputs)?;
+        let mut shared_down = None;
+        if opts.router_fit != RouterFit::Representative || opts.refit_shared {
+            let Router::Representative { rg, ru, bias } = &router else {
+                unreachable!("representative_router returns the representative router")
+            };
+            let data = recover::LayerData {
+                inputs: &layer.inputs,
+                hidden: &layer.hidden,
+                down: &down,
+                d: c.d_model,
+                d_ff: c.d_ff,
+            };
+            let r = recover::recover(
+                &data,
+                &part,
+                (rg, ru, bias),
+                opts.n_active,
+                opts.router_fit,
+                opts.refit_shared,
+            );
+            shared_down = r.shared_down;
+            if let Some(w) = r.router {
+                router = Router::Linear(w);
+            }
+        }
+        writer.add_layer(l, &part, &down, &router, shared_down.as_deref())?;
         progress(CarveEvent::Carving {
             done: l + 1,
             total: c.n_layer,

@@ -8,10 +8,23 @@ use crate::format::{GgufFile, GgufWriter, MetaValue, TensorInfo};
 use crate::quant::{dequantize, quantize, DType};
 
 use super::partition::Partition;
+use super::recover::RouterFit;
 use super::CarveOptions;
 
 /// Tensors start on 4 KiB boundaries so that a loader can read them page-aligned.
 const ALIGNMENT: u64 = 4096;
+
+/// A carved layer's router, as written to the file.
+pub enum Router {
+    /// CMoE: representative gate/up rows [n_expert, d] and a selection bias [n_expert].
+    Representative {
+        rg: Vec<f32>,
+        ru: Vec<f32>,
+        bias: Vec<f32>,
+    },
+    /// Least squares: rows [n_expert, d] whose dot with x predicts each expert's output norm.
+    Linear(Vec<f32>),
+}
 
 pub struct ExpertWriter<'a> {
     file: &'a GgufFile,
@@ -58,7 +71,20 @@ impl<'a> ExpertWriter<'a> {
                 u32v(opts.n_shared * size),
             )
             .meta("pregate.moe.method", MetaValue::String("cmoe".into()))
-            .meta("pregate.moe.router", MetaValue::String("cmoe".into()))
+            .meta(
+                "pregate.moe.router",
+                MetaValue::String(
+                    match opts.router_fit {
+                        RouterFit::Representative => "cmoe",
+                        RouterFit::LeastSquares => "lsq",
+                    }
+                    .into(),
+                ),
+            )
+            .meta(
+                "pregate.moe.refit_shared",
+                MetaValue::Bool(opts.refit_shared),
+            )
             .meta("pregate.moe.experts_total", u32v(opts.n_experts))
             .meta("pregate.moe.shared_experts", u32v(opts.n_shared))
             .meta("pregate.moe.padding_neurons", u32v(padding))
@@ -79,15 +105,46 @@ impl<'a> ExpertWriter<'a> {
         })
     }
 
-    /// Adds layer `l`'s experts, shared expert and router. `inputs` are the layer's
-    /// calibration FFN inputs [n, d_model], on which the router's load balance is tuned.
-    pub fn add_layer(&mut self, l: usize, part: &Partition, inputs: &[f32]) -> Result<()> {
+    /// Layer `l`'s dense down-projection [d_model, d_ff], row-major f32.
+    pub fn dense_down(&self, l: usize) -> Result<Vec<f32>> {
+        let down = self.file.require(&format!("blk.{l}.ffn_down.weight"))?;
+        let mut out = vec![0f32; self.d * self.d_ff];
+        dequantize(down.dtype, self.file.bytes(down), &mut out)?;
+        Ok(out)
+    }
+
+    /// CMoE's router: the representatives' gate and up rows, and a selection-only bias
+    /// balanced on the calibration `inputs` [n, d_model].
+    pub fn representative_router(
+        &self,
+        l: usize,
+        part: &Partition,
+        inputs: &[f32],
+    ) -> Result<Router> {
+        let f = self.file;
+        let gate = f.require(&format!("blk.{l}.ffn_gate.weight"))?;
+        let up = f.require(&format!("blk.{l}.ffn_up.weight"))?;
+        let rg = self.f32_rows(gate, &part.representatives)?;
+        let ru = self.f32_rows(up, &part.representatives)?;
+        let bias = super::router::balance_bias(inputs, self.d, &rg, &ru, self.opts.n_active);
+        Ok(Router::Representative { rg, ru, bias })
+    }
+
+    /// Adds layer `l`'s experts, shared expert and router. `shared_down` replaces the
+    /// shared expert's down columns (a least-squares refit), [d_model, shared neurons].
+    pub fn add_layer(
+        &mut self,
+        l: usize,
+        part: &Partition,
+        dense_down: &[f32],
+        router: &Router,
+        shared_down: Option<&[f32]>,
+    ) -> Result<()> {
         let f = self.file;
         let (d, size) = (self.d, self.size);
         let name = |s: &str| format!("blk.{l}.{s}");
         let gate = f.require(&name("ffn_gate.weight"))?;
         let up = f.require(&name("ffn_up.weight"))?;
-        let down = f.require(&name("ffn_down.weight"))?;
         let routed = part.experts.len() as u64;
         let d64 = d as u64;
 
@@ -113,12 +170,10 @@ impl<'a> ExpertWriter<'a> {
         )?;
 
         // Down: columns of the dense matrix, re-quantised per expert.
-        let mut dense_down = vec![0f32; d * self.d_ff];
-        dequantize(down.dtype, f.bytes(down), &mut dense_down)?;
         let dt = self.opts.down_type;
         let mut down_exps = Vec::new();
         for e in &part.experts {
-            down_exps.extend(quantize(dt, &self.columns(&dense_down, e))?);
+            down_exps.extend(quantize(dt, &self.columns(dense_down, e))?);
         }
         self.out.tensor(
             &name("ffn_down_exps.weight"),
@@ -129,7 +184,10 @@ impl<'a> ExpertWriter<'a> {
         if n_sh > 0 {
             let sg = self.rows(gate, &part.shared)?;
             let su = self.rows(up, &part.shared)?;
-            let sd = quantize(dt, &self.columns(&dense_down, &part.shared))?;
+            let sd = match shared_down {
+                Some(refit) => quantize(dt, refit)?,
+                None => quantize(dt, &self.columns(dense_down, &part.shared))?,
+            };
             self.out
                 .tensor(&name("ffn_gate_shexp.weight"), gate.dtype, &[d64, n_sh], sg)?;
             self.out
@@ -140,29 +198,26 @@ impl<'a> ExpertWriter<'a> {
         self.bytes_per_expert = 2 * (gate.dtype.bytes_for(d64).unwrap_or(0) * s64)
             + dt.bytes_for(d64 * s64).unwrap_or(0);
 
-        // Router: the representatives' gate and up rows, and a selection-only bias.
-        let rg = self.f32_rows(gate, &part.representatives)?;
-        let ru = self.f32_rows(up, &part.representatives)?;
-        let bias = super::router::balance_bias(inputs, d, &rg, &ru, self.opts.n_active);
         let bytes = |v: &[f32]| bytemuck::cast_slice::<f32, u8>(v).to_vec();
-        self.out.tensor(
-            &name("ffn_gate_inp.weight"),
-            DType::F32,
-            &[d64, routed],
-            bytes(&rg),
-        )?;
-        self.out.tensor(
-            &name("ffn_up_inp.weight"),
-            DType::F32,
-            &[d64, routed],
-            bytes(&ru),
-        )?;
-        self.out.tensor(
-            &name("exp_probs_b.bias"),
-            DType::F32,
-            &[routed],
-            bytes(&bias),
-        )?;
+        let (rg, ru, bias) = match router {
+            Router::Representative { rg, ru, bias } => (rg, Some(ru), Some(bias)),
+            Router::Linear(w) => (w, None, None),
+        };
+        let dims = [d64, routed];
+        self.out
+            .tensor(&name("ffn_gate_inp.weight"), DType::F32, &dims, bytes(rg))?;
+        if let Some(ru) = ru {
+            self.out
+                .tensor(&name("ffn_up_inp.weight"), DType::F32, &dims, bytes(ru))?;
+        }
+        if let Some(bias) = bias {
+            self.out.tensor(
+                &name("exp_probs_b.bias"),
+                DType::F32,
+                &[routed],
+                bytes(bias),
+            )?;
+        }
         Ok(())
     }
 

@@ -50,6 +50,7 @@ pub fn summary(f: &GgufFile, list_tensors: bool) -> String {
         };
         let _ = writeln!(s, "  {name:10} {}", mib(*b));
     }
+    moe_section(f, &mut s);
     if list_tensors {
         let _ = writeln!(s, "\ntensors:");
         for t in &f.tensors {
@@ -64,4 +65,58 @@ pub fn summary(f: &GgufFile, list_tensors: bool) -> String {
         }
     }
     s
+}
+
+/// Experts per layer, bytes per expert, and how much of the file is experts.
+fn moe_section(f: &GgufFile, s: &mut String) {
+    let Ok(arch) = f.architecture() else { return };
+    let Some(n_expert) = f
+        .get(&format!("{arch}.expert_count"))
+        .and_then(|v| v.as_u64())
+    else {
+        return;
+    };
+    let used = f
+        .get(&format!("{arch}.expert_used_count"))
+        .and_then(|v| v.as_u64())
+        .unwrap_or(0);
+    let shared_ff = f
+        .get(&format!("{arch}.expert_shared_feed_forward_length"))
+        .and_then(|v| v.as_u64())
+        .unwrap_or(0);
+    let method = f
+        .get("pregate.moe.method")
+        .and_then(|v| v.as_str())
+        .unwrap_or("native");
+    let is_expert = |name: &str| name.contains("_exps.");
+    let expert_bytes: u64 = f
+        .tensors
+        .iter()
+        .filter(|t| is_expert(&t.name))
+        .map(|t| t.n_bytes)
+        .sum();
+    let total: u64 = f.tensors.iter().map(|t| t.n_bytes).sum();
+    let layers = f
+        .tensors
+        .iter()
+        .filter(|t| t.name.ends_with("ffn_gate_exps.weight"))
+        .count() as u64;
+    let per_expert = expert_bytes / (layers * n_expert).max(1);
+    let _ = writeln!(s, "\nmixture of experts ({method}):");
+    let _ = writeln!(
+        s,
+        "  {n_expert} routed experts per layer in {layers} layers, {used} used per token, shared expert of {shared_ff} neurons"
+    );
+    let _ = writeln!(
+        s,
+        "  {} per routed expert (gate + up + down of one layer)",
+        mib(per_expert)
+    );
+    let _ = writeln!(
+        s,
+        "  experts: {} of {} tensor bytes ({:.1}%)",
+        mib(expert_bytes),
+        mib(total),
+        100.0 * expert_bytes as f64 / total.max(1) as f64
+    );
 }

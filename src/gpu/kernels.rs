@@ -71,6 +71,13 @@ pub enum Kernel {
         dtype: DType,
     },
     MoeRoute,
+    /// Prefill, expert-major: list each expert's tokens, run the grouped expert mat-mul,
+    /// and sum each token's weighted expert outputs.
+    MoeGroup,
+    MoeGrouped {
+        dtype: DType,
+    },
+    MoeCombine,
     Argmax,
     Softmax,
     Nll,
@@ -95,6 +102,9 @@ impl Kernel {
             Kernel::MoeRows { .. } => "moe_rows",
             Kernel::MoeDown { .. } => "moe_down",
             Kernel::MoeRoute => "moe_route",
+            Kernel::MoeGroup => "moe_group",
+            Kernel::MoeGrouped { .. } => "moe_grouped",
+            Kernel::MoeCombine => "moe_combine",
             Kernel::Argmax => "argmax",
             Kernel::Softmax => "softmax",
             Kernel::Nll => "nll",
@@ -116,6 +126,9 @@ impl Kernel {
             Kernel::Matmul { split: true, .. } => "split",
             Kernel::MoeRows { .. } => "rows",
             Kernel::MoeDown { .. } => "down",
+            Kernel::MoeGroup => "group",
+            Kernel::MoeGrouped { .. } => "grouped",
+            Kernel::MoeCombine => "combine",
             _ => "main",
         }
     }
@@ -160,13 +173,15 @@ impl Kernel {
                 ATTENTION.replace("{{HD4}}", &(head_dim / 4).to_string())
             }
             Kernel::SwiGlu | Kernel::Add | Kernel::Copy => ELEMENTWISE.to_string(),
-            Kernel::MoeRows { dtype } | Kernel::MoeDown { dtype } => {
+            Kernel::MoeRows { dtype }
+            | Kernel::MoeDown { dtype }
+            | Kernel::MoeGrouped { dtype } => {
                 format!(
                     "{QUANT_COMMON}\n{}\n{CHUNK_DOT}\n{MOE}",
                     quant_source(dtype)
                 )
             }
-            Kernel::MoeRoute => MOE_ROUTE.to_string(),
+            Kernel::MoeRoute | Kernel::MoeGroup | Kernel::MoeCombine => MOE_ROUTE.to_string(),
             Kernel::Argmax | Kernel::Softmax | Kernel::Nll | Kernel::TopK => SAMPLING.to_string(),
         }
     }

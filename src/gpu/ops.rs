@@ -461,7 +461,8 @@ struct RouteParams {
     n_tokens: u32,
     score_mode: u32,
     weights_mode: u32,
-    _pad: [u32; 3],
+    d_model: u32,
+    _pad: [u32; 2],
 }
 
 /// Writes each token's `n_used` expert ids and weights from router outputs `g` (and `u`).
@@ -485,7 +486,8 @@ pub fn moe_route(
         n_tokens,
         score_mode: score as u32,
         weights_mode: weights as u32,
-        _pad: [0; 3],
+        d_model: 0,
+        _pad: [0; 2],
     };
     b.push(
         Kernel::MoeRoute,
@@ -510,7 +512,8 @@ struct ExpertParams {
     n_tokens: u32,
     x_stride: u32,
     y_stride: u32,
-    _pad: [u32; 2],
+    down: u32,
+    _pad: u32,
 }
 
 /// Buffers shared by the expert kernels: the routing decision and the activations.
@@ -538,7 +541,8 @@ pub fn moe_rows(
         n_tokens,
         x_stride: w.cols as u32,
         y_stride: n_used * m,
-        _pad: [0; 2],
+        down: 0,
+        _pad: 0,
     };
     b.push(
         Kernel::MoeRows { dtype: w.dtype },
@@ -565,7 +569,8 @@ pub fn moe_down(
         n_tokens,
         x_stride: n_used * w.cols as u32,
         y_stride: m,
-        _pad: [0; 2],
+        down: 1,
+        _pad: 0,
     };
     b.push(
         Kernel::MoeDown { dtype: w.dtype },
@@ -588,4 +593,105 @@ fn expert_binds(w: &Matrix, io: &ExpertIo, weighted: bool) -> Vec<Bind> {
         binds.push(Bind::whole(5, io.wts));
     }
     binds
+}
+
+/// The per-expert token lists of a prefill chunk: which slots (t * n_used + j) chose each
+/// expert, and how many.
+pub struct ExpertGroups<'a> {
+    pub lists: &'a wgpu::Buffer,
+    pub counts: &'a wgpu::Buffer,
+}
+
+fn route_params(n_expert: u32, n_used: u32, n_tokens: u32, d_model: u32) -> RouteParams {
+    RouteParams {
+        n_expert,
+        n_used,
+        n_tokens,
+        score_mode: 0,
+        weights_mode: 0,
+        d_model,
+        _pad: [0; 2],
+    }
+}
+
+/// Fills `groups` from the router's expert ids.
+pub fn moe_group(
+    b: &mut DispatchBuilder,
+    n_expert: u32,
+    n_used: u32,
+    n_tokens: u32,
+    ids: &wgpu::Buffer,
+    groups: &ExpertGroups,
+) {
+    b.push(
+        Kernel::MoeGroup,
+        &route_params(n_expert, n_used, n_tokens, 0),
+        vec![
+            Bind::whole(4, ids),
+            Bind::whole(6, groups.lists),
+            Bind::whole(7, groups.counts),
+        ],
+        [n_expert.div_ceil(64), 1, 1],
+    );
+}
+
+/// Expert-major mat-mul over a prefill chunk: y[slot * m + r] = W[e*m + r] · x[row(slot)],
+/// where row(slot) is the token (gate/up, `down` false) or the slot itself (down).
+#[allow(clippy::too_many_arguments)]
+pub fn moe_grouped(
+    b: &mut DispatchBuilder,
+    w: &Matrix,
+    m: u32,
+    n_expert: u32,
+    n_used: u32,
+    n_tokens: u32,
+    down: bool,
+    x: &wgpu::Buffer,
+    y: &wgpu::Buffer,
+    groups: &ExpertGroups,
+) {
+    let p = ExpertParams {
+        k: w.cols as u32,
+        m,
+        n_used,
+        n_tokens,
+        x_stride: 0,
+        y_stride: 0,
+        down: down as u32,
+        _pad: 0,
+    };
+    b.push(
+        Kernel::MoeGrouped { dtype: w.dtype },
+        &p,
+        vec![
+            Bind::whole(1, &w.shards[0].buffer),
+            Bind::whole(2, x),
+            Bind::whole(3, y),
+            Bind::whole(6, groups.lists),
+            Bind::whole(7, groups.counts),
+        ],
+        [m.div_ceil(64), n_expert, 1],
+    );
+}
+
+/// x[t] += sum_j wts[t, j] * parts[t * n_used + j] over d_model columns.
+pub fn moe_combine(
+    b: &mut DispatchBuilder,
+    n_used: u32,
+    n_tokens: u32,
+    d_model: u32,
+    wts: &wgpu::Buffer,
+    parts: &wgpu::Buffer,
+    x: &wgpu::Buffer,
+) {
+    b.push(
+        Kernel::MoeCombine,
+        &route_params(0, n_used, n_tokens, d_model),
+        vec![
+            Bind::whole(5, wts),
+            Bind::whole(8, parts),
+            Bind::whole(9, x),
+        ],
+        [d_model.div_ceil(64), n_tokens, 1],
+    );
 }

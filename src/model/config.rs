@@ -65,7 +65,11 @@ impl MoeConfig {
                 ),
             });
         }
-        let cmoe = f.get("pregate.moe.router").and_then(|v| v.as_str()) == Some("cmoe");
+        // pregate's carved routers: "cmoe" scores representative rows, "lsq" is linear; both
+        // weight every chosen expert 1 (with all experts active, the dense FFN).
+        let router = f.get("pregate.moe.router").and_then(|v| v.as_str());
+        let carved = matches!(router, Some("cmoe") | Some("lsq"));
+        let cmoe = router == Some("cmoe");
         Ok(Some(MoeConfig {
             n_expert,
             n_used,
@@ -79,7 +83,7 @@ impl MoeConfig {
             } else {
                 RouteScore::Logits
             },
-            weights: if cmoe {
+            weights: if carved {
                 RouteWeights::Ones
             } else if f
                 .get(&key("expert_weights_norm"))

@@ -4,7 +4,7 @@
 //! → norm → lm_head → (argmax | nll).
 
 use crate::error::Result;
-use crate::gpu::ops::{self, AttnShape, ExpertIo, RowBuffers, Write};
+use crate::gpu::ops::{self, AttnShape, ExpertGroups, ExpertIo, RowBuffers, Write};
 use crate::gpu::{DispatchBuilder, DispatchList, Kernel};
 
 use super::config::MoeConfig;
@@ -111,6 +111,32 @@ fn ffn_experts(b: &mut DispatchBuilder, s: &StateBuffers, m: &MoeWeights, moe: &
         &s.expert_ids,
         &s.expert_wts,
     );
+    let d = (m.down_exps.rows / moe.n_expert) as u32;
+    if n > 1 {
+        // Prefill: expert-major, so each expert's weights are read once per token tile.
+        let groups = ExpertGroups {
+            lists: &s.expert_lists,
+            counts: &s.expert_counts,
+        };
+        ops::moe_group(b, e, k, n, &s.expert_ids, &groups);
+        ops::moe_grouped(b, &m.gate_exps, ff, e, k, n, false, &s.xn, &s.gate, &groups);
+        ops::moe_grouped(b, &m.up_exps, ff, e, k, n, false, &s.xn, &s.up, &groups);
+        ops::swiglu(b, &s.gate, &s.up, n * k * ff);
+        ops::moe_grouped(
+            b,
+            &m.down_exps,
+            d,
+            e,
+            k,
+            n,
+            true,
+            &s.gate,
+            &s.expert_out,
+            &groups,
+        );
+        ops::moe_combine(b, k, n, d, &s.expert_wts, &s.expert_out, &s.x);
+        return;
+    }
     let io = |x, y| ExpertIo {
         ids: &s.expert_ids,
         wts: &s.expert_wts,
@@ -120,7 +146,6 @@ fn ffn_experts(b: &mut DispatchBuilder, s: &StateBuffers, m: &MoeWeights, moe: &
     ops::moe_rows(b, &m.gate_exps, ff, k, n, &io(&s.xn, &s.gate));
     ops::moe_rows(b, &m.up_exps, ff, k, n, &io(&s.xn, &s.up));
     ops::swiglu(b, &s.gate, &s.up, n * k * ff);
-    let d = (m.down_exps.rows / moe.n_expert) as u32;
     ops::moe_down(b, &m.down_exps, d, k, n, &io(&s.gate, &s.x));
 }
 

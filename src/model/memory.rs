@@ -121,7 +121,10 @@ pub fn plan(f: &GgufFile, c: &ModelConfig, ctx: usize) -> MemoryPlan {
         + 2 * c.vocab as u64 * 4
         + (2 * TOPK_CAP as u64 + 16) * 4
         + ub * 12
-        + ub * 4 * 4 * experts
+        + ub * 4 * 5 * experts
+        + c.moe
+            .as_ref()
+            .map_or(0, |m| ub * 4 * (m.n_expert * c.d_model) as u64)
         + 64 * 1024 * c.n_layer as u64;
     p
 }

@@ -22,18 +22,21 @@ pub const DEFAULT_UBATCH: usize = 128;
 pub struct StateBuffers {
     pub ctx: usize,
     pub ub: usize,
-    pub x: GpuBuffer,          // [ub, d_model] residual stream
-    pub xn: GpuBuffer,         // [ub, d_model] normed input
-    pub q: GpuBuffer,          // [ub, n_head * head_dim]
-    pub k: GpuBuffer,          // [ub, n_kv_head * head_dim]
-    pub v: GpuBuffer,          // [ub, n_kv_head * head_dim]
-    pub attn: GpuBuffer,       // [ub, n_head * head_dim]
-    pub gate: GpuBuffer,       // [ub, ffn_width]
-    pub up: GpuBuffer,         // [ub, ffn_width]
-    pub router_g: GpuBuffer,   // [ub, n_expert] router outputs (MoE)
-    pub router_u: GpuBuffer,   // [ub, n_expert]
-    pub expert_ids: GpuBuffer, // [ub, n_used] u32, written by the router on the GPU
-    pub expert_wts: GpuBuffer, // [ub, n_used]
+    pub x: GpuBuffer,             // [ub, d_model] residual stream
+    pub xn: GpuBuffer,            // [ub, d_model] normed input
+    pub q: GpuBuffer,             // [ub, n_head * head_dim]
+    pub k: GpuBuffer,             // [ub, n_kv_head * head_dim]
+    pub v: GpuBuffer,             // [ub, n_kv_head * head_dim]
+    pub attn: GpuBuffer,          // [ub, n_head * head_dim]
+    pub gate: GpuBuffer,          // [ub, ffn_width]
+    pub up: GpuBuffer,            // [ub, ffn_width]
+    pub router_g: GpuBuffer,      // [ub, n_expert] router outputs (MoE)
+    pub router_u: GpuBuffer,      // [ub, n_expert]
+    pub expert_ids: GpuBuffer,    // [ub, n_used] u32, written by the router on the GPU
+    pub expert_wts: GpuBuffer,    // [ub, n_used]
+    pub expert_lists: GpuBuffer,  // [n_expert, ub] u32: each expert's slots (prefill)
+    pub expert_counts: GpuBuffer, // [n_expert] u32
+    pub expert_out: GpuBuffer,    // [ub * n_used, d_model] per-slot down outputs (prefill)
     /// Per layer [ub, d_model + 2 d_ff]: FFN input, gate and up (Output::Capture only).
     pub capture: Vec<GpuBuffer>,
     pub logits: GpuBuffer,   // [ub or 1, vocab]
@@ -78,6 +81,8 @@ impl StateBuffers {
         }
         let vocab = c.vocab as u64;
         let n_expert = c.moe.as_ref().map_or(1, |m| m.n_expert) as u64;
+        // Per-slot expert outputs exist only for MoE models (every expert may be used).
+        let moe_slots = c.moe.as_ref().map_or(0, |m| m.n_expert) as u64;
         Ok(StateBuffers {
             ctx,
             ub,
@@ -93,6 +98,12 @@ impl StateBuffers {
             router_u: g.storage("router u", ubx * n_expert)?,
             expert_ids: g.storage("expert ids", ubx * n_expert)?,
             expert_wts: g.storage("expert weights", ubx * n_expert)?,
+            expert_lists: g.storage("expert lists", ubx * n_expert)?,
+            expert_counts: g.storage("expert counts", f * n_expert)?,
+            expert_out: g.storage(
+                "expert outputs",
+                (ubx * moe_slots * c.d_model as u64).max(16),
+            )?,
             capture: Vec::new(),
             logits: g.storage("logits", logit_rows as u64 * vocab * f)?,
             ids: g.storage("ids", ubx)?,
