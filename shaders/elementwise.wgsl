@@ -1,5 +1,6 @@
 // Element-wise ops over n floats. swiglu: a = silu(a) * b. add: a = a + b.
 // copy: a[off + i] = b[i] (captures activations for carving).
+// sigmoid_scale: a[i] *= sigmoid(b[i / off]) (qwen2moe's gate on the shared expert).
 
 struct Params {
     n: u32,
@@ -36,4 +37,13 @@ fn copy(@builtin(global_invocation_id) gid: vec3<u32>) {
         return;
     }
     a[p.off + i] = b[i];
+}
+
+@compute @workgroup_size(64)
+fn sigmoid_scale(@builtin(global_invocation_id) gid: vec3<u32>) {
+    let i = gid.x + gid.y * 65535u * 64u;
+    if (i >= p.n) {
+        return;
+    }
+    a[i] = a[i] / (1.0 + exp(-b[i / p.off]));
 }

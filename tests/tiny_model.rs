@@ -33,7 +33,9 @@ fn check_against_reference(spec: TinySpec, tag: &str) {
         let got = s.next_logits(&[*t]).expect("step");
         assert!(
             max_abs_diff(&got, &want[i]) < tol(&want[i]),
-            "{tag}: decode step {i}"
+            "{tag}: decode step {i}: {} vs tol {}",
+            max_abs_diff(&got, &want[i]),
+            tol(&want[i])
         );
     }
     // Prefill: a batch of 10, then 3 decode steps on top of its cache.
@@ -91,6 +93,23 @@ fn llama_k_quant_model_matches_cpu_reference() {
         ..Default::default()
     };
     check_against_reference(spec, "llama-q4k");
+}
+
+/// A native qwen2moe model (llama.cpp's tensor names): softmax router, probability-weighted
+/// top-2 of 6 experts, and a sigmoid-gated shared expert, decode and prefill.
+#[test]
+fn native_qwen2moe_matches_reference() {
+    let spec = TinySpec {
+        arch: "qwen2moe",
+        moe: Some(common::NativeMoe {
+            n_expert: 6,
+            n_used: 2,
+            expert_ff: 64,
+            shared_ff: 128,
+        }),
+        ..Default::default()
+    };
+    check_against_reference(spec, "qwen2moe");
 }
 
 #[test]

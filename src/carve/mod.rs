@@ -151,6 +151,7 @@ pub fn carve(
     }
 
     let profiles = calib::profile(&engine, &tokens, opts, &mut progress)?;
+    tracing::info!(seconds = t0.elapsed().as_secs_f64(), "calibration done");
     let mut writer = tensors::ExpertWriter::new(f, opts, size, padding)?;
     for (l, layer) in profiles.into_iter().enumerate() {
         let part = partition_neurons(&layer.markers, opts.n_experts, opts.n_shared, size);
@@ -187,6 +188,7 @@ pub fn carve(
             total: c.n_layer,
         });
     }
+    tracing::info!(seconds = t0.elapsed().as_secs_f64(), "layers carved");
     progress(CarveEvent::Writing);
     let bytes_per_expert = writer.bytes_per_expert();
     writer.write(output)?;

@@ -124,8 +124,16 @@ impl<'a> ExpertWriter<'a> {
         let f = self.file;
         let gate = f.require(&format!("blk.{l}.ffn_gate.weight"))?;
         let up = f.require(&format!("blk.{l}.ffn_up.weight"))?;
-        let rg = self.f32_rows(gate, &part.representatives)?;
-        let ru = self.f32_rows(up, &part.representatives)?;
+        // CMoE scores with L2-normalised rows (û, ĝ), so no expert wins by row scale.
+        let unit = |mut rows: Vec<f32>| {
+            for r in rows.chunks_exact_mut(self.d) {
+                let norm = r.iter().map(|v| v * v).sum::<f32>().sqrt().max(1e-12);
+                r.iter_mut().for_each(|v| *v /= norm);
+            }
+            rows
+        };
+        let rg = unit(self.f32_rows(gate, &part.representatives)?);
+        let ru = unit(self.f32_rows(up, &part.representatives)?);
         let bias = super::router::balance_bias(inputs, self.d, &rg, &ru, self.opts.n_active);
         Ok(Router::Representative { rg, ru, bias })
     }

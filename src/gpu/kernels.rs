@@ -63,6 +63,7 @@ pub enum Kernel {
     SwiGlu,
     Add,
     Copy,
+    SigmoidScale,
     /// Expert gate/up rows and the weighted expert down-projection (moe.wgsl).
     MoeRows {
         dtype: DType,
@@ -99,6 +100,7 @@ impl Kernel {
             Kernel::SwiGlu => "swiglu",
             Kernel::Add => "add",
             Kernel::Copy => "copy",
+            Kernel::SigmoidScale => "sigmoid_scale",
             Kernel::MoeRows { .. } => "moe_rows",
             Kernel::MoeDown { .. } => "moe_down",
             Kernel::MoeRoute => "moe_route",
@@ -118,6 +120,7 @@ impl Kernel {
             Kernel::SwiGlu
             | Kernel::Add
             | Kernel::Copy
+            | Kernel::SigmoidScale
             | Kernel::Argmax
             | Kernel::Softmax
             | Kernel::Nll
@@ -172,7 +175,9 @@ impl Kernel {
             Kernel::Attention { head_dim, .. } => {
                 ATTENTION.replace("{{HD4}}", &(head_dim / 4).to_string())
             }
-            Kernel::SwiGlu | Kernel::Add | Kernel::Copy => ELEMENTWISE.to_string(),
+            Kernel::SwiGlu | Kernel::Add | Kernel::Copy | Kernel::SigmoidScale => {
+                ELEMENTWISE.to_string()
+            }
             Kernel::MoeRows { dtype }
             | Kernel::MoeDown { dtype }
             | Kernel::MoeGrouped { dtype } => {

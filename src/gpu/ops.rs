@@ -363,6 +363,22 @@ pub fn add(b: &mut DispatchBuilder, a: &wgpu::Buffer, other: &wgpu::Buffer, n: u
     );
 }
 
+/// a[i] *= sigmoid(gate[i / row_len]) for i < n: scales each row by its token's gate.
+pub fn sigmoid_scale(
+    b: &mut DispatchBuilder,
+    a: &wgpu::Buffer,
+    gate: &wgpu::Buffer,
+    n: u32,
+    row_len: u32,
+) {
+    b.push(
+        Kernel::SigmoidScale,
+        &ElemParams { n, off: row_len },
+        vec![Bind::whole(1, a), Bind::whole(2, gate)],
+        grid_1d(n, 64),
+    );
+}
+
 /// dst[off + i] = src[i] for i < n.
 pub fn copy(b: &mut DispatchBuilder, dst: &wgpu::Buffer, off: u32, src: &wgpu::Buffer, n: u32) {
     b.push(

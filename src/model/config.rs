@@ -6,7 +6,7 @@ use crate::gpu::ops::{RopeMode, RouteScore, RouteWeights};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Arch {
-    /// Qwen2 / Qwen2.5: q/k/v biases, neox RoPE.
+    /// Qwen2 / Qwen2.5 (and Qwen1.5/2 MoE): q/k/v biases, neox RoPE.
     Qwen2,
     /// Llama 2/3, Mistral: no biases, normal RoPE.
     Llama,
@@ -112,7 +112,7 @@ impl ModelConfig {
     pub fn from_gguf(f: &GgufFile) -> Result<ModelConfig> {
         let arch_name = f.architecture()?.to_string();
         let arch = match arch_name.as_str() {
-            "qwen2" => Arch::Qwen2,
+            "qwen2" | "qwen2moe" => Arch::Qwen2,
             "llama" | "mistral" => Arch::Llama,
             other => return Err(Error::UnsupportedArch(other.to_string())),
         };

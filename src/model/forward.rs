@@ -5,7 +5,7 @@
 
 use crate::error::Result;
 use crate::gpu::ops::{self, AttnShape, ExpertGroups, ExpertIo, RowBuffers, Write};
-use crate::gpu::{DispatchBuilder, DispatchList, Kernel};
+use crate::gpu::{DispatchBuilder, DispatchList, Kernel, Matrix};
 
 use super::config::MoeConfig;
 use super::session::{StateBuffers, TOPK_CAP};
@@ -28,35 +28,31 @@ pub enum Output {
     Capture,
 }
 
-/// gate, up → swiglu → down (+x). With `capture`, the FFN input is already at its start;
-/// gate and up pre-activations are copied after it (at `ub * d_model` and past the gate).
+/// gate, up → swiglu → down (+x). With `capture` (buffer, d_model), the FFN input is
+/// already at its start; gate and up pre-activations are copied after it. With `out_gate`
+/// (qwen2moe's shared expert), the output is scaled by sigmoid(out_gate · x) per token.
 fn ffn_dense(
     b: &mut DispatchBuilder,
     s: &StateBuffers,
     mlp: &Mlp,
     n: u32,
-    capture: Option<&wgpu::Buffer>,
-    d_model: usize,
+    capture: Option<(&wgpu::Buffer, usize)>,
+    out_gate: Option<&Matrix>,
 ) {
     let ff = mlp.gate.rows as u32;
-    ops::matmul(
-        b,
-        &mlp.gate,
-        &s.xn,
-        0,
-        n,
-        &s.gate,
-        None,
-        Write::Store,
-        &s.dummy,
-    );
-    ops::matmul(b, &mlp.up, &s.xn, 0, n, &s.up, None, Write::Store, &s.dummy);
-    if let Some(cap) = capture {
+    let store = Write::Store;
+    ops::matmul(b, &mlp.gate, &s.xn, 0, n, &s.gate, None, store, &s.dummy);
+    ops::matmul(b, &mlp.up, &s.xn, 0, n, &s.up, None, store, &s.dummy);
+    if let Some((cap, d_model)) = capture {
         let ub = s.ub as u32;
         ops::copy(b, cap, ub * d_model as u32, &s.gate, n * ff);
         ops::copy(b, cap, ub * (d_model as u32 + ff), &s.up, n * ff);
     }
     ops::swiglu(b, &s.gate, &s.up, n * ff);
+    if let Some(g) = out_gate {
+        ops::matmul(b, g, &s.xn, 0, n, &s.shared_gate, None, store, &s.dummy);
+        ops::sigmoid_scale(b, &s.gate, &s.shared_gate, n * ff, ff);
+    }
     ops::matmul(
         b,
         &mlp.down,
@@ -237,13 +233,14 @@ pub fn build(
         }
         match &lw.ffn {
             Ffn::Dense(mlp) => {
-                let capture = (output == Output::Capture).then(|| &*s.capture[l]);
-                ffn_dense(&mut b, s, mlp, n, capture, c.d_model);
+                let capture = (output == Output::Capture).then(|| (&*s.capture[l], c.d_model));
+                ffn_dense(&mut b, s, mlp, n, capture, None);
             }
             Ffn::Moe(m) => {
                 let moe = c.moe.as_ref().expect("an MoE layer implies an MoE config");
                 if let Some(shared) = &m.shared {
-                    ffn_dense(&mut b, s, shared, n, None, 0);
+                    let gate = m.shared_gate.as_ref();
+                    ffn_dense(&mut b, s, shared, n, None, gate);
                 }
                 ffn_experts(&mut b, s, m, moe, n);
             }

@@ -36,6 +36,7 @@ pub struct StateBuffers {
     pub expert_wts: GpuBuffer,    // [ub, n_used]
     pub expert_lists: GpuBuffer,  // [n_expert, ub] u32: each expert's slots (prefill)
     pub expert_counts: GpuBuffer, // [n_expert] u32
+    pub shared_gate: GpuBuffer,   // [ub] qwen2moe's shared-expert gate logits
     pub expert_out: GpuBuffer,    // [ub * n_used, d_model] per-slot down outputs (prefill)
     /// Per layer [ub, d_model + 2 d_ff]: FFN input, gate and up (Output::Capture only).
     pub capture: Vec<GpuBuffer>,
@@ -100,6 +101,7 @@ impl StateBuffers {
             expert_wts: g.storage("expert weights", ubx * n_expert)?,
             expert_lists: g.storage("expert lists", ubx * n_expert)?,
             expert_counts: g.storage("expert counts", f * n_expert)?,
+            shared_gate: g.storage("shared gate", ubx)?,
             expert_out: g.storage(
                 "expert outputs",
                 (ubx * moe_slots * c.d_model as u64).max(16),

@@ -51,6 +51,8 @@ pub struct MoeWeights {
     pub up_exps: Matrix,   // [n_expert * expert_ff, d_model]
     pub down_exps: Matrix, // [n_expert * d_model, expert_ff]
     pub shared: Option<Mlp>,
+    /// qwen2moe: the shared expert's output is scaled by sigmoid(x · shared_gate).
+    pub shared_gate: Option<Matrix>, // [1, d_model]
 }
 
 pub struct Weights {
@@ -149,6 +151,19 @@ fn moe_weights(gpu: &Gpu, f: &GgufFile, l: usize, m: &MoeConfig, d: usize) -> Re
             Some(mlp(gpu, f, l, "_shexp", m.shared_ff, d)?)
         } else {
             None
+        },
+        // llama.cpp stores it as a vector [d_model]; it is a one-row matrix.
+        shared_gate: match f.tensor(&n("ffn_gate_inp_shexp.weight")) {
+            Some(t) => {
+                if t.n_elements() != d as u64 {
+                    return Err(Error::BadTensor {
+                        tensor: t.name.clone(),
+                        why: format!("{:?} is not {d} values", t.dims),
+                    });
+                }
+                Some(Matrix::upload(gpu, &t.name, t.dtype, 1, d, f.bytes(t))?)
+            }
+            None => None,
         },
     })
 }

@@ -67,6 +67,18 @@ pub struct TinySpec {
     pub n_kv_head: usize,
     pub arch: &'static str,
     pub dtype: DType,
+    /// A native qwen2moe FFN instead of a dense one.
+    pub moe: Option<NativeMoe>,
+}
+
+/// llama.cpp's qwen2moe layout: softmax router, top-k weighted by probability, and a
+/// shared expert scaled by sigmoid(x · ffn_gate_inp_shexp).
+#[derive(Clone, Copy)]
+pub struct NativeMoe {
+    pub n_expert: usize,
+    pub n_used: usize,
+    pub expert_ff: usize,
+    pub shared_ff: usize,
 }
 
 impl Default for TinySpec {
@@ -79,6 +91,7 @@ impl Default for TinySpec {
             n_kv_head: 2,
             arch: "qwen2",
             dtype: DType::Q8_0,
+            moe: None,
         }
     }
 }
@@ -126,6 +139,16 @@ pub fn write_tiny_model(path: &Path, spec: TinySpec, seed: u64) -> TinyWeights {
         MetaValue::U32(spec.n_kv_head as u32),
     );
     w.meta(&format!("{a}.rope.freq_base"), MetaValue::F32(10000.0));
+    if let Some(m) = spec.moe {
+        for (k, v) in [
+            ("expert_count", m.n_expert),
+            ("expert_used_count", m.n_used),
+            ("expert_feed_forward_length", m.expert_ff),
+            ("expert_shared_feed_forward_length", m.shared_ff),
+        ] {
+            w.meta(&format!("{a}.{k}"), MetaValue::U32(v as u32));
+        }
+    }
     w.meta(
         &format!("{a}.attention.layer_norm_rms_epsilon"),
         MetaValue::F32(1e-6),
@@ -174,7 +197,7 @@ pub fn write_tiny_model(path: &Path, spec: TinySpec, seed: u64) -> TinyWeights {
         add(&mut w, &n("attn_q.weight"), &[d, qd], spec.dtype, s, 0.0);
         add(&mut w, &n("attn_k.weight"), &[d, kvd], spec.dtype, s, 0.0);
         add(&mut w, &n("attn_v.weight"), &[d, kvd], spec.dtype, s, 0.0);
-        if a == "qwen2" {
+        if a.starts_with("qwen2") {
             add(&mut w, &n("attn_q.bias"), &[qd], DType::F32, 0.1, 0.0);
             add(&mut w, &n("attn_k.bias"), &[kvd], DType::F32, 0.1, 0.0);
             add(&mut w, &n("attn_v.bias"), &[kvd], DType::F32, 0.1, 0.0);
@@ -188,16 +211,85 @@ pub fn write_tiny_model(path: &Path, spec: TinySpec, seed: u64) -> TinyWeights {
             0.0,
         );
         add(&mut w, &n("ffn_norm.weight"), &[d], DType::F32, 0.2, 1.0);
-        add(&mut w, &n("ffn_gate.weight"), &[d, f], spec.dtype, s, 0.0);
-        add(&mut w, &n("ffn_up.weight"), &[d, f], spec.dtype, s, 0.0);
-        add(
-            &mut w,
-            &n("ffn_down.weight"),
-            &[f, d],
-            spec.dtype,
-            1.0 / (f as f32).sqrt() * 1.5,
-            0.0,
-        );
+        if let Some(m) = spec.moe {
+            let (e, ef, sf) = (m.n_expert, m.expert_ff, m.shared_ff);
+            let sd = 1.0 / (ef as f32).sqrt() * 1.5;
+            add(
+                &mut w,
+                &n("ffn_gate_inp.weight"),
+                &[d, e],
+                DType::F32,
+                2.0 * s,
+                0.0,
+            );
+            add(
+                &mut w,
+                &n("ffn_gate_exps.weight"),
+                &[d, ef, e],
+                spec.dtype,
+                s,
+                0.0,
+            );
+            add(
+                &mut w,
+                &n("ffn_up_exps.weight"),
+                &[d, ef, e],
+                spec.dtype,
+                s,
+                0.0,
+            );
+            add(
+                &mut w,
+                &n("ffn_down_exps.weight"),
+                &[ef, d, e],
+                spec.dtype,
+                sd,
+                0.0,
+            );
+            add(
+                &mut w,
+                &n("ffn_gate_inp_shexp.weight"),
+                &[d],
+                DType::F32,
+                s,
+                0.0,
+            );
+            add(
+                &mut w,
+                &n("ffn_gate_shexp.weight"),
+                &[d, sf],
+                spec.dtype,
+                s,
+                0.0,
+            );
+            add(
+                &mut w,
+                &n("ffn_up_shexp.weight"),
+                &[d, sf],
+                spec.dtype,
+                s,
+                0.0,
+            );
+            add(
+                &mut w,
+                &n("ffn_down_shexp.weight"),
+                &[sf, d],
+                spec.dtype,
+                sd,
+                0.0,
+            );
+        } else {
+            add(&mut w, &n("ffn_gate.weight"), &[d, f], spec.dtype, s, 0.0);
+            add(&mut w, &n("ffn_up.weight"), &[d, f], spec.dtype, s, 0.0);
+            add(
+                &mut w,
+                &n("ffn_down.weight"),
+                &[f, d],
+                spec.dtype,
+                1.0 / (f as f32).sqrt() * 1.5,
+                0.0,
+            );
+        }
     }
     add(&mut w, "output_norm.weight", &[d], DType::F32, 0.2, 1.0);
     add(&mut w, "output.weight", &[d, vocab], spec.dtype, s, 0.0);
@@ -206,7 +298,7 @@ pub fn write_tiny_model(path: &Path, spec: TinySpec, seed: u64) -> TinyWeights {
         spec,
         vocab,
         tensors,
-        experts_per_token: usize::MAX,
+        experts_per_token: spec.moe.map_or(usize::MAX, |m| m.n_used),
     }
 }
 
@@ -270,7 +362,7 @@ pub fn reference_logits(tw: &TinyWeights, tokens: &[u32]) -> Vec<Vec<f32>> {
     let s = tw.spec;
     let t = |n: &str| tw.tensors.get(n).unwrap_or_else(|| panic!("{n}"));
     let (d, hd) = (s.d_model, s.d_model / s.n_head);
-    let neox = s.arch == "qwen2";
+    let neox = s.arch.starts_with("qwen2");
     let group = s.n_head / s.n_kv_head;
     let mut kcache: Vec<Vec<Vec<Vec<f32>>>> = vec![vec![Vec::new(); s.n_kv_head]; s.n_layer];
     let mut vcache = kcache.clone();
@@ -357,6 +449,9 @@ fn ffn(tw: &TinyWeights, l: usize, xn: &[f32]) -> Vec<f32> {
     }
     let rg = t("ffn_gate_inp.weight");
     let n_exp = rg.len() / d;
+    if !tw.tensors.contains_key(&n("ffn_up_inp.weight")) {
+        return native_moe(tw, l, xn, out);
+    }
     let g = matvec(rg, xn, n_exp);
     let u = matvec(t("ffn_up_inp.weight"), xn, n_exp);
     let score: Vec<f32> = g
@@ -379,6 +474,38 @@ fn ffn(tw: &TinyWeights, l: usize, xn: &[f32]) -> Vec<f32> {
         let u = matvec(&rows("ffn_up_exps.weight", m, d), xn, m);
         let y = swiglu_mlp(&g, &u, &rows("ffn_down_exps.weight", d, m), d);
         out.iter_mut().zip(&y).for_each(|(a, b)| *a += b);
+    }
+    out
+}
+
+/// qwen2moe: softmax over router logits, the top-k experts weighted by their probability,
+/// plus the shared expert scaled by sigmoid(x · ffn_gate_inp_shexp).
+fn native_moe(tw: &TinyWeights, l: usize, xn: &[f32], shared: Vec<f32>) -> Vec<f32> {
+    let d = tw.spec.d_model;
+    let n = |x: &str| format!("blk.{l}.{x}");
+    let t = |name: &str| tw.tensors.get(&n(name)).unwrap_or_else(|| panic!("{name}"));
+    let gate: f32 = t("ffn_gate_inp_shexp.weight")
+        .iter()
+        .zip(xn)
+        .map(|(a, b)| a * b)
+        .sum();
+    let mut out: Vec<f32> = shared.iter().map(|v| v / (1.0 + (-gate).exp())).collect();
+    let n_exp = t("ffn_gate_inp.weight").len() / d;
+    let logits = matvec(t("ffn_gate_inp.weight"), xn, n_exp);
+    let mx = logits.iter().copied().fold(f32::MIN, f32::max);
+    let sum: f32 = logits.iter().map(|v| (v - mx).exp()).sum();
+    let p: Vec<f32> = logits.iter().map(|v| (v - mx).exp() / sum).collect();
+    let mut order: Vec<usize> = (0..n_exp).collect();
+    order.sort_by(|&a, &b| p[b].total_cmp(&p[a]).then(a.cmp(&b)));
+    let m = t("ffn_gate_exps.weight").len() / d / n_exp;
+    for &e in order.iter().take(tw.experts_per_token.min(n_exp)) {
+        let rows = |name: &str, per: usize, cols: usize| -> Vec<f32> {
+            t(name)[e * per * cols..(e + 1) * per * cols].to_vec()
+        };
+        let g = matvec(&rows("ffn_gate_exps.weight", m, d), xn, m);
+        let u = matvec(&rows("ffn_up_exps.weight", m, d), xn, m);
+        let y = swiglu_mlp(&g, &u, &rows("ffn_down_exps.weight", d, m), d);
+        out.iter_mut().zip(&y).for_each(|(a, b)| *a += p[e] * b);
     }
     out
 }
