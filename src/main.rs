@@ -55,6 +55,8 @@ enum Command {
     },
     /// Turn a dense model into a mixture of experts without training (CMoE)
     Carve(CarveArgs),
+    /// Record which experts every token uses in every layer of an MoE model
+    Trace(TraceArgs),
     /// Replay a recorded expert trace through cache policies, beside Belady's optimum
     Simulate(SimulateArgs),
     /// List GPU adapters with backend and limits
@@ -237,6 +239,9 @@ struct CarveArgs {
     /// reconstructs the dense FFN output on the calibration tokens
     #[arg(long)]
     refit: bool,
+    /// Do not bias the router's selection toward even expert load
+    #[arg(long)]
+    no_balance: bool,
     /// Adapter index from `pregate devices`
     #[arg(long)]
     adapter: Option<usize>,
@@ -255,6 +260,21 @@ fn parse_dtype(s: &str) -> Result<pregate::quant::DType, String> {
             "unknown block type `{s}` (q4_0, q5_0, q8_0, q4_k, q5_k, q6_k)"
         )),
     }
+}
+
+#[derive(Args)]
+struct TraceArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Text to run
+    #[arg(short, long)]
+    file: PathBuf,
+    /// Trace file to write (for `pregate simulate`)
+    #[arg(short, long)]
+    output: PathBuf,
+    /// Only the first N tokens of the text
+    #[arg(long)]
+    max_tokens: Option<usize>,
 }
 
 #[derive(Args)]
@@ -314,6 +334,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Bench(a) => cmd_bench(a),
         Command::Inspect { model, tensors } => cmd_inspect(&model, tensors),
         Command::Carve(a) => cmd_carve(a),
+        Command::Trace(a) => cmd_trace(a),
         Command::Simulate(a) => cmd_simulate(a),
         Command::Devices { backend } => cmd_devices(backend),
     }
@@ -614,6 +635,7 @@ fn cmd_carve(a: CarveArgs) -> Result<()> {
             CarveRouter::Lsq => carve::RouterFit::LeastSquares,
         },
         refit_shared: a.refit,
+        balance: !a.no_balance,
         gpu: GpuOptions {
             adapter: a.adapter,
             backend: a.backend,
@@ -669,6 +691,30 @@ fn cmd_carve(a: CarveArgs) -> Result<()> {
             summary.output_bytes as f64 / (1u64 << 20) as f64,
         );
     }
+    Ok(())
+}
+
+fn cmd_trace(a: TraceArgs) -> Result<()> {
+    let engine = load(&a.model)?;
+    let text = std::fs::read_to_string(&a.file)
+        .with_context(|| format!("reading {}", a.file.display()))?;
+    let pb = bar(0, "tracing {bar:40} {pos}/{len} tokens");
+    let trace = pregate::moe::trace::record(&engine, &text, a.max_tokens, |done, total| {
+        pb.set_length(total as u64);
+        pb.set_position(done as u64);
+    })?;
+    pb.finish_and_clear();
+    trace
+        .write(&a.output)
+        .with_context(|| format!("writing {}", a.output.display()))?;
+    eprintln!(
+        "traced {} tokens x {} layers, {} of {} experts per token, to {}",
+        trace.n_tokens(),
+        trace.n_layers,
+        trace.k,
+        trace.experts_per_layer,
+        a.output.display()
+    );
     Ok(())
 }
 

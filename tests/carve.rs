@@ -176,3 +176,68 @@ fn carve_rejects_bad_input_and_writes_nothing() {
     let err = carve::carve(&carved, &out, &base, |_| {}).expect_err("carve twice");
     assert!(err.to_string().contains("already"), "{err}");
 }
+
+#[test]
+fn expert_traces_record_the_routers_choices() {
+    let (_, carved) = carve_tiny("carve_trace", 8, 1, 2);
+    let engine = Engine::load(
+        &carved,
+        &EngineOptions {
+            ctx: 64,
+            ..Default::default()
+        },
+    )
+    .expect("load");
+    let text = "fn item_3(x: u32) -> u32 { x * 3 }";
+    let trace = pregate::moe::trace::record(&engine, text, None, |_, _| {}).expect("trace");
+    let tokens = engine.tokenizer.encode(text, false).expect("encode");
+    assert_eq!(
+        (trace.n_layers, trace.experts_per_layer, trace.k),
+        (2, 7, 2)
+    );
+    assert_eq!(trace.n_tokens(), tokens.len());
+    // The same choices as the CPU reference router, token by token and layer by layer.
+    let tw = load_weights(&carved, TinySpec::default(), 2);
+    reference_logits(&tw, &tokens);
+    assert_eq!(trace.choices, *tw.routes.borrow());
+
+    // The CLI writes the same trace, and `simulate` replays it.
+    let dir = carved.parent().expect("dir");
+    let (txt, bin) = (dir.join("t.txt"), dir.join("trace.bin"));
+    std::fs::write(&txt, text).expect("write");
+    let exe = env!("CARGO_BIN_EXE_pregate");
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new(exe)
+            .args(args)
+            .output()
+            .expect("run");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).expect("utf8")
+    };
+    let m = carved.to_str().expect("path");
+    run(&[
+        "trace",
+        "-m",
+        m,
+        "-f",
+        txt.to_str().expect("p"),
+        "-o",
+        bin.to_str().expect("p"),
+        "--ctx",
+        "64",
+    ]);
+    let read = pregate::moe::ExpertTrace::read(&bin).expect("read trace");
+    assert_eq!(read, trace);
+    let json = run(&[
+        "simulate",
+        bin.to_str().expect("p"),
+        "--slots",
+        "4",
+        "--json",
+    ]);
+    assert_eq!(json.lines().count(), 3, "{json}");
+}

@@ -50,6 +50,8 @@ pub struct CarveOptions {
     pub router_fit: RouterFit,
     /// Refit the shared expert's down-projection by least squares.
     pub refit_shared: bool,
+    /// Tune the representative router's selection bias for even expert load.
+    pub balance: bool,
     pub gpu: GpuOptions,
 }
 
@@ -67,6 +69,7 @@ impl Default for CarveOptions {
             down_type: DType::Q8_0,
             router_fit: RouterFit::Representative,
             refit_shared: false,
+            balance: true,
             gpu: GpuOptions::default(),
         }
     }

@@ -134,7 +134,11 @@ impl<'a> ExpertWriter<'a> {
         };
         let rg = unit(self.f32_rows(gate, &part.representatives)?);
         let ru = unit(self.f32_rows(up, &part.representatives)?);
-        let bias = super::router::balance_bias(inputs, self.d, &rg, &ru, self.opts.n_active);
+        let bias = if self.opts.balance {
+            super::router::balance_bias(inputs, self.d, &rg, &ru, self.opts.n_active)
+        } else {
+            vec![0.0; part.experts.len()]
+        };
         Ok(Router::Representative { rg, ru, bias })
     }
 

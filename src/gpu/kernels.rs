@@ -63,6 +63,7 @@ pub enum Kernel {
     SwiGlu,
     Add,
     Copy,
+    CopyU32,
     SigmoidScale,
     /// Expert gate/up rows and the weighted expert down-projection (moe.wgsl).
     MoeRows {
@@ -100,6 +101,7 @@ impl Kernel {
             Kernel::SwiGlu => "swiglu",
             Kernel::Add => "add",
             Kernel::Copy => "copy",
+            Kernel::CopyU32 => "copy_u32",
             Kernel::SigmoidScale => "sigmoid_scale",
             Kernel::MoeRows { .. } => "moe_rows",
             Kernel::MoeDown { .. } => "moe_down",
@@ -120,6 +122,7 @@ impl Kernel {
             Kernel::SwiGlu
             | Kernel::Add
             | Kernel::Copy
+            | Kernel::CopyU32
             | Kernel::SigmoidScale
             | Kernel::Argmax
             | Kernel::Softmax
@@ -175,9 +178,11 @@ impl Kernel {
             Kernel::Attention { head_dim, .. } => {
                 ATTENTION.replace("{{HD4}}", &(head_dim / 4).to_string())
             }
-            Kernel::SwiGlu | Kernel::Add | Kernel::Copy | Kernel::SigmoidScale => {
-                ELEMENTWISE.to_string()
-            }
+            Kernel::SwiGlu
+            | Kernel::Add
+            | Kernel::Copy
+            | Kernel::CopyU32
+            | Kernel::SigmoidScale => ELEMENTWISE.to_string(),
             Kernel::MoeRows { dtype }
             | Kernel::MoeDown { dtype }
             | Kernel::MoeGrouped { dtype } => {

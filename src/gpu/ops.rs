@@ -379,6 +379,16 @@ pub fn sigmoid_scale(
     );
 }
 
+/// dst[off + i] = src[i] for i < n, as u32 (expert ids).
+pub fn copy_u32(b: &mut DispatchBuilder, dst: &wgpu::Buffer, off: u32, src: &wgpu::Buffer, n: u32) {
+    b.push(
+        Kernel::CopyU32,
+        &ElemParams { n, off },
+        vec![Bind::whole(3, dst), Bind::whole(4, src)],
+        grid_1d(n, 64),
+    );
+}
+
 /// dst[off + i] = src[i] for i < n.
 pub fn copy(b: &mut DispatchBuilder, dst: &wgpu::Buffer, off: u32, src: &wgpu::Buffer, n: u32) {
     b.push(

@@ -26,6 +26,8 @@ pub enum Output {
     TopK(u32),
     /// Every dense layer's FFN input and gate/up pre-activations, for carving.
     Capture,
+    /// Every MoE layer's chosen expert ids, for expert traces.
+    Route,
 }
 
 /// gate, up → swiglu → down (+x). With `capture` (buffer, d_model), the FFN input is
@@ -243,13 +245,18 @@ pub fn build(
                     ffn_dense(&mut b, s, shared, n, None, gate);
                 }
                 ffn_experts(&mut b, s, m, moe, n);
+                if output == Output::Route {
+                    let k = moe.n_used as u32;
+                    let off = l as u32 * s.ub as u32 * k;
+                    ops::copy_u32(&mut b, &s.route, off, &s.expert_ids, n * k);
+                }
             }
         }
     }
 
     // Head: only the rows whose logits are needed.
     let (row0, rows) = match output {
-        Output::None | Output::Capture => return b.finish(&model.gpu),
+        Output::None | Output::Capture | Output::Route => return b.finish(&model.gpu),
         Output::Argmax | Output::Logits | Output::TopK(_) => (n - 1, 1),
         Output::Nll => (0, n),
     };

@@ -40,6 +40,8 @@ pub struct StateBuffers {
     pub expert_out: GpuBuffer,    // [ub * n_used, d_model] per-slot down outputs (prefill)
     /// Per layer [ub, d_model + 2 d_ff]: FFN input, gate and up (Output::Capture only).
     pub capture: Vec<GpuBuffer>,
+    /// [n_layer, ub, n_used] u32 expert ids of every MoE layer (Output::Route).
+    pub route: GpuBuffer,
     pub logits: GpuBuffer,   // [ub or 1, vocab]
     pub ids: GpuBuffer,      // [ub] u32
     pub targets: GpuBuffer,  // [ub] u32
@@ -84,6 +86,8 @@ impl StateBuffers {
         let n_expert = c.moe.as_ref().map_or(1, |m| m.n_expert) as u64;
         // Per-slot expert outputs exist only for MoE models (every expert may be used).
         let moe_slots = c.moe.as_ref().map_or(0, |m| m.n_expert) as u64;
+        let route_bytes =
+            (ubx * c.n_layer as u64 * c.moe.as_ref().map_or(0, |m| m.n_used) as u64).max(16);
         Ok(StateBuffers {
             ctx,
             ub,
@@ -107,6 +111,7 @@ impl StateBuffers {
                 (ubx * moe_slots * c.d_model as u64).max(16),
             )?,
             capture: Vec::new(),
+            route: g.storage("route", route_bytes)?,
             logits: g.storage("logits", logit_rows as u64 * vocab * f)?,
             ids: g.storage("ids", ubx)?,
             targets: g.storage("targets", ubx)?,
@@ -117,7 +122,7 @@ impl StateBuffers {
             step: g.uniform_init("step", bytemuck::bytes_of(&Step::zeroed()))?,
             kc,
             vc,
-            readback: g.readback("readback", (vocab * f).max(ubx))?,
+            readback: g.readback("readback", (vocab * f).max(ubx).max(route_bytes))?,
             dummy: g.storage("dummy", 16)?,
             logit_rows,
         })
@@ -268,6 +273,31 @@ impl Session {
         Ok(())
     }
 
+    /// Runs `tokens` through an MoE model and returns, per token, every layer's chosen
+    /// expert ids: `[token][layer][n_used]`, flattened.
+    pub fn route_trace(&mut self, tokens: &[u32]) -> Result<Vec<u32>> {
+        let c = self.model.config.clone();
+        let Some(moe) = &c.moe else {
+            return Err(Error::InvalidArgument(
+                "expert traces need a mixture-of-experts model (see `pregate carve`)".into(),
+            ));
+        };
+        let (ub, k, layers) = (self.bufs.ub, moe.n_used, c.n_layer);
+        let mut out = Vec::with_capacity(tokens.len() * layers * k);
+        for chunk in tokens.chunks(ub) {
+            self.check_room(chunk.len())?;
+            let bytes = self.step(chunk, Output::Route, &[])?;
+            let ids: Vec<u32> = bytemuck::pod_collect_to_vec(&bytes);
+            for t in 0..chunk.len() {
+                for l in 0..layers {
+                    let at = (l * ub + t) * k;
+                    out.extend_from_slice(&ids[at..at + k]);
+                }
+            }
+        }
+        Ok(out)
+    }
+
     /// Runs `tokens` through the model in chunks of at most `ub`, returning the raw bytes of
     /// the requested output (for Nll: all chunks concatenated).
     fn feed(
@@ -355,6 +385,7 @@ impl Session {
             Output::Nll => (&b.nll, n as u64 * 4),
             Output::TopK(_) => (&b.topk_idx, (2 * TOPK_CAP as u64 + 1) * 4),
             Output::Capture => (&b.argmax, 0),
+            Output::Route => (&b.route, b.route.size()),
         };
         if let (Output::Capture, Some(rb)) = (output, &self.capture_readback) {
             let size = b.capture[0].size();

@@ -121,3 +121,40 @@ impl ExpertTrace {
         })
     }
 }
+
+/// Records which experts every token of `text` uses in every layer, running the MoE model
+/// in windows of the session's context (each window from an empty cache).
+pub fn record(
+    engine: &crate::Engine,
+    text: &str,
+    max_tokens: Option<usize>,
+    mut progress: impl FnMut(usize, usize),
+) -> Result<ExpertTrace> {
+    let c = &engine.model.config;
+    let Some(moe) = &c.moe else {
+        return Err(Error::InvalidArgument(
+            "expert traces need a mixture-of-experts model (see `pregate carve`)".into(),
+        ));
+    };
+    let mut tokens = engine.tokenizer.encode(text, false)?;
+    if let Some(n) = max_tokens {
+        tokens.truncate(n);
+    }
+    if tokens.is_empty() {
+        return Err(Error::InvalidArgument("the text has no tokens".into()));
+    }
+    let mut session = engine.session()?;
+    let window = session.ctx();
+    let mut choices = Vec::with_capacity(tokens.len() * c.n_layer * moe.n_used);
+    for (i, w) in tokens.chunks(window).enumerate() {
+        session.reset();
+        choices.extend(session.route_trace(w)?.into_iter().map(|e| e as u16));
+        progress(((i + 1) * window).min(tokens.len()), tokens.len());
+    }
+    Ok(ExpertTrace {
+        n_layers: c.n_layer as u32,
+        experts_per_layer: moe.n_expert as u32,
+        k: moe.n_used as u32,
+        choices,
+    })
+}

@@ -103,6 +103,8 @@ pub struct TinyWeights {
     pub tensors: std::collections::HashMap<String, Vec<f32>>,
     /// Experts each token uses in MoE layers (ignored by dense ones).
     pub experts_per_token: usize,
+    /// The experts the reference chose, in order: token, layer, rank.
+    pub routes: std::cell::RefCell<Vec<u16>>,
 }
 
 /// Writes a tiny model with random weights: vocab = 256 byte tokens + 2 specials.
@@ -299,6 +301,7 @@ pub fn write_tiny_model(path: &Path, spec: TinySpec, seed: u64) -> TinyWeights {
         vocab,
         tensors,
         experts_per_token: spec.moe.map_or(usize::MAX, |m| m.n_used),
+        routes: Default::default(),
     }
 }
 
@@ -467,6 +470,7 @@ fn ffn(tw: &TinyWeights, l: usize, xn: &[f32]) -> Vec<f32> {
     order.sort_by(|&a, &b| key(b).total_cmp(&key(a)).then(a.cmp(&b)));
     let m = t("ffn_gate_exps.weight").len() / d / n_exp;
     for &e in order.iter().take(tw.experts_per_token.min(n_exp)) {
+        tw.routes.borrow_mut().push(e as u16);
         let rows = |name: &str, per: usize, cols: usize| -> Vec<f32> {
             t(name)[e * per * cols..(e + 1) * per * cols].to_vec()
         };
@@ -525,6 +529,7 @@ pub fn load_weights(path: &Path, spec: TinySpec, experts_per_token: usize) -> Ti
         vocab: f.require("token_embd.weight").expect("embd").rows_cols().0,
         tensors,
         experts_per_token,
+        routes: Default::default(),
     }
 }
 
