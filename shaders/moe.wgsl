@@ -3,6 +3,8 @@
 // host. Experts are stacked: expert e owns rows e*m .. e*m + m of W.
 // - rows: y[t, j*m + r] = W[ids[t, j] * m + r] · x[t]                  (gate and up)
 // - down: y[t, r] += sum_j wts[t, j] * W[ids[t, j] * m + r] · x[t, j*k ..] (down, weighted sum)
+// On GPUs, `rows_split`/`down_split` give each row TPR threads that stride over its chunks
+// (coalesced loads, as the split decode mat-vec in matvec.wgsl).
 // Prefill runs expert-major instead (`grouped`): one thread per (expert row, expert) walks
 // the expert's token list (moe_route.wgsl's `group`) in tiles of TB tokens, dequantising
 // each weight chunk once per tile, and writes y[slot * m + r] for slot = t * n_used + j:
@@ -30,6 +32,70 @@ struct Params {
 @group(0) @binding(7) var<storage, read> counts: array<u32>;
 
 const ONES = vec4<f32>(1.0);
+
+const TPR: u32 = {{TPR}}u;
+
+var<workgroup> partial: array<f32, 64>;
+
+// Sums `v` over the TPR lanes of each row; lane 0 of the row gets the total.
+fn reduce_row(lid: u32, v: f32) -> f32 {
+    partial[lid] = v;
+    workgroupBarrier();
+    for (var half = TPR / 2u; half > 0u; half /= 2u) {
+        if (lid % TPR < half) {
+            partial[lid] += partial[lid + half];
+        }
+        workgroupBarrier();
+    }
+    return partial[lid];
+}
+
+// Lane `lane` of TPR's share of row r of expert e dotted with x from x0.
+fn row_dot_lane(e: u32, r: u32, x0: u32, lane: u32) -> f32 {
+    let n_chunks = p.k / 32u;
+    let row_base = (e * p.m + r) * (n_chunks / CHUNKS_PER_BLOCK) * BLOCK_WORDS;
+    var acc = 0.0;
+    for (var c = lane; c < n_chunks; c += TPR) {
+        acc += chunk_dot(row_base, c, x0);
+    }
+    return acc;
+}
+
+@compute @workgroup_size(64)
+fn rows_split(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let i = wid.x * (64u / TPR) + lid / TPR;
+    let t = wid.y;
+    let lane = lid % TPR;
+    var acc = 0.0;
+    let valid = i < p.n_used * p.m;
+    if (valid) {
+        let e = ids[t * p.n_used + i / p.m];
+        acc = row_dot_lane(e, i % p.m, t * p.x_stride / 4u, lane);
+    }
+    let total = reduce_row(lid, acc);
+    if (valid && lane == 0u) {
+        y[t * p.y_stride + i] = total;
+    }
+}
+
+@compute @workgroup_size(64)
+fn down_split(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let r = wid.x * (64u / TPR) + lid / TPR;
+    let t = wid.y;
+    let lane = lid % TPR;
+    var acc = 0.0;
+    let valid = r < p.m;
+    if (valid) {
+        for (var j = 0u; j < p.n_used; j++) {
+            let e = ids[t * p.n_used + j];
+            acc += wts[t * p.n_used + j] * row_dot_lane(e, r, (t * p.x_stride + j * p.k) / 4u, lane);
+        }
+    }
+    let total = reduce_row(lid, acc);
+    if (valid && lane == 0u) {
+        y[t * p.y_stride + r] += total;
+    }
+}
 
 fn row_dot(e: u32, r: u32, x0: u32) -> f32 {
     let n_chunks = p.k / 32u;

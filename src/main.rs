@@ -383,6 +383,7 @@ fn load(m: &ModelArgs) -> Result<Engine> {
             adapter: m.adapter,
             backend: m.backend,
             vram_budget: budget,
+            ..Default::default()
         },
         ctx: m.ctx,
         experts_per_token: m.experts_per_token,
@@ -640,6 +641,7 @@ fn cmd_carve(a: CarveArgs) -> Result<()> {
             adapter: a.adapter,
             backend: a.backend,
             vram_budget: None,
+            ..Default::default()
         },
     };
     let mut pb: Option<(ProgressBar, &str)> = None;

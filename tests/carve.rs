@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 
 use common::{load_weights, max_abs_diff, reference_logits, write_tiny_model, TinySpec};
 use pregate::carve::{self, CarveOptions};
+use pregate::gpu::KernelLayout;
 use pregate::{Engine, EngineOptions};
 
 fn calib_file(dir: &Path) -> PathBuf {
@@ -45,15 +46,22 @@ fn carve_tiny(tag: &str, experts: usize, shared: usize, active: usize) -> (PathB
 }
 
 fn logits(path: &Path, experts: Option<usize>, tokens: &[u32]) -> Vec<Vec<f32>> {
-    let engine = Engine::load(
-        path,
-        &EngineOptions {
-            ctx: 64,
-            experts_per_token: experts,
-            ..Default::default()
-        },
-    )
-    .expect("load");
+    logits_with(path, experts, tokens, KernelLayout::Auto)
+}
+
+fn logits_with(
+    path: &Path,
+    experts: Option<usize>,
+    tokens: &[u32],
+    layout: KernelLayout,
+) -> Vec<Vec<f32>> {
+    let mut opts = EngineOptions {
+        ctx: 64,
+        experts_per_token: experts,
+        ..Default::default()
+    };
+    opts.gpu.layout = layout;
+    let engine = Engine::load(path, &opts).expect("load");
     let mut s = engine.session().expect("session");
     // A prefill of most tokens, then decode steps: both MoE paths.
     let split = tokens.len() - 3;
@@ -88,8 +96,14 @@ fn all_experts_active_matches_the_dense_model() {
 #[test]
 fn carved_model_on_the_gpu_matches_the_cpu_reference() {
     let (_, carved) = carve_tiny("carve_topk", 8, 1, 2);
-    for k in [2usize, 3] {
-        let got = logits(&carved, Some(k), &TOKENS);
+    // Both thread layouts of the expert kernels, whatever this machine's adapter is.
+    for (k, layout) in [
+        (2usize, KernelLayout::Cpu),
+        (3, KernelLayout::Cpu),
+        (2, KernelLayout::Gpu),
+        (3, KernelLayout::Gpu),
+    ] {
+        let got = logits_with(&carved, Some(k), &TOKENS, layout);
         let cpu = reference_logits(&load_weights(&carved, TinySpec::default(), k), &TOKENS);
         let want: Vec<&Vec<f32>> = std::iter::once(&cpu[TOKENS.len() - 4])
             .chain(&cpu[TOKENS.len() - 3..])

@@ -43,6 +43,19 @@ pub struct GpuOptions {
     pub backend: BackendChoice,
     /// VRAM budget in bytes for everything pregate allocates (None: unlimited).
     pub vram_budget: Option<u64>,
+    /// Thread layout of the kernels that have one per kind of device.
+    pub layout: KernelLayout,
+}
+
+/// Kernels whose fastest thread layout differs between CPU adapters (few long threads) and
+/// GPUs (many threads per row, coalesced loads) have a variant for each.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum KernelLayout {
+    /// By the adapter's device type.
+    #[default]
+    Auto,
+    Cpu,
+    Gpu,
 }
 
 /// What `pregate devices` prints about an adapter.
@@ -102,6 +115,8 @@ pub struct Gpu {
     pub limits: wgpu::Limits,
     pub features: wgpu::Features,
     pub arena: Arc<Arena>,
+    /// Use the CPU-adapter variants of layout-dependent kernels.
+    pub cpu_layout: bool,
     /// The first validation or out-of-memory error wgpu reported, if any.
     errors: Arc<Mutex<Option<String>>>,
     pipelines: Mutex<HashMap<Kernel, Arc<wgpu::ComputePipeline>>>,
@@ -166,7 +181,13 @@ impl Gpu {
             let mut slot = sink.lock().unwrap_or_else(|p| p.into_inner());
             slot.get_or_insert(msg);
         }));
+        let cpu_layout = match opts.layout {
+            KernelLayout::Auto => info.device_type == wgpu::DeviceType::Cpu,
+            KernelLayout::Cpu => true,
+            KernelLayout::Gpu => false,
+        };
         Ok(Gpu {
+            cpu_layout,
             device,
             queue,
             info,

@@ -82,7 +82,7 @@ impl DispatchBuilder {
         DispatchBuilder {
             pending: Vec::new(),
             limits: gpu.limits.clone(),
-            cpu_adapter: gpu.info.device_type == wgpu::DeviceType::Cpu,
+            cpu_adapter: gpu.cpu_layout,
         }
     }
 

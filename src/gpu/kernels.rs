@@ -66,11 +66,14 @@ pub enum Kernel {
     CopyU32,
     SigmoidScale,
     /// Expert gate/up rows and the weighted expert down-projection (moe.wgsl).
+    /// `split`: MATVEC_TPR threads per row (GPUs).
     MoeRows {
         dtype: DType,
+        split: bool,
     },
     MoeDown {
         dtype: DType,
+        split: bool,
     },
     MoeRoute,
     /// Prefill, expert-major: list each expert's tokens, run the grouped expert mat-mul,
@@ -130,8 +133,10 @@ impl Kernel {
             | Kernel::TopK => self.label(),
             Kernel::Attention { serial: true, .. } => "serial",
             Kernel::Matmul { split: true, .. } => "split",
-            Kernel::MoeRows { .. } => "rows",
-            Kernel::MoeDown { .. } => "down",
+            Kernel::MoeRows { split: false, .. } => "rows",
+            Kernel::MoeRows { split: true, .. } => "rows_split",
+            Kernel::MoeDown { split: false, .. } => "down",
+            Kernel::MoeDown { split: true, .. } => "down_split",
             Kernel::MoeGroup => "group",
             Kernel::MoeGrouped { .. } => "grouped",
             Kernel::MoeCombine => "combine",
@@ -183,14 +188,13 @@ impl Kernel {
             | Kernel::Copy
             | Kernel::CopyU32
             | Kernel::SigmoidScale => ELEMENTWISE.to_string(),
-            Kernel::MoeRows { dtype }
-            | Kernel::MoeDown { dtype }
-            | Kernel::MoeGrouped { dtype } => {
-                format!(
-                    "{QUANT_COMMON}\n{}\n{CHUNK_DOT}\n{MOE}",
-                    quant_source(dtype)
-                )
-            }
+            Kernel::MoeRows { dtype, .. }
+            | Kernel::MoeDown { dtype, .. }
+            | Kernel::MoeGrouped { dtype } => format!(
+                "{QUANT_COMMON}\n{}\n{CHUNK_DOT}\n{}",
+                quant_source(dtype),
+                MOE.replace("{{TPR}}", &MATVEC_TPR.to_string())
+            ),
             Kernel::MoeRoute | Kernel::MoeGroup | Kernel::MoeCombine => MOE_ROUTE.to_string(),
             Kernel::Argmax | Kernel::Softmax | Kernel::Nll | Kernel::TopK => SAMPLING.to_string(),
         }

@@ -8,7 +8,7 @@ pub mod ops;
 pub mod tensor;
 
 pub use arena::{parse_size, Arena, GpuBuffer};
-pub use context::{list_adapters, AdapterSummary, BackendChoice, Gpu, GpuOptions};
+pub use context::{list_adapters, AdapterSummary, BackendChoice, Gpu, GpuOptions, KernelLayout};
 pub use dispatch::{grid_1d, Bind, DispatchBuilder, DispatchList};
 pub use kernels::Kernel;
 pub use tensor::{Matrix, Shard, Vector};

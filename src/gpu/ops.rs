@@ -4,7 +4,7 @@
 use bytemuck::{Pod, Zeroable};
 
 use super::dispatch::{grid_1d, Bind, DispatchBuilder};
-use super::kernels::Kernel;
+use super::kernels::{Kernel, MATVEC_TPR};
 use super::tensor::{Matrix, Vector};
 
 /// Largest token tile of the prefill mat-mul (its per-thread accumulator array).
@@ -570,11 +570,16 @@ pub fn moe_rows(
         down: 0,
         _pad: 0,
     };
+    let split = !b.cpu_adapter;
+    let per_group = if split { 64 / MATVEC_TPR } else { 64 };
     b.push(
-        Kernel::MoeRows { dtype: w.dtype },
+        Kernel::MoeRows {
+            dtype: w.dtype,
+            split,
+        },
         &p,
         expert_binds(w, io, false),
-        [(n_used * m).div_ceil(64), n_tokens, 1],
+        [(n_used * m).div_ceil(per_group), n_tokens, 1],
     );
 }
 
@@ -598,11 +603,16 @@ pub fn moe_down(
         down: 1,
         _pad: 0,
     };
+    let split = !b.cpu_adapter;
+    let per_group = if split { 64 / MATVEC_TPR } else { 64 };
     b.push(
-        Kernel::MoeDown { dtype: w.dtype },
+        Kernel::MoeDown {
+            dtype: w.dtype,
+            split,
+        },
         &p,
         expert_binds(w, io, true),
-        [m.div_ceil(64), n_tokens, 1],
+        [m.div_ceil(per_group), n_tokens, 1],
     );
 }
 
