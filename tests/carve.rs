@@ -7,7 +7,7 @@ mod common;
 use std::path::{Path, PathBuf};
 
 use common::{load_weights, max_abs_diff, reference_logits, write_tiny_model, TinySpec};
-use pregate::carve::{self, CarveOptions};
+use pregate::carve::{self, CarveOptions, RouterFit};
 use pregate::gpu::KernelLayout;
 use pregate::{Engine, EngineOptions};
 
@@ -26,6 +26,24 @@ fn calib_file(dir: &Path) -> PathBuf {
 }
 
 fn carve_tiny(tag: &str, experts: usize, shared: usize, active: usize) -> (PathBuf, PathBuf) {
+    carve_tiny_with(
+        tag,
+        experts,
+        shared,
+        active,
+        RouterFit::Representative,
+        false,
+    )
+}
+
+fn carve_tiny_with(
+    tag: &str,
+    experts: usize,
+    shared: usize,
+    active: usize,
+    router_fit: RouterFit,
+    refit_shared: bool,
+) -> (PathBuf, PathBuf) {
     let dir = common::tmp_dir(tag);
     let dense = dir.join("dense.gguf");
     write_tiny_model(&dense, TinySpec::default(), 21);
@@ -37,6 +55,8 @@ fn carve_tiny(tag: &str, experts: usize, shared: usize, active: usize) -> (PathB
         calib: vec![calib_file(&dir)],
         calib_tokens: 600,
         seq_len: 200,
+        router_fit,
+        refit_shared,
         ..Default::default()
     };
     let summary = carve::carve(&dense, &out, &opts, |_| {}).expect("carve");
@@ -254,4 +274,27 @@ fn expert_traces_record_the_routers_choices() {
         "--json",
     ]);
     assert_eq!(json.lines().count(), 3, "{json}");
+}
+
+/// The least-squares router and the shared-expert refit: the GPU runs the file they write
+/// exactly as the CPU reference does, and the refit lowers the reconstruction error of the
+/// dense model's logits at the sparse setting it was fitted for.
+#[test]
+fn recovery_fits_run_like_the_reference_and_help() {
+    let (dense, plain) = carve_tiny_with("carve_plain", 8, 1, 2, RouterFit::LeastSquares, false);
+    let (_, refit) = carve_tiny_with("carve_refit", 8, 1, 2, RouterFit::LeastSquares, true);
+    for (path, tag) in [(&plain, "lsq"), (&refit, "lsq+refit")] {
+        let got = logits(path, None, &TOKENS);
+        let cpu = reference_logits(&load_weights(path, TinySpec::default(), 2), &TOKENS);
+        let last = cpu.len() - 1;
+        assert!(max_abs_diff(&got[3], &cpu[last]) < 2e-3, "{tag}");
+        assert!(max_abs_diff(&got[0], &cpu[last - 3]) < 2e-3, "{tag}");
+    }
+    let want = logits(&dense, None, &TOKENS);
+    let err = |p: &Path| -> f32 {
+        let got = logits(p, None, &TOKENS);
+        want.iter().zip(&got).map(|(w, g)| max_abs_diff(w, g)).sum()
+    };
+    let (e_plain, e_refit) = (err(&plain), err(&refit));
+    assert!(e_refit < e_plain, "refit {e_refit} vs plain {e_plain}");
 }

@@ -105,6 +105,8 @@ pub struct TinyWeights {
     pub experts_per_token: usize,
     /// The experts the reference chose, in order: token, layer, rank.
     pub routes: std::cell::RefCell<Vec<u16>>,
+    /// `pregate.moe.router` of a carved model ("cmoe" or "lsq"); empty otherwise.
+    pub router: String,
 }
 
 /// Writes a tiny model with random weights: vocab = 256 byte tokens + 2 specials.
@@ -302,6 +304,7 @@ pub fn write_tiny_model(path: &Path, spec: TinySpec, seed: u64) -> TinyWeights {
         tensors,
         experts_per_token: spec.moe.map_or(usize::MAX, |m| m.n_used),
         routes: Default::default(),
+        router: String::new(),
     }
 }
 
@@ -452,19 +455,24 @@ fn ffn(tw: &TinyWeights, l: usize, xn: &[f32]) -> Vec<f32> {
     }
     let rg = t("ffn_gate_inp.weight");
     let n_exp = rg.len() / d;
-    if !tw.tensors.contains_key(&n("ffn_up_inp.weight")) {
+    if tw.router.is_empty() {
         return native_moe(tw, l, xn, out);
     }
     let g = matvec(rg, xn, n_exp);
-    let u = matvec(t("ffn_up_inp.weight"), xn, n_exp);
-    let score: Vec<f32> = g
-        .iter()
-        .zip(&u)
-        .map(|(g, u)| (u * g / (1.0 + (-g).exp())).abs())
-        .collect();
+    // cmoe: |u·silu(g)| of representative rows, with a selection bias; lsq: linear scores.
+    let (score, bias): (Vec<f32>, Vec<f32>) = if tw.router == "lsq" {
+        (g, vec![0.0; n_exp])
+    } else {
+        let u = matvec(t("ffn_up_inp.weight"), xn, n_exp);
+        let s = g
+            .iter()
+            .zip(&u)
+            .map(|(g, u)| (u * g / (1.0 + (-g).exp())).abs())
+            .collect();
+        (s, t("exp_probs_b.bias").clone())
+    };
     let mx = score.iter().copied().fold(f32::MIN, f32::max);
     let sum: f32 = score.iter().map(|v| (v - mx).exp()).sum();
-    let bias = t("exp_probs_b.bias");
     let mut order: Vec<usize> = (0..n_exp).collect();
     let key = |e: usize| (score[e] - mx).exp() / sum + bias[e];
     order.sort_by(|&a, &b| key(b).total_cmp(&key(a)).then(a.cmp(&b)));
@@ -530,6 +538,11 @@ pub fn load_weights(path: &Path, spec: TinySpec, experts_per_token: usize) -> Ti
         tensors,
         experts_per_token,
         routes: Default::default(),
+        router: f
+            .get("pregate.moe.router")
+            .and_then(|v| v.as_str())
+            .unwrap_or_default()
+            .to_string(),
     }
 }
 
