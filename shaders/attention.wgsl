@@ -18,7 +18,7 @@ struct Params {
     ctx: u32,
     n_tokens: u32,
     scale: f32,
-    _pad0: u32,
+    n_spans: u32,   // split_keys / combine: key spans per head
     _pad1: u32,
 }
 struct Step {
@@ -37,41 +37,36 @@ var<workgroup> score: array<f32, WG>;
 var<workgroup> weight: array<f32, WG>;
 var<workgroup> partial: array<vec4<f32>, WG>;
 
-@compute @workgroup_size(64)
-fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
-    let h = wid.x;
-    let t = wid.y;
-    let kvh = h / (p.n_head / p.n_kv_head);
-    let pos = step.pos0 + t;
-    let qo = (t * p.n_head + h) * HD4;
-    var qv: array<vec4<f32>, HD4>;
-    for (var i = 0u; i < HD4; i++) {
-        qv[i] = q[qo + i] * p.scale;
-    }
-    let base = kvh * p.ctx * HD4;
+// What one workgroup's walk over keys first..=last leaves: the running max and sum of the
+// online softmax, and this thread's share of the output (summed over R subsets later).
+struct Walk {
+    m: f32,
+    l: f32,
+    acc: vec4<f32>,
+}
+
+fn walk_keys(lid: u32, qv: ptr<function, array<vec4<f32>, HD4>>, base: u32, first: u32, last: u32) -> Walk {
     let d = lid % HD4;      // the output vec4 this thread accumulates
     let r = lid / HD4;      // its key subset (threads with r >= R only score)
-    var acc = vec4<f32>(0.0);
-    var m = -3.0e38;
-    var l = 0.0;
-    for (var c0 = 0u; c0 <= pos; c0 += WG) {
+    var w = Walk(-3.0e38, 0.0, vec4<f32>(0.0));
+    for (var c0 = first; c0 <= last; c0 += WG) {
         let j = c0 + lid;
         var s = -3.0e38;
-        if (j <= pos) {
+        if (j <= last) {
             s = 0.0;
             let ko = base + j * HD4;
             for (var i = 0u; i < HD4; i++) {
-                s += dot(qv[i], kc[ko + i]);
+                s += dot((*qv)[i], kc[ko + i]);
             }
         }
         score[lid] = s;
         workgroupBarrier();
-        var cm = m;
+        var cm = w.m;
         for (var k = 0u; k < WG; k++) {
             cm = max(cm, score[k]);
         }
-        let corr = exp(m - cm);
-        m = cm;
+        let corr = exp(w.m - cm);
+        w.m = cm;
         // Key c0 is always valid, so cm is a real score and invalid keys get weight 0.
         weight[lid] = exp(s - cm);
         workgroupBarrier();
@@ -79,24 +74,108 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
         for (var k = 0u; k < WG; k++) {
             sum += weight[k];
         }
-        l = l * corr + sum;
-        acc *= corr;
+        w.l = w.l * corr + sum;
+        w.acc *= corr;
         if (r < R) {
-            let n = min(WG, pos + 1u - c0);
+            let n = min(WG, last + 1u - c0);
             for (var k = r; k < n; k += R) {
-                acc += weight[k] * vc[base + (c0 + k) * HD4 + d];
+                w.acc += weight[k] * vc[base + (c0 + k) * HD4 + d];
             }
         }
     }
+    return w;
+}
+
+// Sums the R key subsets' shares: thread lid < HD4 gets output vec4 lid.
+fn gather_subsets(lid: u32, acc: vec4<f32>) -> vec4<f32> {
     partial[lid] = acc;
     workgroupBarrier();
+    var total = vec4<f32>(0.0);
     if (lid < HD4) {
-        var total = vec4<f32>(0.0);
         for (var k = 0u; k < R; k++) {
             total += partial[k * HD4 + lid];
         }
-        out[qo + lid] = total / l;
     }
+    return total;
+}
+
+fn load_q(qo: u32) -> array<vec4<f32>, HD4> {
+    var qv: array<vec4<f32>, HD4>;
+    for (var i = 0u; i < HD4; i++) {
+        qv[i] = q[qo + i] * p.scale;
+    }
+    return qv;
+}
+
+@compute @workgroup_size(64)
+fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let h = wid.x;
+    let t = wid.y;
+    let kvh = h / (p.n_head / p.n_kv_head);
+    let qo = (t * p.n_head + h) * HD4;
+    var qv = load_q(qo);
+    let w = walk_keys(lid, &qv, kvh * p.ctx * HD4, 0u, step.pos0 + t);
+    let total = gather_subsets(lid, w.acc);
+    if (lid < HD4) {
+        out[qo + lid] = total / w.l;
+    }
+}
+
+// Decode on GPUs (flash-decoding): one head's keys are split into spans of SPAN, one
+// workgroup each, so a single token keeps n_head * n_spans workgroups busy instead of
+// n_head. Each span writes its (max, sum, output share) to `spans`; `combine` merges them.
+const SPAN: u32 = 256u;
+
+@group(0) @binding(6) var<storage, read_write> spans: array<vec4<f32>>;
+
+@compute @workgroup_size(64)
+fn split_keys(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let h = wid.x;
+    let sp = wid.y;
+    let n_spans = p.n_spans;
+    let kvh = h / (p.n_head / p.n_kv_head);
+    let pos = step.pos0;
+    let first = sp * SPAN;
+    let o = (h * n_spans + sp) * (HD4 + 1u);
+    if (first > pos) {
+        // Past the last position: an empty span.
+        if (lid <= HD4) {
+            spans[o + lid] = select(vec4<f32>(0.0), vec4<f32>(-3.0e38, 0.0, 0.0, 0.0), lid == HD4);
+        }
+        return;
+    }
+    var qv = load_q(h * HD4);
+    let w = walk_keys(lid, &qv, kvh * p.ctx * HD4, first, min(first + SPAN - 1u, pos));
+    let total = gather_subsets(lid, w.acc);
+    if (lid < HD4) {
+        spans[o + lid] = total;
+    }
+    if (lid == 0u) {
+        spans[o + HD4] = vec4<f32>(w.m, w.l, 0.0, 0.0);
+    }
+}
+
+@compute @workgroup_size(64)
+fn combine(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let h = wid.x;
+    if (lid >= HD4) {
+        return;
+    }
+    let n_spans = p.n_spans;
+    var mx = -3.0e38;
+    for (var sp = 0u; sp < n_spans; sp++) {
+        mx = max(mx, spans[(h * n_spans + sp) * (HD4 + 1u) + HD4].x);
+    }
+    var acc = vec4<f32>(0.0);
+    var l = 0.0;
+    for (var sp = 0u; sp < n_spans; sp++) {
+        let o = (h * n_spans + sp) * (HD4 + 1u);
+        let ml = spans[o + HD4];
+        let f = exp(ml.x - mx);
+        acc += f * spans[o + lid];
+        l += f * ml.y;
+    }
+    out[h * HD4 + lid] = acc / l;
 }
 
 @compute @workgroup_size(32)

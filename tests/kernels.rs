@@ -185,13 +185,15 @@ fn rope_and_attention_match_cpu_for_prefill_then_decode() {
         (RopeMode::Normal, 16, vec![5, 1]),
         (RopeMode::Neox, 64, vec![70, 1, 63]),
         (RopeMode::Normal, 80, vec![3, 66, 1]),
+        // Decode past one 256-key span of the split GPU variant, and into a third span.
+        (RopeMode::Neox, 64, vec![300, 1, 230, 1]),
     ];
     for ((mode, hd, steps), serial) in cases
         .into_iter()
         .flat_map(|c| [(c.clone(), false), (c, true)])
     {
         let mut rng = Rng::new(4);
-        let ctx = 160usize;
+        let ctx = (steps.iter().sum::<usize>() + 8).max(160);
         let shape = AttnShape {
             n_head: 6,
             n_kv_head: 2,
@@ -221,7 +223,10 @@ fn rope_and_attention_match_cpu_for_prefill_then_decode() {
             ops::rope_store_kv(
                 &mut b, shape, mode, 10000.0, n as u32, &step, &qb, &kb, &vb, &kc, &vc,
             );
-            ops::attention(&mut b, shape, n as u32, &step, &qb, &kc, &vc, &out);
+            let spans = g
+                .storage("spans", 4 * ops::attention_scratch_floats(shape))
+                .expect("spans");
+            ops::attention(&mut b, shape, n as u32, &step, &qb, &kc, &vc, &out, &spans);
             g.run_once(&b.finish(&g).expect("plan")).expect("run");
             let got = g.read_f32(&out, n * nh * hd).expect("read");
             for t in 0..n {

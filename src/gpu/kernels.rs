@@ -38,6 +38,18 @@ pub const MATMUL_ROWS: u32 = 2;
 /// Threads per row of the split decode mat-vec (a power of two dividing 64).
 pub const MATVEC_TPR: u32 = 16;
 
+/// The attention kernels (attention.wgsl).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum AttnVariant {
+    /// One thread per (head, token): CPU adapters.
+    Serial,
+    /// A workgroup per (head, token): GPU prefill.
+    Workgroup,
+    /// GPU decode: a workgroup per (head, span of keys), then `Combine` merges the spans.
+    SplitKeys,
+    Combine,
+}
+
 /// Every compute pipeline pregate uses, keyed for the pipeline cache.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Kernel {
@@ -55,10 +67,9 @@ pub enum Kernel {
     },
     RmsNorm,
     Rope,
-    /// `serial`: one thread per (head, token) instead of a workgroup (CPU adapters).
     Attention {
         head_dim: u32,
-        serial: bool,
+        variant: AttnVariant,
     },
     SwiGlu,
     Add,
@@ -131,7 +142,12 @@ impl Kernel {
             | Kernel::Softmax
             | Kernel::Nll
             | Kernel::TopK => self.label(),
-            Kernel::Attention { serial: true, .. } => "serial",
+            Kernel::Attention { variant, .. } => match variant {
+                AttnVariant::Serial => "serial",
+                AttnVariant::Workgroup => "main",
+                AttnVariant::SplitKeys => "split_keys",
+                AttnVariant::Combine => "combine",
+            },
             Kernel::Matmul { split: true, .. } => "split",
             Kernel::MoeRows { split: false, .. } => "rows",
             Kernel::MoeRows { split: true, .. } => "rows_split",

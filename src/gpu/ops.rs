@@ -4,7 +4,7 @@
 use bytemuck::{Pod, Zeroable};
 
 use super::dispatch::{grid_1d, Bind, DispatchBuilder};
-use super::kernels::{Kernel, MATVEC_TPR};
+use super::kernels::{AttnVariant, Kernel, MATVEC_TPR};
 use super::tensor::{Matrix, Vector};
 
 /// Largest token tile of the prefill mat-mul (its per-thread accumulator array).
@@ -289,10 +289,21 @@ struct AttnParams {
     ctx: u32,
     n_tokens: u32,
     scale: f32,
-    _pad: [u32; 2],
+    n_spans: u32,
+    _pad: u32,
 }
 
-/// out[t, h] = softmax(q[t, h] · K[0..=pos] / sqrt(d)) · V, causal, GQA.
+/// Keys per span of the split decode attention (attention.wgsl's SPAN).
+pub const ATTN_SPAN: u32 = 256;
+
+/// Floats of scratch the split decode attention needs for `shape`.
+pub fn attention_scratch_floats(shape: AttnShape) -> u64 {
+    let spans = shape.ctx.div_ceil(ATTN_SPAN) as u64;
+    shape.n_head as u64 * spans * (shape.head_dim as u64 + 4)
+}
+
+/// out[t, h] = softmax(q[t, h] · K[0..=pos] / sqrt(d)) · V, causal, GQA. `scratch` holds
+/// the per-span partial results of the GPU decode variant.
 #[allow(clippy::too_many_arguments)]
 pub fn attention(
     b: &mut DispatchBuilder,
@@ -303,7 +314,9 @@ pub fn attention(
     kc: &wgpu::Buffer,
     vc: &wgpu::Buffer,
     out: &wgpu::Buffer,
+    scratch: &wgpu::Buffer,
 ) {
+    let n_spans = shape.ctx.div_ceil(ATTN_SPAN);
     let p = AttnParams {
         n_head: shape.n_head,
         n_kv_head: shape.n_kv_head,
@@ -311,29 +324,50 @@ pub fn attention(
         ctx: shape.ctx,
         n_tokens,
         scale: 1.0 / (shape.head_dim as f32).sqrt(),
-        _pad: [0; 2],
+        n_spans,
+        _pad: 0,
     };
-    let serial = b.cpu_adapter;
-    let groups = if serial {
-        [shape.n_head.div_ceil(32), n_tokens, 1]
+    let kernel = |variant| Kernel::Attention {
+        head_dim: shape.head_dim,
+        variant,
+    };
+    let io = vec![
+        Bind::whole(1, step),
+        Bind::whole(2, q),
+        Bind::whole(3, kc),
+        Bind::whole(4, vc),
+    ];
+    if b.cpu_adapter {
+        let mut binds = io;
+        binds.push(Bind::whole(5, out));
+        let groups = [shape.n_head.div_ceil(32), n_tokens, 1];
+        b.push(kernel(AttnVariant::Serial), &p, binds, groups);
+    } else if n_tokens == 1 {
+        let mut binds = io;
+        binds.push(Bind::whole(6, scratch));
+        b.push(
+            kernel(AttnVariant::SplitKeys),
+            &p,
+            binds,
+            [shape.n_head, n_spans, 1],
+        );
+        let binds = vec![Bind::whole(5, out), Bind::whole(6, scratch)];
+        b.push(
+            kernel(AttnVariant::Combine),
+            &p,
+            binds,
+            [shape.n_head, 1, 1],
+        );
     } else {
-        [shape.n_head, n_tokens, 1]
-    };
-    b.push(
-        Kernel::Attention {
-            head_dim: shape.head_dim,
-            serial,
-        },
-        &p,
-        vec![
-            Bind::whole(1, step),
-            Bind::whole(2, q),
-            Bind::whole(3, kc),
-            Bind::whole(4, vc),
-            Bind::whole(5, out),
-        ],
-        groups,
-    );
+        let mut binds = io;
+        binds.push(Bind::whole(5, out));
+        b.push(
+            kernel(AttnVariant::Workgroup),
+            &p,
+            binds,
+            [shape.n_head, n_tokens, 1],
+        );
+    }
 }
 
 #[repr(C)]

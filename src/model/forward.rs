@@ -215,7 +215,17 @@ pub fn build(
             &s.kc[l],
             &s.vc[l],
         );
-        ops::attention(&mut b, shape, n, &s.step, &s.q, &s.kc[l], &s.vc[l], &s.attn);
+        ops::attention(
+            &mut b,
+            shape,
+            n,
+            &s.step,
+            &s.q,
+            &s.kc[l],
+            &s.vc[l],
+            &s.attn,
+            &s.attn_spans,
+        );
         ops::matmul(
             &mut b,
             &lw.o,

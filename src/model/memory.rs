@@ -121,6 +121,12 @@ pub fn plan(f: &GgufFile, c: &ModelConfig, ctx: usize) -> MemoryPlan {
         + 2 * c.vocab as u64 * 4
         + (2 * TOPK_CAP as u64 + 16) * 4
         + ub * 12
+        + 4 * crate::gpu::ops::attention_scratch_floats(crate::gpu::ops::AttnShape {
+            n_head: c.n_head as u32,
+            n_kv_head: c.n_kv_head as u32,
+            head_dim: c.head_dim as u32,
+            ctx: ctx as u32,
+        })
         + ub * 4 * 5 * experts
         + c.moe
             .as_ref()

@@ -28,6 +28,7 @@ pub struct StateBuffers {
     pub k: GpuBuffer,             // [ub, n_kv_head * head_dim]
     pub v: GpuBuffer,             // [ub, n_kv_head * head_dim]
     pub attn: GpuBuffer,          // [ub, n_head * head_dim]
+    pub attn_spans: GpuBuffer,    // split decode attention: per-span partial results
     pub gate: GpuBuffer,          // [ub, ffn_width]
     pub up: GpuBuffer,            // [ub, ffn_width]
     pub router_g: GpuBuffer,      // [ub, n_expert] router outputs (MoE)
@@ -97,6 +98,15 @@ impl StateBuffers {
             k: g.storage("k", ubx * kvd)?,
             v: g.storage("v", ubx * kvd)?,
             attn: g.storage("attn", ubx * qd)?,
+            attn_spans: g.storage(
+                "attention spans",
+                4 * crate::gpu::ops::attention_scratch_floats(crate::gpu::ops::AttnShape {
+                    n_head: c.n_head as u32,
+                    n_kv_head: c.n_kv_head as u32,
+                    head_dim: c.head_dim as u32,
+                    ctx: ctx as u32,
+                }),
+            )?,
             gate: g.storage("gate", ubx * c.ffn_width() as u64)?,
             up: g.storage("up", ubx * c.ffn_width() as u64)?,
             router_g: g.storage("router g", ubx * n_expert)?,
