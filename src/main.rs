@@ -242,6 +242,9 @@ struct CarveArgs {
     /// Do not bias the router's selection toward even expert load
     #[arg(long)]
     no_balance: bool,
+    /// Replace the output file if it exists
+    #[arg(long)]
+    force: bool,
     /// Adapter index from `pregate devices`
     #[arg(long)]
     adapter: Option<usize>,
@@ -637,6 +640,7 @@ fn cmd_carve(a: CarveArgs) -> Result<()> {
         },
         refit_shared: a.refit,
         balance: !a.no_balance,
+        overwrite: a.force,
         gpu: GpuOptions {
             adapter: a.adapter,
             backend: a.backend,

@@ -192,6 +192,11 @@ fn carve_rejects_bad_input_and_writes_nothing() {
             "missing.txt",
         ),
     ];
+    let existing = dir.join("existing.gguf");
+    std::fs::write(&existing, b"mine").expect("write");
+    let err = carve::carve(&dense, &existing, &base, |_| {}).expect_err("exists");
+    assert!(err.to_string().contains("--force"), "{err}");
+    assert_eq!(std::fs::read(&existing).expect("read"), b"mine");
     let before = std::fs::read(&dense).expect("read");
     for (opts, output, want) in cases {
         let err = carve::carve(&dense, output, &opts, |_| {}).expect_err(want);
@@ -203,6 +208,26 @@ fn carve_rejects_bad_input_and_writes_nothing() {
         before,
         "input changed"
     );
+
+    // A model without a gated FFN (no ffn_gate in layer 0) cannot be carved.
+    let file = pregate::format::GgufFile::open(&dense).expect("open");
+    let mut w = pregate::format::GgufWriter::new();
+    for (k, v) in &file.metadata {
+        w.meta(k, v.clone());
+    }
+    for t in file
+        .tensors
+        .iter()
+        .filter(|t| t.name != "blk.0.ffn_gate.weight")
+    {
+        w.tensor(&t.name, t.dtype, &t.dims, file.bytes(t).to_vec())
+            .expect("tensor");
+    }
+    let gateless = dir.join("gateless.gguf");
+    w.write(&gateless).expect("write");
+    let err = carve::carve(&gateless, &out, &base, |_| {}).expect_err("no gate");
+    assert!(err.to_string().contains("no gated FFN"), "{err}");
+    assert!(!out.exists());
 
     // An MoE model cannot be carved again.
     let carved = dir.join("carved.gguf");

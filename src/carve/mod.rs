@@ -52,6 +52,8 @@ pub struct CarveOptions {
     pub refit_shared: bool,
     /// Tune the representative router's selection bias for even expert load.
     pub balance: bool,
+    /// Replace an existing output file.
+    pub overwrite: bool,
     pub gpu: GpuOptions,
 }
 
@@ -70,6 +72,7 @@ impl Default for CarveOptions {
             router_fit: RouterFit::Representative,
             refit_shared: false,
             balance: true,
+            overwrite: false,
             gpu: GpuOptions::default(),
         }
     }
@@ -117,6 +120,25 @@ pub fn carve(
 ) -> Result<CarveSummary> {
     let t0 = Instant::now();
     check_options(input, output, opts)?;
+    // Refuse what cannot be carved before loading anything onto the GPU.
+    let file = crate::format::GgufFile::open(input)?;
+    let config = crate::model::ModelConfig::from_gguf(&file)?;
+    if config.moe.is_some() {
+        return Err(Error::Carve(format!(
+            "{} is already a mixture of experts",
+            input.display()
+        )));
+    }
+    for l in 0..config.n_layer {
+        for t in ["ffn_gate", "ffn_up", "ffn_down"] {
+            if file.tensor(&format!("blk.{l}.{t}.weight")).is_none() {
+                return Err(Error::Carve(format!(
+                    "layer {l} has no gated FFN ({t}.weight is missing)"
+                )));
+            }
+        }
+    }
+    drop(file);
     let engine = Engine::load(
         input,
         &EngineOptions {
@@ -126,22 +148,7 @@ pub fn carve(
         },
     )?;
     let c = engine.model.config.clone();
-    if c.moe.is_some() {
-        return Err(Error::Carve(format!(
-            "{} is already a mixture of experts",
-            input.display()
-        )));
-    }
     let f = &engine.model.file;
-    for l in 0..c.n_layer {
-        for t in ["ffn_gate", "ffn_up", "ffn_down"] {
-            if f.tensor(&format!("blk.{l}.{t}.weight")).is_none() {
-                return Err(Error::Carve(format!(
-                    "layer {l} has no gated FFN ({t}.weight is missing)"
-                )));
-            }
-        }
-    }
     let tokens = calib::tokens(&engine.tokenizer, &opts.calib, opts.calib_tokens)?;
     let size = expert_size(c.d_ff, opts.n_experts, opts.down_type);
     let padding = size * opts.n_experts - c.d_ff;
@@ -250,6 +257,12 @@ fn check_options(input: &Path, output: &Path, o: &CarveOptions) -> Result<()> {
     if same {
         return bad(format!(
             "the output {} is the input; choose another path",
+            output.display()
+        ));
+    }
+    if output.exists() && !o.overwrite {
+        return bad(format!(
+            "{} exists; remove it or pass --force to replace it",
             output.display()
         ));
     }
