@@ -1,0 +1,278 @@
+//! The mixture-of-experts kernels' host side: routing (ids and weights written on the GPU),
+//! the expert mat-vecs for decode, and the expert-major grouped path for prefill.
+
+use bytemuck::{Pod, Zeroable};
+
+use crate::gpu::dispatch::{Bind, DispatchBuilder};
+use crate::gpu::kernels::{Kernel, MATVEC_TPR};
+use crate::gpu::tensor::Matrix;
+
+/// How the router turns its outputs into expert choices (moe_route.wgsl).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RouteScore {
+    /// CMoE's training-free score |u · silu(g)| from two representative-neuron rows.
+    Cmoe = 0,
+    /// Plain router logits (native MoE models).
+    Logits = 1,
+}
+
+/// How the chosen experts' outputs are weighted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RouteWeights {
+    Ones = 0,
+    Renormalised = 1,
+    Probabilities = 2,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Pod, Zeroable)]
+struct RouteParams {
+    n_expert: u32,
+    n_used: u32,
+    n_tokens: u32,
+    score_mode: u32,
+    weights_mode: u32,
+    d_model: u32,
+    _pad: [u32; 2],
+}
+
+/// Writes each token's `n_used` expert ids and weights from router outputs `g` (and `u`).
+#[allow(clippy::too_many_arguments)]
+pub fn moe_route(
+    b: &mut DispatchBuilder,
+    score: RouteScore,
+    weights: RouteWeights,
+    n_expert: u32,
+    n_used: u32,
+    n_tokens: u32,
+    g: &wgpu::Buffer,
+    u: &wgpu::Buffer,
+    bias: &wgpu::Buffer,
+    ids: &wgpu::Buffer,
+    wts: &wgpu::Buffer,
+) {
+    let p = RouteParams {
+        n_expert,
+        n_used,
+        n_tokens,
+        score_mode: score as u32,
+        weights_mode: weights as u32,
+        d_model: 0,
+        _pad: [0; 2],
+    };
+    b.push(
+        Kernel::MoeRoute,
+        &p,
+        vec![
+            Bind::whole(1, g),
+            Bind::whole(2, u),
+            Bind::whole(3, bias),
+            Bind::whole(4, ids),
+            Bind::whole(5, wts),
+        ],
+        [n_tokens.div_ceil(64), 1, 1],
+    );
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Pod, Zeroable)]
+struct ExpertParams {
+    k: u32,
+    m: u32,
+    n_used: u32,
+    n_tokens: u32,
+    x_stride: u32,
+    y_stride: u32,
+    down: u32,
+    _pad: u32,
+}
+
+/// Buffers shared by the expert kernels: the routing decision and the activations.
+pub struct ExpertIo<'a> {
+    pub ids: &'a wgpu::Buffer,
+    pub wts: &'a wgpu::Buffer,
+    pub x: &'a wgpu::Buffer,
+    pub y: &'a wgpu::Buffer,
+}
+
+/// Gate or up rows of each token's experts: y[t, j*m + r] = W[ids[t, j]*m + r] · x[t].
+/// `w` stacks the experts' `m` rows each.
+pub fn moe_rows(
+    b: &mut DispatchBuilder,
+    w: &Matrix,
+    m: u32,
+    n_used: u32,
+    n_tokens: u32,
+    io: &ExpertIo,
+) {
+    let p = ExpertParams {
+        k: w.cols as u32,
+        m,
+        n_used,
+        n_tokens,
+        x_stride: w.cols as u32,
+        y_stride: n_used * m,
+        down: 0,
+        _pad: 0,
+    };
+    let split = !b.cpu_adapter;
+    let per_group = if split { 64 / MATVEC_TPR } else { 64 };
+    b.push(
+        Kernel::MoeRows {
+            dtype: w.dtype,
+            split,
+        },
+        &p,
+        expert_binds(w, io, false),
+        [(n_used * m).div_ceil(per_group), n_tokens, 1],
+    );
+}
+
+/// y[t] += sum_j wts[t, j] * W_e · x[t, j*k ..], with `w` stacking `m`-row experts of
+/// `k = w.cols` columns (the down-projection).
+pub fn moe_down(
+    b: &mut DispatchBuilder,
+    w: &Matrix,
+    m: u32,
+    n_used: u32,
+    n_tokens: u32,
+    io: &ExpertIo,
+) {
+    let p = ExpertParams {
+        k: w.cols as u32,
+        m,
+        n_used,
+        n_tokens,
+        x_stride: n_used * w.cols as u32,
+        y_stride: m,
+        down: 1,
+        _pad: 0,
+    };
+    let split = !b.cpu_adapter;
+    let per_group = if split { 64 / MATVEC_TPR } else { 64 };
+    b.push(
+        Kernel::MoeDown {
+            dtype: w.dtype,
+            split,
+        },
+        &p,
+        expert_binds(w, io, true),
+        [m.div_ceil(per_group), n_tokens, 1],
+    );
+}
+
+/// The pipeline layouts are derived from what each entry point uses: `rows` never reads
+/// the weights, so it does not bind them.
+fn expert_binds(w: &Matrix, io: &ExpertIo, weighted: bool) -> Vec<Bind> {
+    let mut binds = vec![
+        Bind::whole(1, &w.shards[0].buffer),
+        Bind::whole(2, io.x),
+        Bind::whole(3, io.y),
+        Bind::whole(4, io.ids),
+    ];
+    if weighted {
+        binds.push(Bind::whole(5, io.wts));
+    }
+    binds
+}
+
+/// The per-expert token lists of a prefill chunk: which slots (t * n_used + j) chose each
+/// expert, and how many.
+pub struct ExpertGroups<'a> {
+    pub lists: &'a wgpu::Buffer,
+    pub counts: &'a wgpu::Buffer,
+}
+
+fn route_params(n_expert: u32, n_used: u32, n_tokens: u32, d_model: u32) -> RouteParams {
+    RouteParams {
+        n_expert,
+        n_used,
+        n_tokens,
+        score_mode: 0,
+        weights_mode: 0,
+        d_model,
+        _pad: [0; 2],
+    }
+}
+
+/// Fills `groups` from the router's expert ids.
+pub fn moe_group(
+    b: &mut DispatchBuilder,
+    n_expert: u32,
+    n_used: u32,
+    n_tokens: u32,
+    ids: &wgpu::Buffer,
+    groups: &ExpertGroups,
+) {
+    b.push(
+        Kernel::MoeGroup,
+        &route_params(n_expert, n_used, n_tokens, 0),
+        vec![
+            Bind::whole(4, ids),
+            Bind::whole(6, groups.lists),
+            Bind::whole(7, groups.counts),
+        ],
+        [n_expert.div_ceil(64), 1, 1],
+    );
+}
+
+/// Expert-major mat-mul over a prefill chunk: y[slot * m + r] = W[e*m + r] · x[row(slot)],
+/// where row(slot) is the token (gate/up, `down` false) or the slot itself (down).
+#[allow(clippy::too_many_arguments)]
+pub fn moe_grouped(
+    b: &mut DispatchBuilder,
+    w: &Matrix,
+    m: u32,
+    n_expert: u32,
+    n_used: u32,
+    n_tokens: u32,
+    down: bool,
+    x: &wgpu::Buffer,
+    y: &wgpu::Buffer,
+    groups: &ExpertGroups,
+) {
+    let p = ExpertParams {
+        k: w.cols as u32,
+        m,
+        n_used,
+        n_tokens,
+        x_stride: 0,
+        y_stride: 0,
+        down: down as u32,
+        _pad: 0,
+    };
+    b.push(
+        Kernel::MoeGrouped { dtype: w.dtype },
+        &p,
+        vec![
+            Bind::whole(1, &w.shards[0].buffer),
+            Bind::whole(2, x),
+            Bind::whole(3, y),
+            Bind::whole(6, groups.lists),
+            Bind::whole(7, groups.counts),
+        ],
+        [m.div_ceil(64), n_expert, 1],
+    );
+}
+
+/// x[t] += sum_j wts[t, j] * parts[t * n_used + j] over d_model columns.
+pub fn moe_combine(
+    b: &mut DispatchBuilder,
+    n_used: u32,
+    n_tokens: u32,
+    d_model: u32,
+    wts: &wgpu::Buffer,
+    parts: &wgpu::Buffer,
+    x: &wgpu::Buffer,
+) {
+    b.push(
+        Kernel::MoeCombine,
+        &route_params(0, n_used, n_tokens, d_model),
+        vec![
+            Bind::whole(5, wts),
+            Bind::whole(8, parts),
+            Bind::whole(9, x),
+        ],
+        [d_model.div_ceil(64), n_tokens, 1],
+    );
+}
