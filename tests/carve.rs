@@ -302,10 +302,11 @@ fn expert_traces_record_the_routers_choices() {
 }
 
 /// The least-squares router and the shared-expert refit: the GPU runs the file they write
-/// exactly as the CPU reference does, and the refit lowers the reconstruction error of the
-/// dense model's logits at the sparse setting it was fitted for.
+/// exactly as the CPU reference does, and on text like the calibration text the refit
+/// lowers the error against the dense model's logits at the sparsity it was fitted for.
+/// (On eval.txt the refit raised perplexity: BENCHMARKS.md.)
 #[test]
-fn recovery_fits_run_like_the_reference_and_help() {
+fn recovery_fits_run_like_the_reference_and_refit_fits_calibration_like_text() {
     let (dense, plain) = carve_tiny_with("carve_plain", 8, 1, 2, RouterFit::LeastSquares, false);
     let (_, refit) = carve_tiny_with("carve_refit", 8, 1, 2, RouterFit::LeastSquares, true);
     for (path, tag) in [(&plain, "lsq"), (&refit, "lsq+refit")] {
@@ -322,4 +323,25 @@ fn recovery_fits_run_like_the_reference_and_help() {
     };
     let (e_plain, e_refit) = (err(&plain), err(&refit));
     assert!(e_refit < e_plain, "refit {e_refit} vs plain {e_plain}");
+}
+
+#[test]
+fn the_default_least_squares_router_runs_like_the_reference() {
+    let dir = common::tmp_dir("carve_default");
+    let dense = dir.join("dense.gguf");
+    write_tiny_model(&dense, TinySpec::default(), 21);
+    let out = dir.join("carved.gguf");
+    let opts = CarveOptions {
+        n_experts: 8,
+        n_shared: 1,
+        calib: vec![calib_file(&dir)],
+        calib_tokens: 300,
+        seq_len: 150,
+        ..Default::default()
+    };
+    assert_eq!(opts.router_fit, RouterFit::LeastSquares);
+    carve::carve(&dense, &out, &opts, |_| {}).expect("carve");
+    let got = logits(&out, None, &TOKENS);
+    let cpu = reference_logits(&load_weights(&out, TinySpec::default(), 2), &TOKENS);
+    assert!(max_abs_diff(&got[3], &cpu[TOKENS.len() - 1]) < 2e-3);
 }

@@ -69,7 +69,8 @@ impl Default for CarveOptions {
             calib_tokens: 2048,
             seq_len: 1024,
             down_type: DType::Q8_0,
-            router_fit: RouterFit::Representative,
+            // Measured: S2A2E16 PPL 161 with least squares vs 309 with representatives.
+            router_fit: RouterFit::LeastSquares,
             refit_shared: false,
             balance: true,
             overwrite: false,
