@@ -52,41 +52,6 @@ impl NeuronProfile {
             .collect()
     }
 
-    /// The real neuron of `members` whose marker column is closest (L1) to the members' mean
-    /// column: the group's centroid after the assignment step.
-    fn closest_to_mean(&self, members: &[usize]) -> usize {
-        let real: Vec<usize> = members
-            .iter()
-            .copied()
-            .filter(|&i| i < self.n_neurons)
-            .collect();
-        let Some(&first) = real.first() else {
-            return members[0];
-        };
-        let mut mean = vec![0f32; self.n_tokens];
-        for &i in &real {
-            for (t, m) in mean.iter_mut().enumerate() {
-                if self.column(i)[t / 64] >> (t % 64) & 1 == 1 {
-                    *m += 1.0;
-                }
-            }
-        }
-        mean.iter_mut().for_each(|m| *m /= real.len() as f32);
-        // |b - μ| summed over tokens: Σμ, plus (1 - 2μ_t) for each token t that marks i.
-        let base: f32 = mean.iter().sum();
-        let dist = |i: usize| -> f32 {
-            let col = self.column(i);
-            base + (0..self.n_tokens)
-                .filter(|t| col[t / 64] >> (t % 64) & 1 == 1)
-                .map(|t| 1.0 - 2.0 * mean[t])
-                .sum::<f32>()
-        };
-        real.iter()
-            .copied()
-            .min_by(|&a, &b| dist(a).total_cmp(&dist(b)).then(a.cmp(&b)))
-            .unwrap_or(first)
-    }
-
     /// L1 (Hamming) distance between neuron i's marker column and `col`.
     fn distance(&self, i: usize, col: &[u64]) -> u32 {
         if i >= self.n_neurons {
@@ -153,9 +118,19 @@ pub fn partition_neurons(
             experts[g].push(routed[ri]);
         }
     }
+    // The member closest to its group's seed column (CMoE). Closest to the members' mean
+    // column instead was measured worse: S2A2E16 PPL 371 vs 309.
     let representatives = experts
         .iter()
-        .map(|members| profile.closest_to_mean(members))
+        .zip(&centroids)
+        .map(|(members, c)| {
+            members
+                .iter()
+                .copied()
+                .filter(|&i| i < profile.n_neurons)
+                .min_by_key(|&i| profile.distance(i, c))
+                .unwrap_or(members[0])
+        })
         .collect();
     Partition {
         shared,
