@@ -45,7 +45,7 @@ fn matmul_matches_cpu_for_every_type_and_shape() {
                 (64, 1, Some(7)),
             ] {
                 // Decode has a per-row and a split (threads per row) variant; test both.
-                for cpu_adapter in [false, true] {
+                for cpu_layout in [false, true] {
                     let (bytes, w) = random_matrix(&mut rng, dtype, rows, cols);
                     let m = Matrix::upload_sharded(&g, "w", dtype, rows, cols, &bytes, shard)
                         .expect("upload");
@@ -63,7 +63,7 @@ fn matmul_matches_cpu_for_every_type_and_shape() {
                     let yb = upload(&g, &y0);
                     let accumulate = tokens % 2 == 1 && rows % 2 == 1;
                     let mut b = DispatchBuilder::new(&g);
-                    b.cpu_adapter = cpu_adapter;
+                    b.cpu_layout = cpu_layout;
                     let write = if accumulate {
                         Write::Accumulate
                     } else {
@@ -81,7 +81,7 @@ fn matmul_matches_cpu_for_every_type_and_shape() {
                             let have = got[t * rows + r];
                             assert!(
                             (want - have).abs() <= 1e-3 * (1.0 + want.abs()) + 1e-4 * cols as f32,
-                            "{dtype} {rows}x{cols} tokens {tokens} cpu_adapter {cpu_adapter} row {r} token {t}: gpu {have}, cpu {want}"
+                            "{dtype} {rows}x{cols} tokens {tokens} cpu_layout {cpu_layout} row {r} token {t}: gpu {have}, cpu {want}"
                         );
                         }
                     }
@@ -219,7 +219,7 @@ fn rope_and_attention_match_cpu_for_prefill_then_decode() {
                 bytemuck::cast_slice(&[pos0 as u32, n as u32, 0, 0]),
             );
             let mut b = DispatchBuilder::new(&g);
-            b.cpu_adapter = serial; // both attention variants, whatever the adapter
+            b.cpu_layout = serial; // both attention variants, whatever the adapter
             ops::rope_store_kv(
                 &mut b, shape, mode, 10000.0, n as u32, &step, &qb, &kb, &vb, &kc, &vc,
             );

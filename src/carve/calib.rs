@@ -10,6 +10,7 @@ use crate::model::Tokenizer;
 use crate::quant::dequantize;
 
 use super::partition::NeuronProfile;
+use super::router::silu;
 use super::{CarveEvent, CarveOptions};
 
 /// The built-in corpus (Rust crate sources under MIT/Apache-2.0; see calib/SOURCES.md).
@@ -95,7 +96,7 @@ pub fn profile(
                 for i in 0..ff {
                     let a = gate[t * ff + i] / (x_norm * gn[i]);
                     let b = up[t * ff + i] / (x_norm * un[i]);
-                    scores[i] = a / (1.0 + (-a).exp()) * b;
+                    scores[i] = silu(a) * b;
                 }
                 let global = done + seen[l] + t;
                 layer
@@ -107,7 +108,7 @@ pub fn profile(
                 layer.hidden.extend(
                     gate.iter()
                         .zip(up)
-                        .map(|(g, u)| f16::from_f32(g / (1.0 + (-g).exp()) * u)),
+                        .map(|(g, u)| f16::from_f32(silu(*g) * u)),
                 );
             }
             seen[l] += n;

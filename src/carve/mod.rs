@@ -148,7 +148,7 @@ pub fn carve(
             experts_per_token: None,
         },
     )?;
-    let c = engine.model.config.clone();
+    let c = config;
     let f = &engine.model.file;
     let tokens = calib::tokens(&engine.tokenizer, &opts.calib, opts.calib_tokens)?;
     let size = expert_size(c.d_ff, opts.n_experts, opts.down_type);

@@ -1,6 +1,11 @@
 //! CMoE's training-free router, on the CPU: the same score the GPU's moe_route.wgsl
 //! computes, used to tune the selection bias for load balance at carve time.
 
+/// x · sigmoid(x), the SwiGLU gate activation.
+pub fn silu(x: f32) -> f32 {
+    x / (1.0 + (-x).exp())
+}
+
 /// Softmax over experts of |(x·u_e) · silu(x·g_e)| for one input `x`.
 pub fn probabilities(x: &[f32], rg: &[f32], ru: &[f32]) -> Vec<f32> {
     let d = x.len();
@@ -8,10 +13,7 @@ pub fn probabilities(x: &[f32], rg: &[f32], ru: &[f32]) -> Vec<f32> {
     let scores: Vec<f32> = rg
         .chunks_exact(d)
         .zip(ru.chunks_exact(d))
-        .map(|(g, u)| {
-            let a = dot(g);
-            (dot(u) * a / (1.0 + (-a).exp())).abs()
-        })
+        .map(|(g, u)| (dot(u) * silu(dot(g))).abs())
         .collect();
     let m = scores.iter().copied().fold(f32::MIN, f32::max);
     let e: Vec<f32> = scores.iter().map(|s| (s - m).exp()).collect();

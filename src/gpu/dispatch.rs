@@ -74,7 +74,7 @@ pub struct DispatchBuilder {
     /// The device's limits, for kernels whose variant depends on them.
     pub limits: wgpu::Limits,
     /// A CPU adapter (lavapipe) favours kernels with fewer, longer threads.
-    pub cpu_adapter: bool,
+    pub cpu_layout: bool,
 }
 
 impl DispatchBuilder {
@@ -82,7 +82,7 @@ impl DispatchBuilder {
         DispatchBuilder {
             pending: Vec::new(),
             limits: gpu.limits.clone(),
-            cpu_adapter: gpu.cpu_layout,
+            cpu_layout: gpu.cpu_layout,
         }
     }
 

@@ -86,7 +86,7 @@ pub fn matmul(
             dtype: w.dtype,
             tokens: tile,
             uniform_x: if uniform { (x_len / 16) as u32 } else { 0 },
-            split: tile == 1 && !b.cpu_adapter,
+            split: tile == 1 && !b.cpu_layout,
         };
         let x_bind = if uniform {
             Bind {
@@ -340,7 +340,7 @@ pub fn attention(
         Bind::whole(3, kc),
         Bind::whole(4, vc),
     ];
-    if b.cpu_adapter {
+    if b.cpu_layout {
         let mut binds = io;
         binds.push(Bind::whole(5, out));
         let groups = [shape.n_head.div_ceil(32), n_tokens, 1];

@@ -270,6 +270,7 @@ impl Session {
                 Some(g.readback("capture readback", per_layer * c.n_layer as u64)?);
         }
         self.reset();
+        self.check_tokens(tokens, &[])?;
         for chunk in tokens.chunks(ub) {
             let bytes = self.step(chunk, Output::Capture, &[])?;
             let all: &[f32] = bytemuck::cast_slice(&bytes);
@@ -293,9 +294,9 @@ impl Session {
             ));
         };
         let (ub, k, layers) = (self.bufs.ub, moe.n_used, c.n_layer);
+        self.check_tokens(tokens, &[])?;
         let mut out = Vec::with_capacity(tokens.len() * layers * k);
         for chunk in tokens.chunks(ub) {
-            self.check_room(chunk.len())?;
             let bytes = self.step(chunk, Output::Route, &[])?;
             let ids: Vec<u32> = bytemuck::pod_collect_to_vec(&bytes);
             for t in 0..chunk.len() {
@@ -308,15 +309,9 @@ impl Session {
         Ok(out)
     }
 
-    /// Runs `tokens` through the model in chunks of at most `ub`, returning the raw bytes of
-    /// the requested output (for Nll: all chunks concatenated).
-    fn feed(
-        &mut self,
-        tokens: &[u32],
-        output: Output,
-        targets: &[u32],
-        score_from: usize,
-    ) -> Result<Vec<u8>> {
+    /// What every way of feeding tokens checks first: some tokens, room in the cache, and
+    /// ids (and targets) inside the vocabulary (the embedding is indexed on the GPU).
+    fn check_tokens(&self, tokens: &[u32], targets: &[u32]) -> Result<()> {
         if tokens.is_empty() {
             return Err(Error::InvalidArgument("no tokens to process".into()));
         }
@@ -327,6 +322,19 @@ impl Session {
                 "token id {bad} is outside the vocabulary ({vocab})"
             )));
         }
+        Ok(())
+    }
+
+    /// Runs `tokens` through the model in chunks of at most `ub`, returning the raw bytes of
+    /// the requested output (for Nll: all chunks concatenated).
+    fn feed(
+        &mut self,
+        tokens: &[u32],
+        output: Output,
+        targets: &[u32],
+        score_from: usize,
+    ) -> Result<Vec<u8>> {
+        self.check_tokens(tokens, targets)?;
         let ub = self.bufs.ub;
         let mut result = Vec::new();
         let n_chunks = tokens.len().div_ceil(ub);

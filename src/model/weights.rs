@@ -260,6 +260,7 @@ impl Model {
                 Ffn::Moe(m) => {
                     mats.extend([&m.router_gate, &m.gate_exps, &m.up_exps, &m.down_exps]);
                     mats.extend(m.router_up.as_ref());
+                    mats.extend(m.shared_gate.as_ref());
                     if let Some(s) = &m.shared {
                         mats.extend([&s.gate, &s.up, &s.down]);
                     }

@@ -105,27 +105,7 @@ pub fn moe_rows(
     n_tokens: u32,
     io: &ExpertIo,
 ) {
-    let p = ExpertParams {
-        k: w.cols as u32,
-        m,
-        n_used,
-        n_tokens,
-        x_stride: w.cols as u32,
-        y_stride: n_used * m,
-        down: 0,
-        _pad: 0,
-    };
-    let split = !b.cpu_adapter;
-    let per_group = if split { 64 / MATVEC_TPR } else { 64 };
-    b.push(
-        Kernel::MoeRows {
-            dtype: w.dtype,
-            split,
-        },
-        &p,
-        expert_binds(w, io, false),
-        [(n_used * m).div_ceil(per_group), n_tokens, 1],
-    );
+    expert_matvec(b, w, m, n_used, n_tokens, io, false);
 }
 
 /// y[t] += sum_j wts[t, j] * W_e · x[t, j*k ..], with `w` stacking `m`-row experts of
@@ -138,42 +118,52 @@ pub fn moe_down(
     n_tokens: u32,
     io: &ExpertIo,
 ) {
+    expert_matvec(b, w, m, n_used, n_tokens, io, true);
+}
+
+/// The decode expert kernels. `rows` writes every chosen expert's m rows per token;
+/// `down` sums the chosen experts' m-row outputs, weighted, into y. The pipeline layouts are
+/// derived from what each entry point uses: `rows` never reads the weights, so it does not
+/// bind them.
+fn expert_matvec(
+    b: &mut DispatchBuilder,
+    w: &Matrix,
+    m: u32,
+    n_used: u32,
+    n_tokens: u32,
+    io: &ExpertIo,
+    down: bool,
+) {
+    let k = w.cols as u32;
     let p = ExpertParams {
-        k: w.cols as u32,
+        k,
         m,
         n_used,
         n_tokens,
-        x_stride: n_used * w.cols as u32,
-        y_stride: m,
-        down: 1,
+        x_stride: if down { n_used * k } else { k },
+        y_stride: if down { m } else { n_used * m },
+        down: down as u32,
         _pad: 0,
     };
-    let split = !b.cpu_adapter;
+    let split = !b.cpu_layout;
+    let dtype = w.dtype;
+    let kernel = if down {
+        Kernel::MoeDown { dtype, split }
+    } else {
+        Kernel::MoeRows { dtype, split }
+    };
+    let rows = if down { m } else { n_used * m };
     let per_group = if split { 64 / MATVEC_TPR } else { 64 };
-    b.push(
-        Kernel::MoeDown {
-            dtype: w.dtype,
-            split,
-        },
-        &p,
-        expert_binds(w, io, true),
-        [m.div_ceil(per_group), n_tokens, 1],
-    );
-}
-
-/// The pipeline layouts are derived from what each entry point uses: `rows` never reads
-/// the weights, so it does not bind them.
-fn expert_binds(w: &Matrix, io: &ExpertIo, weighted: bool) -> Vec<Bind> {
     let mut binds = vec![
         Bind::whole(1, &w.shards[0].buffer),
         Bind::whole(2, io.x),
         Bind::whole(3, io.y),
         Bind::whole(4, io.ids),
     ];
-    if weighted {
+    if down {
         binds.push(Bind::whole(5, io.wts));
     }
-    binds
+    b.push(kernel, &p, binds, [rows.div_ceil(per_group), n_tokens, 1]);
 }
 
 /// The per-expert token lists of a prefill chunk: which slots (t * n_used + j) chose each
