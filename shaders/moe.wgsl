@@ -9,6 +9,9 @@
 // the expert's token list (moe_route.wgsl's `group`) in tiles of TB tokens, dequantising
 // each weight chunk once per tile, and writes y[slot * m + r] for slot = t * n_used + j:
 // the gate/up layout above, and per-slot down outputs that `combine` sums.
+// Experts live in slots: `slot_of[table_off + e]` is where expert e's rows sit in W. With
+// every expert resident the table is the identity; with an expert cache (moe/cache.rs) the
+// host fills it before the kernels run, and `grouped` skips experts marked MISSING.
 // The per-type `chunk_scale`/`chunk_q` and `chunk_dot` are prepended by the host.
 
 struct Params {
@@ -19,7 +22,7 @@ struct Params {
     x_stride: u32,  // floats per token of x
     y_stride: u32,  // floats per token of y
     down: u32,      // grouped: 1 when x rows are per slot (down), 0 per token (gate, up)
-    _pad1: u32,
+    table_off: u32, // this layer's first entry in slot_of
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -30,6 +33,9 @@ struct Params {
 @group(0) @binding(5) var<storage, read> wts: array<f32>;
 @group(0) @binding(6) var<storage, read> lists: array<u32>;
 @group(0) @binding(7) var<storage, read> counts: array<u32>;
+@group(0) @binding(10) var<storage, read> slot_of: array<u32>;
+
+const MISSING: u32 = 0xffffffffu;
 
 const ONES = vec4<f32>(1.0);
 
@@ -69,7 +75,7 @@ fn rows_split(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_i
     var acc = 0.0;
     let valid = i < p.n_used * p.m;
     if (valid) {
-        let e = ids[t * p.n_used + i / p.m];
+        let e = slot_of[p.table_off + ids[t * p.n_used + i / p.m]];
         acc = row_dot_lane(e, i % p.m, t * p.x_stride / 4u, lane);
     }
     let total = reduce_row(lid, acc);
@@ -87,7 +93,7 @@ fn down_split(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_i
     let valid = r < p.m;
     if (valid) {
         for (var j = 0u; j < p.n_used; j++) {
-            let e = ids[t * p.n_used + j];
+            let e = slot_of[p.table_off + ids[t * p.n_used + j]];
             acc += wts[t * p.n_used + j] * row_dot_lane(e, r, (t * p.x_stride + j * p.k) / 4u, lane);
         }
     }
@@ -115,7 +121,7 @@ fn rows(@builtin(global_invocation_id) gid: vec3<u32>) {
         return;
     }
     let j = i / p.m;
-    let e = ids[t * p.n_used + j];
+    let e = slot_of[p.table_off + ids[t * p.n_used + j]];
     y[t * p.y_stride + i] = row_dot(e, i % p.m, t * p.x_stride / 4u);
 }
 
@@ -128,7 +134,7 @@ fn down(@builtin(global_invocation_id) gid: vec3<u32>) {
     }
     var total = 0.0;
     for (var j = 0u; j < p.n_used; j++) {
-        let e = ids[t * p.n_used + j];
+        let e = slot_of[p.table_off + ids[t * p.n_used + j]];
         total += wts[t * p.n_used + j] * row_dot(e, r, (t * p.x_stride + j * p.k) / 4u);
     }
     y[t * p.y_stride + r] += total;
@@ -140,19 +146,20 @@ const TB: u32 = 8u;
 fn grouped(@builtin(global_invocation_id) gid: vec3<u32>) {
     let r = gid.x;
     let e = gid.y;
-    if (r >= p.m) {
+    let s = slot_of[p.table_off + e];
+    if (r >= p.m || s == MISSING) {
         return;
     }
     let count = counts[e];
     let n_chunks = p.k / 32u;
-    let row_base = (e * p.m + r) * (n_chunks / CHUNKS_PER_BLOCK) * BLOCK_WORDS;
+    let row_base = (s * p.m + r) * (n_chunks / CHUNKS_PER_BLOCK) * BLOCK_WORDS;
     for (var i0 = 0u; i0 < count; i0 += TB) {
         let nt = min(TB, count - i0);
         var acc: array<f32, TB>;
         for (var c = 0u; c < n_chunks; c++) {
             let blk = row_base + (c / CHUNKS_PER_BLOCK) * BLOCK_WORDS;
             let cc = c % CHUNKS_PER_BLOCK;
-            let s = chunk_scale(blk, cc);
+            let sc = chunk_scale(blk, cc);
             let a0 = chunk_q(blk, cc, 0u); let a1 = chunk_q(blk, cc, 1u);
             let a2 = chunk_q(blk, cc, 2u); let a3 = chunk_q(blk, cc, 3u);
             let a4 = chunk_q(blk, cc, 4u); let a5 = chunk_q(blk, cc, 5u);
@@ -167,7 +174,7 @@ fn grouped(@builtin(global_invocation_id) gid: vec3<u32>) {
                 let d1 = dot(a4, x4v) + dot(a5, x5v) + dot(a6, x6v) + dot(a7, x7v);
                 let sx0 = dot(x0v + x1v + x2v + x3v, ONES);
                 let sx1 = dot(x4v + x5v + x6v + x7v, ONES);
-                acc[tt] += s.x * d0 + s.y * sx0 + s.z * d1 + s.w * sx1;
+                acc[tt] += sc.x * d0 + sc.y * sx0 + sc.z * d1 + sc.w * sx1;
             }
         }
         for (var tt = 0u; tt < nt; tt++) {

@@ -32,51 +32,116 @@ struct Params {
 @group(0) @binding(8) var<storage, read> parts: array<f32>;        // [n_tokens * n_used, d_model]
 @group(0) @binding(9) var<storage, read_write> xout: array<f32>;   // [n_tokens, d_model]
 
-@compute @workgroup_size(64)
-fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
-    let t = gid.x;
-    if (t >= p.n_tokens) {
-        return;
+var<workgroup> prob: array<f32, MAX_EXPERTS>;
+var<workgroup> key: array<f32, MAX_EXPERTS>;
+var<workgroup> red_v: array<f32, 64>;
+var<workgroup> red_i: array<u32, 64>;
+
+// Tree reductions over the workgroup's 64 lanes (lane 0's slot holds the result).
+fn reduce_max(lid: u32, v: f32) -> f32 {
+    red_v[lid] = v;
+    workgroupBarrier();
+    for (var h = 32u; h > 0u; h /= 2u) {
+        if (lid < h) {
+            red_v[lid] = max(red_v[lid], red_v[lid + h]);
+        }
+        workgroupBarrier();
     }
+    let r = red_v[0];
+    workgroupBarrier();
+    return r;
+}
+
+fn reduce_sum(lid: u32, v: f32) -> f32 {
+    red_v[lid] = v;
+    workgroupBarrier();
+    for (var h = 32u; h > 0u; h /= 2u) {
+        if (lid < h) {
+            red_v[lid] += red_v[lid + h];
+        }
+        workgroupBarrier();
+    }
+    let r = red_v[0];
+    workgroupBarrier();
+    return r;
+}
+
+// The largest key and its expert; ties go to the lower id (as a serial scan would).
+fn reduce_argmax(lid: u32, v: f32, i: u32) -> u32 {
+    red_v[lid] = v;
+    red_i[lid] = i;
+    workgroupBarrier();
+    for (var h = 32u; h > 0u; h /= 2u) {
+        if (lid < h) {
+            let ov = red_v[lid + h];
+            let oi = red_i[lid + h];
+            if (ov > red_v[lid] || (ov == red_v[lid] && oi < red_i[lid])) {
+                red_v[lid] = ov;
+                red_i[lid] = oi;
+            }
+        }
+        workgroupBarrier();
+    }
+    let r = red_i[0];
+    workgroupBarrier();
+    return r;
+}
+
+const TAKEN: f32 = -3.4e38;
+
+// One workgroup per token, one lane per expert (strided): a single thread per token with
+// private arrays was 85 ms a layer on lavapipe.
+@compute @workgroup_size(64)
+fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let t = wid.x;
     let n = p.n_expert;
-    var prob: array<f32, MAX_EXPERTS>;
-    var mx = -3.0e38;
-    for (var e = 0u; e < n; e++) {
+    var local_max = -3.0e38;
+    for (var e = lid; e < n; e += 64u) {
         var s = g[t * n + e];
         if (p.score_mode == 0u) {
             s = abs(u[t * n + e] * s / (1.0 + exp(-s)));
         }
         prob[e] = s;
-        mx = max(mx, s);
+        local_max = max(local_max, s);
     }
-    var sum = 0.0;
-    for (var e = 0u; e < n; e++) {
+    let mx = reduce_max(lid, local_max);
+    var local_sum = 0.0;
+    for (var e = lid; e < n; e += 64u) {
         prob[e] = exp(prob[e] - mx);
-        sum += prob[e];
+        local_sum += prob[e];
     }
-    var taken: array<bool, MAX_EXPERTS>;
+    let sum = reduce_sum(lid, local_sum);
+    for (var e = lid; e < n; e += 64u) {
+        key[e] = prob[e] / sum + bias[e];
+    }
+    workgroupBarrier();
     var picked_sum = 0.0;
     for (var j = 0u; j < p.n_used; j++) {
+        var best_v = TAKEN;
         var best = 0u;
-        var best_v = -3.0e38;
-        for (var e = 0u; e < n; e++) {
-            let v = prob[e] / sum + bias[e];
-            if (!taken[e] && v > best_v) {
+        for (var e = lid; e < n; e += 64u) {
+            if (key[e] > best_v) {
+                best_v = key[e];
                 best = e;
-                best_v = v;
             }
         }
-        taken[best] = true;
-        ids[t * p.n_used + j] = best;
-        wts[t * p.n_used + j] = prob[best] / sum;
-        picked_sum += prob[best] / sum;
+        let b = reduce_argmax(lid, best_v, best);
+        if (lid == 0u) {
+            ids[t * p.n_used + j] = b;
+            wts[t * p.n_used + j] = prob[b] / sum;
+            picked_sum += prob[b] / sum;
+            key[b] = TAKEN;
+        }
+        workgroupBarrier();
     }
-    for (var j = 0u; j < p.n_used; j++) {
-        let o = t * p.n_used + j;
-        if (p.weights_mode == 0u) {
-            wts[o] = 1.0;
-        } else if (p.weights_mode == 1u) {
-            wts[o] = wts[o] / picked_sum;
+    if (lid == 0u) {
+        for (var j = 0u; j < p.n_used; j++) {
+            let o = t * p.n_used + j;
+            if (p.weights_mode == 0u) {
+                wts[o] = 1.0;
+            } else if (p.weights_mode == 1u) {
+                wts[o] = wts[o] / picked_sum;
+            }
         }
     }
 }

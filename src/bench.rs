@@ -4,7 +4,7 @@ use std::time::Instant;
 
 use serde::Serialize;
 
-use crate::engine::Engine;
+use crate::engine::{Engine, RunMetrics};
 use crate::error::{Error, Result};
 
 #[derive(Clone, Debug, Serialize)]
@@ -24,10 +24,18 @@ pub struct BenchReport {
     pub backend: String,
     /// Per-kernel GPU time of one decode step (empty without timestamp queries).
     pub kernels: Vec<KernelTime>,
+    /// `--vram-budget` as given.
+    pub budget: String,
+    /// Expert counters cover the decode of the last repetition.
+    #[serde(flatten)]
+    pub metrics: RunMetrics,
+    /// Share of that decode's time spent waiting for experts.
+    pub stall_share: f64,
 }
 
 pub fn run(
     engine: &Engine,
+    budget: &str,
     prompt_tokens: usize,
     gen_tokens: usize,
     reps: usize,
@@ -48,19 +56,23 @@ pub fn run(
     session.next_argmax(&[prompt[0]])?;
     let mut best_prefill = 0f64;
     let mut best_decode = 0f64;
+    let mut last_decode_s = 0f64;
     for _ in 0..reps.max(1) {
         session.reset();
         let t0 = Instant::now();
         let mut tok = session.next_argmax(&prompt)?;
         best_prefill = best_prefill.max(prompt_tokens as f64 / t0.elapsed().as_secs_f64());
+        engine.reset_metrics();
         let t1 = Instant::now();
         for _ in 0..gen_tokens {
             tok = session.next_argmax(&[tok])?;
         }
+        last_decode_s = t1.elapsed().as_secs_f64();
         if gen_tokens > 0 {
-            best_decode = best_decode.max(gen_tokens as f64 / t1.elapsed().as_secs_f64());
+            best_decode = best_decode.max(gen_tokens as f64 / last_decode_s);
         }
     }
+    let metrics = engine.metrics();
     let kernels = session.profile_decode()?;
     Ok(BenchReport {
         prefill_tok_s: best_prefill,
@@ -70,5 +82,8 @@ pub fn run(
         adapter: engine.gpu().adapter_name(),
         backend: engine.gpu().backend_name(),
         kernels,
+        budget: budget.to_string(),
+        stall_share: metrics.stall_ms / 1e3 / last_decode_s.max(1e-9),
+        metrics,
     })
 }

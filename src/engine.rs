@@ -10,6 +10,8 @@ use crate::error::{Error, Result};
 use crate::format::GgufFile;
 use crate::gpu::{Gpu, GpuOptions};
 use crate::model::chat::{ChatMessage, ChatTemplate};
+use crate::model::memory::VramBudget;
+use crate::model::offload::{Offload, OffloadOptions};
 use crate::model::tokenizer::TextStream;
 use crate::model::{Model, Sampler, SamplerConfig, Session, Tokenizer};
 
@@ -20,6 +22,10 @@ pub struct EngineOptions {
     pub ctx: usize,
     /// Experts per token in MoE layers (None: the model's own; `usize::MAX`: all of them).
     pub experts_per_token: Option<usize>,
+    /// `--vram-budget`. `All` defers to `gpu.vram_budget` when that is set.
+    pub budget: VramBudget,
+    /// How experts are cached when the budget leaves them out of VRAM.
+    pub offload: OffloadOptions,
 }
 
 pub struct Engine {
@@ -46,16 +52,35 @@ impl Engine {
         let path = path.as_ref();
         let file = GgufFile::open(path)?;
         // Validate everything cheap before touching the GPU.
-        let config = crate::model::ModelConfig::from_gguf(&file)?;
+        let mut config = crate::model::ModelConfig::from_gguf(&file)?;
+        if let (Some(k), Some(m)) = (opts.experts_per_token, config.moe.as_mut()) {
+            m.n_used = k.clamp(1, m.n_expert);
+        }
         let tokenizer = Tokenizer::load(path, &file)?;
-        // Decide the context length (and refuse a budget too small) before allocating.
-        let plan =
-            crate::model::memory::fit_context(&file, &config, opts.ctx, opts.gpu.vram_budget)?;
-        tracing::info!("{}", plan.summary(opts.gpu.vram_budget));
-        let gpu = Arc::new(Gpu::new(&opts.gpu)?);
-        let mut model = Model::load(gpu, file, progress)?;
+        // Decide the context length and the expert slots (or refuse a budget too small)
+        // before allocating.
+        let budget = match (opts.budget, opts.gpu.vram_budget) {
+            (VramBudget::All, Some(b)) => VramBudget::Bytes(b),
+            (b, _) => b,
+        };
+        let plan = crate::model::memory::fit(&file, &config, opts.ctx, budget)?;
+        let arena_budget = match budget {
+            VramBudget::All => None,
+            VramBudget::Bytes(b) => Some(b),
+            VramBudget::ExpertShare(_) => Some(plan.total()),
+        };
+        tracing::info!("{}", plan.summary(arena_budget));
+        let gpu_opts = GpuOptions {
+            vram_budget: arena_budget,
+            ..opts.gpu.clone()
+        };
+        let gpu = Arc::new(Gpu::new(&gpu_opts)?);
+        let mut model = Model::load(gpu, file, plan.expert_slots, progress)?;
         if let Some(k) = opts.experts_per_token {
             model.set_experts_per_token(k)?;
+        }
+        if let Some(slots) = plan.expert_slots {
+            model.offload = Some(Offload::new(&model, slots, &opts.offload)?);
         }
         let ctx = plan.ctx;
         Ok(Engine {
@@ -69,6 +94,34 @@ impl Engine {
 
     pub fn ctx(&self) -> usize {
         self.ctx
+    }
+
+    /// VRAM and expert-cache counters since load (or the last [`Engine::reset_metrics`]).
+    pub fn metrics(&self) -> RunMetrics {
+        let arena = &self.model.gpu.arena;
+        let off = self.model.offload.as_ref();
+        let stats = off.map(|o| o.stats()).unwrap_or_default();
+        RunMetrics {
+            budget_bytes: arena.budget(),
+            peak_vram_bytes: arena.peak(),
+            expert_slots: off.map(|o| o.slots),
+            expert_hits: stats.total.hits,
+            expert_misses: stats.total.misses,
+            prefetch_hits: stats.total.prefetch_hits,
+            wasted_prefetches: stats.total.wasted_prefetches,
+            bytes_uploaded: stats.bytes_uploaded,
+            stall_ms: stats.stall.as_secs_f64() * 1e3,
+            policy: off.map_or("resident", |o| o.policy().label()).to_string(),
+            prefetch: off.map_or("none", |o| o.prefetch.label()).to_string(),
+            per_layer: stats.per_layer,
+        }
+    }
+
+    /// Zeroes the expert-cache counters (not the peak VRAM).
+    pub fn reset_metrics(&self) {
+        if let Some(o) = &self.model.offload {
+            o.reset_stats();
+        }
     }
 
     pub fn gpu(&self) -> &Gpu {
@@ -140,6 +193,30 @@ impl Engine {
                 ..Default::default()
             },
         })
+    }
+}
+
+/// What `--json` adds to bench and eval: the budget, and how the expert cache did.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct RunMetrics {
+    pub budget_bytes: Option<u64>,
+    pub peak_vram_bytes: u64,
+    /// Cache slots per MoE layer (None: every expert resident).
+    pub expert_slots: Option<usize>,
+    pub expert_hits: u64,
+    pub expert_misses: u64,
+    pub prefetch_hits: u64,
+    pub wasted_prefetches: u64,
+    pub bytes_uploaded: u64,
+    pub stall_ms: f64,
+    pub policy: String,
+    pub prefetch: String,
+    pub per_layer: Vec<crate::moe::cache::LayerStats>,
+}
+
+impl RunMetrics {
+    pub fn hit_rate(&self) -> f64 {
+        self.expert_hits as f64 / (self.expert_hits + self.expert_misses).max(1) as f64
     }
 }
 

@@ -16,7 +16,9 @@ pub mod moe;
 pub mod pull;
 pub mod quant;
 
-pub use engine::{Engine, EngineOptions, GenerateParams, Generation, GenerationStats, StopReason};
+pub use engine::{
+    Engine, EngineOptions, GenerateParams, Generation, GenerationStats, RunMetrics, StopReason,
+};
 pub use error::{Error, Result};
 pub use model::chat::ChatMessage;
 pub use model::{SamplerConfig, Session};

@@ -13,6 +13,9 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 use pregate::gpu::{list_adapters, BackendChoice, GpuOptions};
 use pregate::model::chat::ChatMessage;
+use pregate::model::memory::VramBudget;
+use pregate::model::offload::OffloadOptions;
+use pregate::moe::{PolicyKind, Prefetch};
 use pregate::pull::{self, PullEvent, DEFAULT_MODEL};
 use pregate::{Engine, EngineOptions, GenerateParams, SamplerConfig};
 
@@ -80,12 +83,30 @@ struct ModelArgs {
     /// Graphics API
     #[arg(long, value_enum, default_value_t = BackendChoice::Auto)]
     backend: BackendChoice,
-    /// Most VRAM to use, e.g. 192MiB, 1.5GiB, or all. Without --ctx, the context shrinks to fit
+    /// Most VRAM to use: a size (192MiB, 1.5GiB), a share of the expert bytes for the expert
+    /// cache (25%, MoE models), or all. Resident parts go first; MoE experts that do not fit
+    /// stream into cache slots. Without --ctx, the context shrinks if needed
     #[arg(long, default_value = "all")]
     vram_budget: String,
+    /// Expert cache replacement policy (when experts do not all fit)
+    #[arg(long, value_enum, default_value_t = CachePolicy::Lru)]
+    policy: CachePolicy,
+    /// Load experts ahead of need: none, or next-layer (route the next layer early)
+    #[arg(long, value_enum, default_value_t = Prefetch::None)]
+    prefetch: Prefetch,
+    /// Hash every expert at load and check it on first upload (detects a file changed on disk)
+    #[arg(long)]
+    verify: bool,
     /// Experts per token in MoE layers: a count, or `all` (default: the model's)
     #[arg(long, value_parser = parse_experts)]
     experts_per_token: Option<usize>,
+}
+
+/// The runtime's policies (Belady needs the future: it lives in `simulate`).
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum CachePolicy {
+    Lru,
+    Lfu,
 }
 
 fn parse_experts(s: &str) -> Result<usize, String> {
@@ -312,6 +333,7 @@ struct BenchArgs {
     /// Repetitions (the best is reported)
     #[arg(long, default_value_t = 3)]
     reps: usize,
+    /// One JSON object per budget
     #[arg(long)]
     json: bool,
 }
@@ -381,16 +403,24 @@ fn resolve(spec: &str) -> Result<PathBuf> {
 
 fn load(m: &ModelArgs) -> Result<Engine> {
     let path = resolve(&m.model)?;
-    let budget = pregate::gpu::parse_size(&m.vram_budget)?;
+    let budget = VramBudget::parse(&m.vram_budget)?;
     let opts = EngineOptions {
         gpu: GpuOptions {
             adapter: m.adapter,
             backend: m.backend,
-            vram_budget: budget,
             ..Default::default()
         },
         ctx: m.ctx,
         experts_per_token: m.experts_per_token,
+        budget,
+        offload: OffloadOptions {
+            policy: match m.policy {
+                CachePolicy::Lru => PolicyKind::Lru,
+                CachePolicy::Lfu => PolicyKind::Lfu,
+            },
+            prefetch: m.prefetch,
+            verify: m.verify,
+        },
     };
     let pb = bar(0, "loading {bar:40} {pos}/{len} layers");
     let engine = Engine::load_with_progress(&path, &opts, |done, total| {
@@ -399,8 +429,8 @@ fn load(m: &ModelArgs) -> Result<Engine> {
     })
     .with_context(|| format!("loading {}", path.display()))?;
     pb.finish_and_clear();
-    if budget.is_some() {
-        eprintln!("{}", engine.memory.summary(budget));
+    if budget != VramBudget::All {
+        eprintln!("{}", engine.memory.summary(engine.gpu().arena.budget()));
     }
     tracing::info!(adapter = %engine.gpu().adapter_name(), "model loaded");
     Ok(engine)
@@ -573,7 +603,13 @@ fn cmd_eval(a: EvalArgs) -> Result<()> {
     })?;
     pb.finish_and_clear();
     if a.json {
-        println!("{}", serde_json::to_string(&r)?);
+        let mut v = serde_json::to_value(&r)?;
+        if let (Some(o), serde_json::Value::Object(m)) =
+            (v.as_object_mut(), serde_json::to_value(engine.metrics())?)
+        {
+            o.extend(m);
+        }
+        println!("{v}");
     } else {
         println!(
             "PPL = {:.4} +/- {:.4}  ({} chunks of {} tokens, {} scored, {:.1}s)",
@@ -589,28 +625,90 @@ fn cmd_eval(a: EvalArgs) -> Result<()> {
 }
 
 fn cmd_bench(a: BenchArgs) -> Result<()> {
-    let engine = load(&a.model)?;
-    let r = pregate::bench::run(&engine, a.prompt_tokens, a.gen_tokens, a.reps)?;
-    if a.json {
-        println!("{}", serde_json::to_string(&r)?);
-    } else {
-        println!("adapter   {} ({})", r.adapter, r.backend);
-        println!(
-            "prefill   {:.1} tok/s  ({} tokens)",
-            r.prefill_tok_s, r.prompt_tokens
-        );
-        println!(
-            "decode    {:.1} tok/s  ({} tokens)",
-            r.decode_tok_s, r.gen_tokens
-        );
-        for k in &r.kernels {
-            println!(
-                "  {:12} {:8.3} ms/token  {:5.1}%",
-                k.kernel, k.ms_per_token, k.percent
-            );
+    // One run per budget, in the order given (e.g. --vram-budget 25%,50%,all).
+    let budgets: Vec<String> = a
+        .model
+        .vram_budget
+        .split(',')
+        .map(|b| b.trim().to_string())
+        .collect();
+    let mut reports = Vec::new();
+    for budget in &budgets {
+        let m = ModelArgs {
+            vram_budget: budget.clone(),
+            ..a.model.clone()
+        };
+        let engine = load(&m)?;
+        let r = pregate::bench::run(&engine, budget, a.prompt_tokens, a.gen_tokens, a.reps)?;
+        drop(engine);
+        if a.json {
+            println!("{}", serde_json::to_string(&r)?);
+        } else if budgets.len() == 1 {
+            print_bench(&r);
         }
+        reports.push(r);
+    }
+    if !a.json && budgets.len() > 1 {
+        print_bench_table(&reports);
     }
     Ok(())
+}
+
+fn print_bench(r: &pregate::bench::BenchReport) {
+    println!("adapter   {} ({})", r.adapter, r.backend);
+    println!(
+        "prefill   {:.1} tok/s  ({} tokens)",
+        r.prefill_tok_s, r.prompt_tokens
+    );
+    println!(
+        "decode    {:.1} tok/s  ({} tokens)",
+        r.decode_tok_s, r.gen_tokens
+    );
+    let m = &r.metrics;
+    if let Some(slots) = m.expert_slots {
+        println!(
+            "experts   {slots} slots/layer, {} ({}), hit rate {:.1}%, {} prefetch hits, {} wasted, {:.1} MiB uploaded, stall {:.1} ms ({:.0}% of decode)",
+            m.policy,
+            m.prefetch,
+            100.0 * m.hit_rate(),
+            m.prefetch_hits,
+            m.wasted_prefetches,
+            m.bytes_uploaded as f64 / (1u64 << 20) as f64,
+            m.stall_ms,
+            100.0 * r.stall_share
+        );
+    }
+    println!(
+        "vram      peak {:.1} MiB",
+        m.peak_vram_bytes as f64 / (1u64 << 20) as f64
+    );
+    for k in &r.kernels {
+        println!(
+            "  {:12} {:8.3} ms/token  {:5.1}%",
+            k.kernel, k.ms_per_token, k.percent
+        );
+    }
+}
+
+fn print_bench_table(reports: &[pregate::bench::BenchReport]) {
+    println!(
+        "{:>10} {:>6} {:>11} {:>10} {:>9} {:>10} {:>8} {:>11}",
+        "budget", "slots", "peak MiB", "prefill", "decode", "hit rate", "stall", "uploaded"
+    );
+    for r in reports {
+        let m = &r.metrics;
+        println!(
+            "{:>10} {:>6} {:>11.1} {:>10.1} {:>9.2} {:>9.1}% {:>7.0}% {:>7.1} MiB",
+            r.budget,
+            m.expert_slots.map_or("all".to_string(), |s| s.to_string()),
+            m.peak_vram_bytes as f64 / (1u64 << 20) as f64,
+            r.prefill_tok_s,
+            r.decode_tok_s,
+            100.0 * m.hit_rate(),
+            100.0 * r.stall_share,
+            m.bytes_uploaded as f64 / (1u64 << 20) as f64,
+        );
+    }
 }
 
 fn cmd_inspect(spec: &str, list_tensors: bool) -> Result<()> {

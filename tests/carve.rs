@@ -4,66 +4,15 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
-use common::{load_weights, max_abs_diff, reference_logits, write_tiny_model, TinySpec};
+use common::{
+    calib_file, carve_tiny, carve_tiny_with, load_weights, max_abs_diff, reference_logits,
+    write_tiny_model, TinySpec,
+};
 use pregate::carve::{self, CarveOptions, RouterFit};
 use pregate::gpu::KernelLayout;
 use pregate::{Engine, EngineOptions};
-
-fn calib_file(dir: &Path) -> PathBuf {
-    let text: String = (0..400)
-        .map(|i| {
-            format!(
-                "fn item_{i}(x: u32) -> u32 {{ x * {i} + {} }} // calibration\n",
-                i % 7
-            )
-        })
-        .collect();
-    let p = dir.join("calib.txt");
-    std::fs::write(&p, text).expect("write calib");
-    p
-}
-
-fn carve_tiny(tag: &str, experts: usize, shared: usize, active: usize) -> (PathBuf, PathBuf) {
-    carve_tiny_with(
-        tag,
-        experts,
-        shared,
-        active,
-        RouterFit::Representative,
-        false,
-    )
-}
-
-fn carve_tiny_with(
-    tag: &str,
-    experts: usize,
-    shared: usize,
-    active: usize,
-    router_fit: RouterFit,
-    refit_shared: bool,
-) -> (PathBuf, PathBuf) {
-    let dir = common::tmp_dir(tag);
-    let dense = dir.join("dense.gguf");
-    write_tiny_model(&dense, TinySpec::default(), 21);
-    let out = dir.join("carved.gguf");
-    let opts = CarveOptions {
-        n_experts: experts,
-        n_shared: shared,
-        n_active: active,
-        calib: vec![calib_file(&dir)],
-        calib_tokens: 600,
-        seq_len: 200,
-        router_fit,
-        refit_shared,
-        ..Default::default()
-    };
-    let summary = carve::carve(&dense, &out, &opts, |_| {}).expect("carve");
-    assert_eq!(summary.layers, 2);
-    assert_eq!(summary.calib_tokens, 600);
-    (dense, out)
-}
 
 fn logits(path: &Path, experts: Option<usize>, tokens: &[u32]) -> Vec<Vec<f32>> {
     logits_with(path, experts, tokens, KernelLayout::Auto)

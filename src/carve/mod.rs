@@ -145,7 +145,7 @@ pub fn carve(
         &EngineOptions {
             gpu: opts.gpu.clone(),
             ctx: opts.seq_len,
-            experts_per_token: None,
+            ..Default::default()
         },
     )?;
     let c = config;

@@ -163,6 +163,8 @@ pub struct GgufFile {
     pub tensors: Vec<TensorInfo>,
     index: BTreeMap<String, usize>,
     mmap: Arc<Mmap>,
+    /// The open file, so that reads made long after open can check it still holds them.
+    handle: Option<Arc<File>>,
 }
 
 /// A bounds-checked cursor over the mapped header.
@@ -278,7 +280,9 @@ impl GgufFile {
             path: path.to_path_buf(),
             cause: source,
         })?;
-        Self::parse(path.to_path_buf(), Arc::new(mmap))
+        let mut f = Self::parse(path.to_path_buf(), Arc::new(mmap))?;
+        f.handle = Some(Arc::new(file));
+        Ok(f)
     }
 
     fn parse(path: PathBuf, mmap: Arc<Mmap>) -> Result<GgufFile> {
@@ -420,6 +424,7 @@ impl GgufFile {
             tensors,
             index,
             mmap,
+            handle: None,
         })
     }
 
@@ -434,6 +439,30 @@ impl GgufFile {
     pub fn require(&self, name: &str) -> Result<&TensorInfo> {
         self.tensor(name)
             .ok_or_else(|| Error::MissingTensor(name.to_string()))
+    }
+
+    /// Bytes `range` of tensor `t`, after checking that the file on disk still holds them:
+    /// a file truncated while mapped would otherwise fault (SIGBUS) on first touch. Reads
+    /// made long after open (the expert cache's) go through here.
+    pub fn bytes_checked(&self, t: &TensorInfo, range: std::ops::Range<u64>) -> Result<&[u8]> {
+        let (start, end) = (t.offset + range.start, t.offset + range.end);
+        if range.end > t.n_bytes || range.start > range.end {
+            return Err(Error::BadTensor {
+                tensor: t.name.clone(),
+                why: format!("bytes {range:?} are outside its {} bytes", t.n_bytes),
+            });
+        }
+        if let Some(h) = &self.handle {
+            let have = h.metadata()?.len();
+            if have < end {
+                return Err(Error::Truncated {
+                    what: format!("tensor '{}' (the file shrank after it was opened)", t.name),
+                    need: end,
+                    have,
+                });
+            }
+        }
+        Ok(&self.mmap[start as usize..end as usize])
     }
 
     /// The tensor's bytes: a slice of the mapping (bounds were checked at open).

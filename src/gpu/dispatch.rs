@@ -44,16 +44,34 @@ struct Pending {
     groups: [u32; 3],
 }
 
+/// A point in a plan where the host must act before the dispatches after it run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mark {
+    /// The MoE layer's router has written its expert ids: make those experts resident.
+    Routed(usize),
+    /// The MoE layer's expert kernels end here; they may rerun from its `Routed` mark for
+    /// another wave of experts.
+    ExpertsDone(usize),
+}
+
 /// A list of dispatches that replays in order inside one compute pass.
 pub struct DispatchList {
     pub dispatches: Vec<Dispatch>,
+    /// (index of the first dispatch after the mark, mark), in order. Empty for a plan that
+    /// runs in one go.
+    pub marks: Vec<(usize, Mark)>,
     /// Keeps the packed parameter slots alive.
     _params: Option<GpuBuffer>,
 }
 
 impl DispatchList {
     pub fn encode(&self, pass: &mut wgpu::ComputePass<'_>) {
-        for d in &self.dispatches {
+        self.encode_range(pass, 0..self.dispatches.len());
+    }
+
+    /// Encodes dispatches `range` (a segment between marks).
+    pub fn encode_range(&self, pass: &mut wgpu::ComputePass<'_>, range: std::ops::Range<usize>) {
+        for d in &self.dispatches[range] {
             pass.set_pipeline(&d.pipeline);
             pass.set_bind_group(0, &d.bind_group, &[]);
             pass.dispatch_workgroups(d.groups[0], d.groups[1], d.groups[2]);
@@ -71,6 +89,7 @@ impl DispatchList {
 
 pub struct DispatchBuilder {
     pending: Vec<Pending>,
+    marks: Vec<(usize, Mark)>,
     /// The device's limits, for kernels whose variant depends on them.
     pub limits: wgpu::Limits,
     /// A CPU adapter (lavapipe) favours kernels with fewer, longer threads.
@@ -81,6 +100,7 @@ impl DispatchBuilder {
     pub fn new(gpu: &Gpu) -> Self {
         DispatchBuilder {
             pending: Vec::new(),
+            marks: Vec::new(),
             limits: gpu.limits.clone(),
             cpu_layout: gpu.cpu_layout,
         }
@@ -100,6 +120,11 @@ impl DispatchBuilder {
             binds,
             groups,
         });
+    }
+
+    /// Marks the current point of the plan.
+    pub fn mark(&mut self, mark: Mark) {
+        self.marks.push((self.pending.len(), mark));
     }
 
     pub fn finish(self, gpu: &Gpu) -> Result<DispatchList> {
@@ -146,6 +171,7 @@ impl DispatchBuilder {
         gpu.check()?;
         Ok(DispatchList {
             dispatches,
+            marks: self.marks,
             _params: Some(params),
         })
     }

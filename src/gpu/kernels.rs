@@ -72,6 +72,7 @@ pub enum Kernel {
         variant: AttnVariant,
     },
     SwiGlu,
+    SwiGluInto,
     Add,
     Copy,
     CopyU32,
@@ -113,6 +114,7 @@ impl Kernel {
             Kernel::Rope => "rope",
             Kernel::Attention { .. } => "attention",
             Kernel::SwiGlu => "swiglu",
+            Kernel::SwiGluInto => "swiglu_into",
             Kernel::Add => "add",
             Kernel::Copy => "copy",
             Kernel::CopyU32 => "copy_u32",
@@ -134,6 +136,7 @@ impl Kernel {
     pub fn entry_point(&self) -> &'static str {
         match self {
             Kernel::SwiGlu
+            | Kernel::SwiGluInto
             | Kernel::Add
             | Kernel::Copy
             | Kernel::CopyU32
@@ -200,6 +203,7 @@ impl Kernel {
                 ATTENTION.replace("{{HD4}}", &(head_dim / 4).to_string())
             }
             Kernel::SwiGlu
+            | Kernel::SwiGluInto
             | Kernel::Add
             | Kernel::Copy
             | Kernel::CopyU32

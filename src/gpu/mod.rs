@@ -9,6 +9,6 @@ pub mod tensor;
 
 pub use arena::{parse_size, Arena, GpuBuffer};
 pub use context::{list_adapters, AdapterSummary, BackendChoice, Gpu, GpuOptions, KernelLayout};
-pub use dispatch::{grid_1d, Bind, DispatchBuilder, DispatchList};
+pub use dispatch::{grid_1d, Bind, DispatchBuilder, DispatchList, Mark};
 pub use kernels::Kernel;
 pub use tensor::{Matrix, Shard, Vector};

@@ -390,6 +390,26 @@ pub fn swiglu(b: &mut DispatchBuilder, a: &wgpu::Buffer, other: &wgpu::Buffer, n
     );
 }
 
+/// out = silu(a) * b over n elements (leaves a and b as they were).
+pub fn swiglu_into(
+    b: &mut DispatchBuilder,
+    a: &wgpu::Buffer,
+    other: &wgpu::Buffer,
+    out: &wgpu::Buffer,
+    n: u32,
+) {
+    b.push(
+        Kernel::SwiGluInto,
+        &ElemParams { n, off: 0 },
+        vec![
+            Bind::whole(1, a),
+            Bind::whole(2, other),
+            Bind::whole(5, out),
+        ],
+        grid_1d(n, 64),
+    );
+}
+
 /// a = a + b over n elements.
 pub fn add(b: &mut DispatchBuilder, a: &wgpu::Buffer, other: &wgpu::Buffer, n: u32) {
     b.push(

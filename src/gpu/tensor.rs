@@ -89,6 +89,34 @@ impl Matrix {
         })
     }
 
+    /// A zero-filled `[rows, cols]` matrix in one buffer (an expert cache pool whose rows
+    /// are uploaded later).
+    pub fn zeroed(gpu: &Gpu, name: &str, dtype: DType, rows: usize, cols: usize) -> Result<Matrix> {
+        if !cols.is_multiple_of(dtype.gpu_block_len()) {
+            return Err(Error::BadTensor {
+                tensor: name.into(),
+                why: format!("row length {cols} is not whole {dtype} blocks"),
+            });
+        }
+        let bytes = (rows * cols / dtype.gpu_block_len() * dtype.gpu_block_words() * 4) as u64;
+        if bytes > gpu.max_binding() {
+            return Err(Error::BadTensor {
+                tensor: name.into(),
+                why: "larger than the device's largest storage binding".into(),
+            });
+        }
+        Ok(Matrix {
+            dtype,
+            rows,
+            cols,
+            shards: vec![Shard {
+                buffer: gpu.storage(name, bytes)?,
+                row_start: 0,
+                n_rows: rows as u32,
+            }],
+        })
+    }
+
     pub fn gpu_bytes(&self) -> u64 {
         self.shards.iter().map(|s| s.buffer.size()).sum()
     }

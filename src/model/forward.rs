@@ -4,12 +4,14 @@
 //! → norm → lm_head → (argmax | nll).
 
 use crate::error::Result;
-use crate::gpu::ops::{self, AttnShape, ExpertGroups, ExpertIo, RowBuffers, Write};
-use crate::gpu::{DispatchBuilder, DispatchList, Kernel, Matrix};
+use crate::gpu::ops::{self, AttnShape, ExpertGroups, ExpertIo, ExpertSlots, RowBuffers, Write};
+use crate::gpu::{DispatchBuilder, DispatchList, Kernel, Mark, Matrix};
 
 use super::config::MoeConfig;
+use super::offload::next_moe_layer;
 use super::session::{StateBuffers, TOPK_CAP};
 use super::weights::{Ffn, Mlp, Model, MoeWeights};
+use crate::moe::Prefetch;
 
 /// What a step must leave for the host to read.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -68,10 +70,17 @@ fn ffn_dense(
     );
 }
 
-/// router → top-k ids and weights (on the GPU) → the chosen experts' gate, up → swiglu →
-/// weighted down (+x).
-fn ffn_experts(b: &mut DispatchBuilder, s: &StateBuffers, m: &MoeWeights, moe: &MoeConfig, n: u32) {
-    let (e, k, ff) = (moe.n_expert as u32, moe.n_used as u32, moe.expert_ff as u32);
+/// The router's matmuls and top-k: `n` tokens' expert ids and weights into `ids`, `wts`.
+fn route(
+    b: &mut DispatchBuilder,
+    s: &StateBuffers,
+    m: &MoeWeights,
+    moe: &MoeConfig,
+    n: u32,
+    ids: &wgpu::Buffer,
+    wts: &wgpu::Buffer,
+) {
+    let store = Write::Store;
     ops::matmul(
         b,
         &m.router_gate,
@@ -80,22 +89,14 @@ fn ffn_experts(b: &mut DispatchBuilder, s: &StateBuffers, m: &MoeWeights, moe: &
         n,
         &s.router_g,
         None,
-        Write::Store,
+        store,
         &s.dummy,
     );
     if let Some(ru) = &m.router_up {
-        ops::matmul(
-            b,
-            ru,
-            &s.xn,
-            0,
-            n,
-            &s.router_u,
-            None,
-            Write::Store,
-            &s.dummy,
-        );
+        ops::matmul(b, ru, &s.xn, 0, n, &s.router_u, None, store, &s.dummy);
     }
+    let (e, k) = (moe.n_expert as u32, moe.n_used as u32);
+    let g = (&s.router_g, &s.router_u);
     ops::moe_route(
         b,
         moe.score,
@@ -103,48 +104,79 @@ fn ffn_experts(b: &mut DispatchBuilder, s: &StateBuffers, m: &MoeWeights, moe: &
         e,
         k,
         n,
-        &s.router_g,
-        &s.router_u,
+        g.0,
+        g.1,
         &m.bias.buffer,
-        &s.expert_ids,
-        &s.expert_wts,
+        ids,
+        wts,
     );
-    let d = (m.down_exps.rows / moe.n_expert) as u32;
+}
+
+/// How a layer's expert kernels find their weights, and what the host does around them.
+struct ExpertPlan<'a> {
+    layer: usize,
+    slots: ExpertSlots<'a>,
+    /// Experts live in a cache: mark the plan so the host can load them.
+    offloaded: bool,
+    /// The next MoE layer's router, to apply to this layer's input (next-layer prefetch).
+    predict: Option<&'a MoeWeights>,
+}
+
+/// router → top-k ids and weights (on the GPU) → the chosen experts' gate, up → swiglu →
+/// weighted down (+x).
+fn ffn_experts(
+    b: &mut DispatchBuilder,
+    s: &StateBuffers,
+    m: &MoeWeights,
+    moe: &MoeConfig,
+    n: u32,
+    p: &ExpertPlan,
+) {
+    let (e, k, ff) = (moe.n_expert as u32, moe.n_used as u32, moe.expert_ff as u32);
+    route(b, s, m, moe, n, &s.expert_ids, &s.expert_wts);
+    // Rows per expert of down: d_model (the pools hold fewer experts than the model).
+    let d = m.gate_exps.cols as u32;
+    let groups = ExpertGroups {
+        slots: p.slots,
+        lists: &s.expert_lists,
+        counts: &s.expert_counts,
+    };
+    if n > 1 {
+        ops::moe_group(b, e, k, n, &s.expert_ids, &groups);
+    }
+    if let Some(next) = p.predict {
+        route(b, s, next, moe, n, &s.pred_ids, &s.pred_wts);
+    }
+    if p.offloaded {
+        b.mark(Mark::Routed(p.layer));
+    }
     if n > 1 {
         // Prefill: expert-major, so each expert's weights are read once per token tile.
-        let groups = ExpertGroups {
-            lists: &s.expert_lists,
-            counts: &s.expert_counts,
-        };
-        ops::moe_group(b, e, k, n, &s.expert_ids, &groups);
+        // swiglu writes apart from gate and up, so that a wave of experts can rerun it.
         ops::moe_grouped(b, &m.gate_exps, ff, e, k, n, false, &s.xn, &s.gate, &groups);
         ops::moe_grouped(b, &m.up_exps, ff, e, k, n, false, &s.xn, &s.up, &groups);
+        ops::swiglu_into(b, &s.gate, &s.up, &s.expert_h, n * k * ff);
+        let (h, out) = (&s.expert_h, &s.expert_out);
+        ops::moe_grouped(b, &m.down_exps, d, e, k, n, true, h, out, &groups);
+    } else {
+        let io = |x, y| ExpertIo {
+            slots: p.slots,
+            ids: &s.expert_ids,
+            wts: &s.expert_wts,
+            x,
+            y,
+        };
+        ops::moe_rows(b, &m.gate_exps, ff, k, n, &io(&s.xn, &s.gate));
+        ops::moe_rows(b, &m.up_exps, ff, k, n, &io(&s.xn, &s.up));
         ops::swiglu(b, &s.gate, &s.up, n * k * ff);
-        ops::moe_grouped(
-            b,
-            &m.down_exps,
-            d,
-            e,
-            k,
-            n,
-            true,
-            &s.gate,
-            &s.expert_out,
-            &groups,
-        );
-        ops::moe_combine(b, k, n, d, &s.expert_wts, &s.expert_out, &s.x);
-        return;
+        ops::moe_down(b, &m.down_exps, d, k, n, &io(&s.gate, &s.x));
     }
-    let io = |x, y| ExpertIo {
-        ids: &s.expert_ids,
-        wts: &s.expert_wts,
-        x,
-        y,
-    };
-    ops::moe_rows(b, &m.gate_exps, ff, k, n, &io(&s.xn, &s.gate));
-    ops::moe_rows(b, &m.up_exps, ff, k, n, &io(&s.xn, &s.up));
-    ops::swiglu(b, &s.gate, &s.up, n * k * ff);
-    ops::moe_down(b, &m.down_exps, d, k, n, &io(&s.gate, &s.x));
+    if p.offloaded {
+        b.mark(Mark::ExpertsDone(p.layer));
+    }
+    if n > 1 {
+        ops::moe_combine(b, k, n, d, &s.expert_wts, &s.expert_out, &s.x);
+    }
 }
 
 pub fn build(
@@ -254,7 +286,24 @@ pub fn build(
                     let gate = m.shared_gate.as_ref();
                     ffn_dense(&mut b, s, shared, n, None, gate);
                 }
-                ffn_experts(&mut b, s, m, moe, n);
+                let offload = model.offload.as_ref();
+                let predict = offload
+                    .filter(|o| o.prefetch == Prefetch::NextLayer && n == 1)
+                    .and_then(|_| next_moe_layer(model, l))
+                    .and_then(|nl| match &w.layers[nl].ffn {
+                        Ffn::Moe(next) => Some(&**next),
+                        Ffn::Dense(_) => None,
+                    });
+                let plan = ExpertPlan {
+                    layer: l,
+                    slots: ExpertSlots {
+                        table: &w.slot_table,
+                        off: (l * moe.n_expert) as u32,
+                    },
+                    offloaded: offload.is_some(),
+                    predict,
+                };
+                ffn_experts(&mut b, s, m, moe, n, &plan);
                 if output == Output::Route {
                     let k = moe.n_used as u32;
                     let off = l as u32 * s.ub as u32 * k;

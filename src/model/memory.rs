@@ -1,6 +1,8 @@
 //! Where the VRAM goes, computed before anything is allocated: resident weights by part,
-//! the KV cache for the context, and activations. With a `--vram-budget`, this decides the
-//! context length that fits, or explains in bytes why the model does not fit.
+//! the KV cache for the context, activations, and (for MoE models) the routed experts. With
+//! a `--vram-budget`, resident parts are placed first; what is left becomes expert cache
+//! slots (moe/cache.rs). This decides the context length and the slots that fit, or explains
+//! in bytes why the model does not fit.
 
 use crate::error::{Error, Result};
 use crate::format::GgufFile;
@@ -19,15 +21,86 @@ pub struct MemoryPlan {
     pub kv_cache: u64,
     pub activations: u64,
     pub ctx: usize,
+    /// Routed expert weights of every layer, all resident (MoE models; 0 for dense).
+    pub experts: u64,
+    /// One expert's gate, up and down on the GPU (the largest over layers): a slot's size.
+    pub slot_bytes: u64,
+    pub n_expert: usize,
+    pub n_moe_layers: usize,
+    /// Expert cache slots per layer; `None` when every expert is resident.
+    pub expert_slots: Option<usize>,
+}
+
+/// What `--vram-budget` asks for.
+#[derive(Clone, Copy, Debug, PartialEq, Default)]
+pub enum VramBudget {
+    /// No limit: everything resident.
+    #[default]
+    All,
+    /// A total for every GPU allocation.
+    Bytes(u64),
+    /// Resident parts, plus cache slots for this share (0..1) of the expert bytes.
+    ExpertShare(f64),
+}
+
+impl VramBudget {
+    /// Parses `all`, a size (`192MiB`, `1.5GiB`, `4096`) or a share of the expert bytes
+    /// (`25%`).
+    pub fn parse(s: &str) -> Result<VramBudget> {
+        let t = s.trim();
+        if let Some(p) = t.strip_suffix('%') {
+            let v: f64 = p.trim().parse().map_err(|_| {
+                Error::InvalidArgument(format!("'{s}' is not a percentage (try 25%)"))
+            })?;
+            if !(v > 0.0 && v <= 100.0) {
+                return Err(Error::InvalidArgument(format!(
+                    "'{s}': a share of the expert bytes must be in (0%, 100%]"
+                )));
+            }
+            return Ok(VramBudget::ExpertShare(v / 100.0));
+        }
+        Ok(match crate::gpu::parse_size(t)? {
+            None => VramBudget::All,
+            Some(b) => VramBudget::Bytes(b),
+        })
+    }
+
+    /// How the budget reads in tables and JSON.
+    pub fn label(&self) -> String {
+        match self {
+            VramBudget::All => "all".into(),
+            VramBudget::Bytes(b) => format!("{:.1}MiB", *b as f64 / (1u64 << 20) as f64),
+            VramBudget::ExpertShare(p) => format!("{:.0}%", p * 100.0),
+        }
+    }
 }
 
 impl MemoryPlan {
+    /// Weights that always live on the GPU (everything but the routed experts).
     pub fn weights(&self) -> u64 {
         self.embedding + self.attention + self.ffn + self.norms + self.lm_head
     }
 
+    /// Bytes for the routed experts: all of them, or the cache slots and their slot table.
+    pub fn expert_bytes(&self) -> u64 {
+        match self.expert_slots {
+            None => self.experts,
+            Some(s) => {
+                self.n_moe_layers as u64 * (s as u64 * self.slot_bytes + 4 * self.n_expert as u64)
+            }
+        }
+    }
+
     pub fn total(&self) -> u64 {
-        self.weights() + self.kv_cache + self.activations
+        self.weights() + self.expert_bytes() + self.kv_cache + self.activations
+    }
+
+    /// The same plan with `slots` per layer (`None`: all resident).
+    fn with_slots(&self, slots: Option<usize>) -> MemoryPlan {
+        MemoryPlan {
+            expert_slots: slots.filter(|s| *s < self.n_expert),
+            ..self.clone()
+        }
     }
 
     /// One line for the start of a run.
@@ -36,8 +109,23 @@ impl MemoryPlan {
         let budget = budget
             .map(|b| format!(" of a {:.1} MiB budget", mib(b)))
             .unwrap_or_default();
+        let experts = match (self.n_expert, self.expert_slots) {
+            (0, _) => "expert slots: 0 (dense model)".to_string(),
+            (_, None) => format!(
+                "experts {:.1} MiB, all resident",
+                mib(self.experts)
+            ),
+            (e, Some(s)) => format!(
+                "expert cache {:.1} MiB: {s} of {e} slots per layer x {} layers, {:.2} MiB a slot ({:.0}% of {:.1} MiB of experts)",
+                mib(self.expert_bytes()),
+                self.n_moe_layers,
+                mib(self.slot_bytes),
+                100.0 * s as f64 / e as f64,
+                mib(self.experts)
+            ),
+        };
         format!(
-            "VRAM plan: weights {:.1} MiB (embedding {:.1}, attention {:.1}, ffn {:.1}, lm_head {:.1}), KV cache {:.1} MiB for {} tokens, activations {:.1} MiB; total {:.1} MiB{budget}; expert slots: 0 (dense model)",
+            "VRAM plan: resident weights {:.1} MiB (embedding {:.1}, attention {:.1}, ffn {:.1}, lm_head {:.1}), KV cache {:.1} MiB for {} tokens, activations {:.1} MiB; {experts}; total {:.1} MiB{budget}",
             mib(self.weights()),
             mib(self.embedding),
             mib(self.attention),
@@ -50,6 +138,9 @@ impl MemoryPlan {
         )
     }
 }
+
+/// The routed expert tensors of a layer: `blk.N.ffn_{part}_exps.weight`.
+pub const EXPERT_PARTS: [&str; 3] = ["gate", "up", "down"];
 
 /// Bytes a tensor takes on the GPU (quant blocks repacked to u32 alignment; vectors as f32).
 fn gpu_bytes(f: &GgufFile, name: &str) -> u64 {
@@ -76,6 +167,7 @@ pub fn kv_bytes_per_token(c: &ModelConfig) -> u64 {
 /// Plans a session of `ctx` tokens.
 pub fn plan(f: &GgufFile, c: &ModelConfig, ctx: usize) -> MemoryPlan {
     let mut p = MemoryPlan {
+        n_expert: c.moe.as_ref().map_or(0, |m| m.n_expert),
         embedding: gpu_bytes(f, "token_embd.weight"),
         lm_head: gpu_bytes(f, "output.weight"),
         norms: gpu_bytes(f, "output_norm.weight"),
@@ -95,11 +187,22 @@ pub fn plan(f: &GgufFile, c: &ModelConfig, ctx: usize) -> MemoryPlan {
         ] {
             p.attention += gpu_bytes(f, &n(t));
         }
-        // Dense FFN, or experts, shared expert and router: every ffn_* tensor but the norm.
+        // Dense FFN, or shared expert and router: every ffn_* tensor but the norm and the
+        // routed experts, which are counted apart (they may live in cache slots).
         let prefix = n("ffn_");
+        let routed = EXPERT_PARTS.map(|part| n(&format!("ffn_{part}_exps.weight")));
         for t in f.tensors.iter().filter(|t| t.name.starts_with(&prefix)) {
-            if t.name != n("ffn_norm.weight") {
+            if routed.contains(&t.name) {
+                p.experts += gpu_bytes(f, &t.name);
+            } else if t.name != n("ffn_norm.weight") {
                 p.ffn += gpu_bytes(f, &t.name);
+            }
+        }
+        if let Some(m) = &c.moe {
+            let layer: u64 = routed.iter().map(|t| gpu_bytes(f, t)).sum();
+            if layer > 0 {
+                p.n_moe_layers += 1;
+                p.slot_bytes = p.slot_bytes.max(layer / m.n_expert as u64);
             }
         }
         // The selection bias is a vector uploaded as f32.
@@ -115,9 +218,11 @@ pub fn plan(f: &GgufFile, c: &ModelConfig, ctx: usize) -> MemoryPlan {
         c.ffn_width() as u64,
     );
     let experts = c.moe.as_ref().map_or(1, |m| m.n_expert) as u64;
-    // x, xn, q, k, v, attn, gate, up per row; one row of logits; readback; small buffers.
+    // x, xn, q, k, v, attn, gate, up, expert h per row; one row of logits; readback; small
+    // buffers; the route readback and predicted ids.
     // Plus each plan's packed dispatch parameters (256 bytes a dispatch): an allowance.
-    p.activations = ub * 4 * (2 * d + 2 * qd + 2 * kvd + 2 * ff)
+    p.activations = ub * 4 * (2 * d + 2 * qd + 2 * kvd + 3 * ff)
+        + 4 * (ub + 3) * experts
         + 2 * c.vocab as u64 * 4
         + (2 * TOPK_CAP as u64 + 16) * 4
         + ub * 12
@@ -137,11 +242,13 @@ pub fn plan(f: &GgufFile, c: &ModelConfig, ctx: usize) -> MemoryPlan {
 
 /// The context length to use: `requested` (0: the model's, capped at 4096) if it fits the
 /// budget; with no explicit request, the longest context that fits (at least 256 tokens).
-pub fn fit_context(
+/// MoE models under a budget get expert cache slots for what remains after the resident
+/// parts: at least `n_used` per layer, so that one token's experts fit at once.
+pub fn fit(
     f: &GgufFile,
     c: &ModelConfig,
     requested: usize,
-    budget: Option<u64>,
+    budget: VramBudget,
 ) -> Result<MemoryPlan> {
     let default_ctx = c.ctx_train.min(4096);
     let ctx = if requested == 0 {
@@ -150,20 +257,55 @@ pub fn fit_context(
         requested
     };
     let full = plan(f, c, ctx);
-    let Some(budget) = budget else {
-        return Ok(full);
+    let n_used = c.moe.as_ref().map_or(0, |m| m.n_used);
+    let budget = match budget {
+        VramBudget::All => return Ok(full),
+        VramBudget::ExpertShare(share) => {
+            if full.n_moe_layers == 0 {
+                return Err(Error::InvalidArgument(
+                    "a percentage --vram-budget is a share of the expert bytes, and this model has no experts; give a size (e.g. 512MiB) or all".into(),
+                ));
+            }
+            let slots =
+                ((share * full.n_expert as f64).round() as usize).clamp(n_used, full.n_expert);
+            return Ok(full.with_slots(Some(slots)));
+        }
+        VramBudget::Bytes(b) => b,
     };
     if full.total() <= budget {
         return Ok(full);
     }
+    // Experts go to cache slots: as many as fit beside everything resident.
+    let slots_in = |p: &MemoryPlan| -> Option<usize> {
+        if p.n_moe_layers == 0 {
+            return None;
+        }
+        let base = p.with_slots(Some(0)).total();
+        let per_slot = p.n_moe_layers as u64 * p.slot_bytes;
+        let slots = (budget.checked_sub(base)? / per_slot.max(1)) as usize;
+        (slots >= n_used.max(1)).then_some(slots)
+    };
+    if let Some(slots) = slots_in(&full) {
+        return Ok(full.with_slots(Some(slots)));
+    }
+    // Shrink the context (when the user did not ask for one) to what fits.
     let min_ctx = 256.min(ctx);
-    let fixed = plan(f, c, min_ctx);
+    let min_slots = (full.n_moe_layers > 0).then_some(n_used.max(1));
+    let fixed = plan(f, c, min_ctx).with_slots(min_slots);
     if requested == 0 && fixed.total() <= budget {
         let room = (budget - fixed.total()) / kv_bytes_per_token(c);
         let ctx = (min_ctx + room as usize).min(default_ctx);
-        return Ok(plan(f, c, ctx));
+        let p = plan(f, c, ctx);
+        return Ok(match slots_in(&p) {
+            Some(s) => p.with_slots(Some(s)),
+            None => p,
+        });
     }
-    let p = if requested == 0 { fixed } else { full };
+    let p = if requested == 0 {
+        fixed
+    } else {
+        full.with_slots(min_slots)
+    };
     Err(Error::BudgetTooSmall {
         needed: p.total(),
         budget,

@@ -5,6 +5,7 @@ pub mod chat;
 pub mod config;
 pub mod forward;
 pub mod memory;
+pub mod offload;
 pub mod sampler;
 pub mod session;
 pub mod tokenizer;

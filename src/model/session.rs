@@ -39,6 +39,11 @@ pub struct StateBuffers {
     pub expert_counts: GpuBuffer, // [n_expert] u32
     pub shared_gate: GpuBuffer,   // [ub] qwen2moe's shared-expert gate logits
     pub expert_out: GpuBuffer,    // [ub * n_used, d_model] per-slot down outputs (prefill)
+    pub expert_h: GpuBuffer,      // [ub, ffn_width] silu(gate) * up of the experts (prefill)
+    pub pred_ids: GpuBuffer,      // [n_expert] u32: the next layer's experts, predicted
+    pub pred_wts: GpuBuffer,      // [n_expert]
+    /// Expert ids (and predictions) read back at each MoE layer when experts are offloaded.
+    pub route_readback: GpuBuffer,
     /// Per layer [ub, d_model + 2 d_ff]: FFN input, gate and up (Output::Capture only).
     pub capture: Vec<GpuBuffer>,
     /// [n_layer, ub, n_used] u32 expert ids of every MoE layer (Output::Route).
@@ -120,6 +125,10 @@ impl StateBuffers {
                 "expert outputs",
                 (ubx * moe_slots * c.d_model as u64).max(16),
             )?,
+            expert_h: g.storage("expert h", ubx * c.ffn_width() as u64)?,
+            pred_ids: g.storage("predicted ids", f * n_expert)?,
+            pred_wts: g.storage("predicted weights", f * n_expert)?,
+            route_readback: g.readback("route readback", f * (ub as u64 + 1) * n_expert)?,
             capture: Vec::new(),
             route: g.storage("route", route_bytes)?,
             logits: g.storage("logits", logit_rows as u64 * vocab * f)?,
@@ -389,12 +398,17 @@ impl Session {
             .create_command_encoder(&wgpu::CommandEncoderDescriptor {
                 label: Some("step"),
             });
-        {
-            let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
-                label: Some("forward"),
-                timestamp_writes: None,
-            });
-            plan.encode(&mut pass);
+        match &self.model.offload {
+            Some(off) => {
+                enc = super::offload::encode_offloaded(&self.model, off, b, plan, n, enc)?;
+            }
+            None => {
+                let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
+                    label: Some("forward"),
+                    timestamp_writes: None,
+                });
+                plan.encode(&mut pass);
+            }
         }
         let (src, bytes): (&wgpu::Buffer, u64) = match output {
             Output::None => (&b.argmax, 0),
@@ -437,7 +451,9 @@ impl Session {
     /// dispatch, so pass boundaries add a little). Empty when the adapter has no timestamps.
     pub fn profile_decode(&mut self) -> Result<Vec<crate::bench::KernelTime>> {
         let g = self.model.gpu.clone();
+        // An offloaded step is cut into segments with loads between them; not profiled.
         if !g.features.contains(wgpu::Features::TIMESTAMP_QUERY)
+            || self.model.offload.is_some()
             || self.tokens.len() + 1 > self.bufs.ctx
         {
             return Ok(Vec::new());

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use crate::error::{Error, Result};
 use crate::format::{GgufFile, TensorInfo};
-use crate::gpu::{Gpu, Matrix, Vector};
+use crate::gpu::{Gpu, GpuBuffer, Matrix, Vector};
 use crate::quant::dequantize;
 
 use super::config::{ModelConfig, MoeConfig};
@@ -38,8 +38,10 @@ pub enum Ffn {
     Moe(Box<MoeWeights>),
 }
 
-/// A mixture-of-experts FFN. Routed experts are stacked: expert e owns rows
-/// e*expert_ff.. of gate/up and rows e*d_model.. of down.
+/// A mixture-of-experts FFN. Routed experts are stacked: the expert in slot s owns rows
+/// s*expert_ff.. of gate/up and rows s*d_model.. of down. With every expert resident, slot
+/// s holds expert s; with an expert cache, these are its pools and the slot table says who
+/// is where.
 pub struct MoeWeights {
     /// Router rows [n_expert, d_model]: logits (native) or CMoE's representative gate rows.
     pub router_gate: Matrix,
@@ -60,6 +62,9 @@ pub struct Weights {
     pub layers: Vec<LayerWeights>,
     pub out_norm: Vector,        // [d_model]
     pub lm_head: Option<Matrix>, // [vocab, d_model]; None: tied to `embed`
+    /// [n_layer, n_expert] u32: each expert's slot (moe.wgsl's slot_of). The identity when
+    /// every expert is resident.
+    pub slot_table: GpuBuffer,
 }
 
 impl Weights {
@@ -73,6 +78,8 @@ pub struct Model {
     pub config: ModelConfig,
     pub weights: Weights,
     pub gpu: Arc<Gpu>,
+    /// The expert cache, when routed experts do not all fit in VRAM.
+    pub offload: Option<super::offload::Offload>,
 }
 
 fn matrix(gpu: &Gpu, f: &GgufFile, name: &str, rows: usize, cols: usize) -> Result<Matrix> {
@@ -106,7 +113,8 @@ fn mlp(gpu: &Gpu, f: &GgufFile, l: usize, suffix: &str, n: usize, d: usize) -> R
 }
 
 /// A stacked expert tensor ggml-shaped [cols, rows_per_expert, n_expert], uploaded unsharded
-/// (the expert kernels address it as one binding).
+/// (the expert kernels address it as one binding); with `slots`, an empty pool of that many
+/// experts instead.
 fn experts(
     gpu: &Gpu,
     f: &GgufFile,
@@ -114,9 +122,13 @@ fn experts(
     cols: usize,
     rows: usize,
     n: usize,
+    slots: Option<usize>,
 ) -> Result<Matrix> {
     let t = f.require(name)?;
     check_shape(t, &[cols, rows, n])?;
+    if let Some(s) = slots {
+        return Matrix::zeroed(gpu, name, t.dtype, rows * s, cols);
+    }
     let m = Matrix::upload(gpu, name, t.dtype, rows * n, cols, f.bytes(t))?;
     if m.shards.len() != 1 {
         return Err(Error::BadTensor {
@@ -127,7 +139,14 @@ fn experts(
     Ok(m)
 }
 
-fn moe_weights(gpu: &Gpu, f: &GgufFile, l: usize, m: &MoeConfig, d: usize) -> Result<MoeWeights> {
+fn moe_weights(
+    gpu: &Gpu,
+    f: &GgufFile,
+    l: usize,
+    m: &MoeConfig,
+    d: usize,
+    slots: Option<usize>,
+) -> Result<MoeWeights> {
     let n = |s: &str| format!("blk.{l}.{s}");
     let (e, ff) = (m.n_expert, m.expert_ff);
     let bias = match f.tensor(&n("exp_probs_b.bias")) {
@@ -144,9 +163,9 @@ fn moe_weights(gpu: &Gpu, f: &GgufFile, l: usize, m: &MoeConfig, d: usize) -> Re
             None => None,
         },
         bias,
-        gate_exps: experts(gpu, f, &n("ffn_gate_exps.weight"), d, ff, e)?,
-        up_exps: experts(gpu, f, &n("ffn_up_exps.weight"), d, ff, e)?,
-        down_exps: experts(gpu, f, &n("ffn_down_exps.weight"), ff, d, e)?,
+        gate_exps: experts(gpu, f, &n("ffn_gate_exps.weight"), d, ff, e, slots)?,
+        up_exps: experts(gpu, f, &n("ffn_up_exps.weight"), d, ff, e, slots)?,
+        down_exps: experts(gpu, f, &n("ffn_down_exps.weight"), ff, d, e, slots)?,
         shared: if m.shared_ff > 0 {
             Some(mlp(gpu, f, l, "_shexp", m.shared_ff, d)?)
         } else {
@@ -180,10 +199,13 @@ fn check_shape(t: &TensorInfo, want: &[usize]) -> Result<()> {
 }
 
 impl Model {
-    /// Uploads every weight; `progress(done, total)` is called after each tensor.
+    /// Uploads every weight; `progress(done, total)` is called after each tensor. With
+    /// `slots`, routed experts stay in the file and each MoE layer gets a pool of that many
+    /// expert slots instead (see [`Model::offload`]).
     pub fn load(
         gpu: Arc<Gpu>,
         file: GgufFile,
+        slots: Option<usize>,
         mut progress: impl FnMut(usize, usize),
     ) -> Result<Model> {
         let _span = tracing::info_span!("load", path = %file.path.display()).entered();
@@ -209,7 +231,7 @@ impl Model {
                 ffn_norm: vector(g, f, &n("ffn_norm.weight"), d)?,
                 ffn: match &c.moe {
                     None => Ffn::Dense(mlp(g, f, l, "", c.d_ff, d)?),
-                    Some(m) => Ffn::Moe(Box::new(moe_weights(g, f, l, m, d)?)),
+                    Some(m) => Ffn::Moe(Box::new(moe_weights(g, f, l, m, d, slots)?)),
                 },
             });
             progress(l + 2, total);
@@ -219,6 +241,9 @@ impl Model {
             Some(_) => Some(matrix(g, f, "output.weight", c.vocab, d)?),
             None => None,
         };
+        let n_expert = c.moe.as_ref().map_or(0, |m| m.n_expert);
+        let identity: Vec<u32> = (0..c.n_layer).flat_map(|_| 0..n_expert as u32).collect();
+        let slot_table = g.storage_init("expert slot table", bytemuck::cast_slice(&identity))?;
         progress(total, total);
         Ok(Model {
             file,
@@ -228,8 +253,10 @@ impl Model {
                 layers,
                 out_norm,
                 lm_head,
+                slot_table,
             },
             gpu,
+            offload: None,
         })
     }
 

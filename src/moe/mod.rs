@@ -1,8 +1,34 @@
-//! Experts: cache replacement policies and expert-access traces. The expert store, the VRAM
-//! expert cache and the prefetcher (design.md §2) build on these.
+//! Experts: where they live in the file ([`store`]), which are resident in VRAM and which
+//! leave ([`cache`], with the replacement [`policy`]), and expert-access traces ([`trace`]).
+//! The step that uses them is the model's (model/offload.rs).
 
+pub mod cache;
 pub mod policy;
+pub mod store;
 pub mod trace;
 
+pub use cache::{CacheStats, ExpertCache};
 pub use policy::{simulate, PolicyKind, SimResult};
+pub use store::ExpertStore;
 pub use trace::ExpertTrace;
+
+/// What loads experts ahead of need (`--prefetch`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Prefetch {
+    /// Load on demand only.
+    #[default]
+    None,
+    /// AdapMoE: route the next layer on the current hidden state and load its experts while
+    /// the GPU computes (decode).
+    NextLayer,
+}
+
+impl Prefetch {
+    pub fn label(&self) -> &'static str {
+        match self {
+            Prefetch::None => "none",
+            Prefetch::NextLayer => "next-layer",
+        }
+    }
+}

@@ -116,6 +116,14 @@ pub enum PolicyKind {
 }
 
 impl PolicyKind {
+    pub fn label(&self) -> &'static str {
+        match self {
+            PolicyKind::Lru => "lru",
+            PolicyKind::Lfu => "lfu",
+            PolicyKind::Belady => "belady",
+        }
+    }
+
     pub fn build(self, sequence: &[ExpertId]) -> Box<dyn ReplacementPolicy> {
         match self {
             PolicyKind::Lru => Box::new(Lru::default()),

@@ -552,3 +552,58 @@ pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
         .map(|(x, y)| (x - y).abs())
         .fold(0f32, f32::max)
 }
+
+pub fn calib_file(dir: &Path) -> PathBuf {
+    let text: String = (0..400)
+        .map(|i| {
+            format!(
+                "fn item_{i}(x: u32) -> u32 {{ x * {i} + {} }} // calibration\n",
+                i % 7
+            )
+        })
+        .collect();
+    let p = dir.join("calib.txt");
+    std::fs::write(&p, text).expect("write calib");
+    p
+}
+
+/// Writes a tiny dense model and carves it (2 layers) with the representative router.
+pub fn carve_tiny(tag: &str, experts: usize, shared: usize, active: usize) -> (PathBuf, PathBuf) {
+    carve_tiny_with(
+        tag,
+        experts,
+        shared,
+        active,
+        pregate::carve::RouterFit::Representative,
+        false,
+    )
+}
+
+pub fn carve_tiny_with(
+    tag: &str,
+    experts: usize,
+    shared: usize,
+    active: usize,
+    router_fit: pregate::carve::RouterFit,
+    refit_shared: bool,
+) -> (PathBuf, PathBuf) {
+    let dir = tmp_dir(tag);
+    let dense = dir.join("dense.gguf");
+    write_tiny_model(&dense, TinySpec::default(), 21);
+    let out = dir.join("carved.gguf");
+    let opts = pregate::carve::CarveOptions {
+        n_experts: experts,
+        n_shared: shared,
+        n_active: active,
+        calib: vec![calib_file(&dir)],
+        calib_tokens: 600,
+        seq_len: 200,
+        router_fit,
+        refit_shared,
+        ..Default::default()
+    };
+    let summary = pregate::carve::carve(&dense, &out, &opts, |_| {}).expect("carve");
+    assert_eq!(summary.layers, 2);
+    assert_eq!(summary.calib_tokens, 600);
+    (dense, out)
+}

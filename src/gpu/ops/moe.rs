@@ -70,7 +70,7 @@ pub fn moe_route(
             Bind::whole(4, ids),
             Bind::whole(5, wts),
         ],
-        [n_tokens.div_ceil(64), 1, 1],
+        [n_tokens, 1, 1],
     );
 }
 
@@ -84,11 +84,20 @@ struct ExpertParams {
     x_stride: u32,
     y_stride: u32,
     down: u32,
-    _pad: u32,
+    table_off: u32,
+}
+
+/// Where a layer's experts sit in its weight buffer: `table[off + e]` is expert e's slot
+/// (the identity when every expert is resident; see moe/cache.rs).
+#[derive(Clone, Copy)]
+pub struct ExpertSlots<'a> {
+    pub table: &'a wgpu::Buffer,
+    pub off: u32,
 }
 
 /// Buffers shared by the expert kernels: the routing decision and the activations.
 pub struct ExpertIo<'a> {
+    pub slots: ExpertSlots<'a>,
     pub ids: &'a wgpu::Buffer,
     pub wts: &'a wgpu::Buffer,
     pub x: &'a wgpu::Buffer,
@@ -143,7 +152,7 @@ fn expert_matvec(
         x_stride: if down { n_used * k } else { k },
         y_stride: if down { m } else { n_used * m },
         down: down as u32,
-        _pad: 0,
+        table_off: io.slots.off,
     };
     let split = !b.cpu_layout;
     let dtype = w.dtype;
@@ -159,6 +168,7 @@ fn expert_matvec(
         Bind::whole(2, io.x),
         Bind::whole(3, io.y),
         Bind::whole(4, io.ids),
+        Bind::whole(10, io.slots.table),
     ];
     if down {
         binds.push(Bind::whole(5, io.wts));
@@ -169,6 +179,7 @@ fn expert_matvec(
 /// The per-expert token lists of a prefill chunk: which slots (t * n_used + j) chose each
 /// expert, and how many.
 pub struct ExpertGroups<'a> {
+    pub slots: ExpertSlots<'a>,
     pub lists: &'a wgpu::Buffer,
     pub counts: &'a wgpu::Buffer,
 }
@@ -229,7 +240,7 @@ pub fn moe_grouped(
         x_stride: 0,
         y_stride: 0,
         down: down as u32,
-        _pad: 0,
+        table_off: groups.slots.off,
     };
     b.push(
         Kernel::MoeGrouped { dtype: w.dtype },
@@ -240,6 +251,7 @@ pub fn moe_grouped(
             Bind::whole(3, y),
             Bind::whole(6, groups.lists),
             Bind::whole(7, groups.counts),
+            Bind::whole(10, groups.slots.table),
         ],
         [m.div_ceil(64), n_expert, 1],
     );

@@ -1,0 +1,245 @@
+//! Running a step when the routed experts do not all fit in VRAM. The step's plan is cut
+//! at each MoE layer's router (forward.rs marks the cuts): the host reads the layer's
+//! expert ids back, makes those experts resident (loading only the missing ones, so a
+//! token waits only for what it lacks), writes the layer's slot table row, and goes on.
+//! A prefill chunk whose experts outnumber the slots runs the layer's expert kernels in
+//! waves. With next-layer prefetch, the step also routes the next layer on the current
+//! hidden state (AdapMoE), and those experts are uploaded while the GPU works.
+
+use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use crate::error::{Error, Result};
+use crate::gpu::{DispatchList, Mark};
+use crate::moe::cache::{CacheStats, ExpertCache, Load, Wave};
+use crate::moe::store::ExpertStore;
+use crate::moe::{PolicyKind, Prefetch};
+
+use super::session::StateBuffers;
+use super::weights::{Ffn, Model};
+
+/// How an offloaded model manages its experts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct OffloadOptions {
+    pub policy: PolicyKind,
+    pub prefetch: Prefetch,
+    /// Hash every expert at load and check each on its first upload.
+    pub verify: bool,
+}
+
+impl Default for OffloadOptions {
+    fn default() -> Self {
+        OffloadOptions {
+            policy: PolicyKind::Lru,
+            prefetch: Prefetch::None,
+            verify: false,
+        }
+    }
+}
+
+struct State {
+    store: ExpertStore,
+    cache: ExpertCache,
+    bytes_uploaded: u64,
+    stall: Duration,
+}
+
+/// The expert cache of a loaded model: where experts are, which are resident, and counters.
+pub struct Offload {
+    state: Mutex<State>,
+    pub prefetch: Prefetch,
+    pub slots: usize,
+}
+
+impl Offload {
+    pub fn new(model: &Model, slots: usize, opts: &OffloadOptions) -> Result<Offload> {
+        let c = &model.config;
+        let Some(moe) = &c.moe else {
+            return Err(Error::InvalidArgument(
+                "expert offload needs a mixture-of-experts model".into(),
+            ));
+        };
+        if slots < moe.n_used {
+            return Err(Error::InvalidArgument(format!(
+                "{slots} expert slots per layer cannot hold one token's {} experts; raise --vram-budget or lower --experts-per-token",
+                moe.n_used
+            )));
+        }
+        let mut store = ExpertStore::new(&model.file, c)?;
+        if opts.verify {
+            store.enable_verify(&model.file)?;
+        }
+        Ok(Offload {
+            state: Mutex::new(State {
+                store,
+                cache: ExpertCache::new(c.n_layer, moe.n_expert, slots, opts.policy)?,
+                bytes_uploaded: 0,
+                stall: Duration::ZERO,
+            }),
+            prefetch: opts.prefetch,
+            slots,
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn policy(&self) -> PolicyKind {
+        self.lock().cache.policy
+    }
+
+    pub fn stats(&self) -> CacheStats {
+        let st = self.lock();
+        CacheStats {
+            bytes_uploaded: st.bytes_uploaded,
+            stall: st.stall,
+            ..st.cache.stats()
+        }
+    }
+
+    pub fn reset_stats(&self) {
+        let mut st = self.lock();
+        st.cache.reset_stats();
+        st.bytes_uploaded = 0;
+        st.stall = Duration::ZERO;
+    }
+
+    /// Copies each load's expert from the mapping into its slot of `layer`'s pools. The
+    /// copies are queued, so they land before the next submitted work.
+    fn upload(model: &Model, st: &mut State, layer: usize, loads: &[Load]) -> Result<()> {
+        let Ffn::Moe(m) = &model.weights.layers[layer].ffn else {
+            return Err(Error::InvalidArgument(format!("layer {layer} is dense")));
+        };
+        let pools = [&m.gate_exps, &m.up_exps, &m.down_exps];
+        for &load in loads {
+            let words = match st.store.read(&model.file, layer, load.expert as usize) {
+                Ok(w) => w,
+                Err(e) => {
+                    st.cache.forget(layer, load);
+                    return Err(e);
+                }
+            };
+            for (pool, part) in pools.iter().zip(&words.parts) {
+                let offset = load.slot as u64 * 4 * part.len() as u64;
+                model.gpu.queue.write_buffer(
+                    &pool.shards[0].buffer,
+                    offset,
+                    bytemuck::cast_slice(part),
+                );
+            }
+            st.bytes_uploaded += words.bytes();
+        }
+        Ok(())
+    }
+
+    /// Makes the next wave of `pending` resident in `layer`, with its slot table row; the
+    /// time spent counts as stall (the GPU waits for it).
+    fn demand(&self, model: &Model, layer: usize, pending: &mut Vec<u32>) -> Result<Wave> {
+        let t0 = Instant::now();
+        let mut st = self.lock();
+        let wave = st.cache.next_wave(layer, pending)?;
+        if wave.members.is_empty() {
+            return Err(Error::InvalidArgument(format!(
+                "no expert slot free in layer {layer}"
+            )));
+        }
+        Self::upload(model, &mut st, layer, &wave.loads)?;
+        let row = st.cache.table_row(&wave);
+        let n_expert = row.len() as u64;
+        model.gpu.queue.write_buffer(
+            &model.weights.slot_table,
+            layer as u64 * n_expert * 4,
+            bytemuck::cast_slice(&row),
+        );
+        st.stall += t0.elapsed();
+        Ok(wave)
+    }
+
+    fn prefetch(&self, model: &Model, layer: usize, predicted: &[u32]) -> Result<()> {
+        let mut st = self.lock();
+        let loads = st.cache.prefetch(layer, predicted);
+        Self::upload(model, &mut st, layer, &loads)
+    }
+}
+
+/// The next MoE layer after `layer`, if any.
+pub fn next_moe_layer(model: &Model, layer: usize) -> Option<usize> {
+    (layer + 1..model.weights.layers.len())
+        .find(|l| matches!(model.weights.layers[*l].ffn, Ffn::Moe(_)))
+}
+
+/// Encodes `plan` for `n` tokens into `enc`, stopping at each mark to make the layer's
+/// experts resident (see the module comment). Returns the encoder holding the rest.
+pub fn encode_offloaded(
+    model: &Model,
+    off: &Offload,
+    s: &StateBuffers,
+    plan: &DispatchList,
+    n: usize,
+    mut enc: wgpu::CommandEncoder,
+) -> Result<wgpu::CommandEncoder> {
+    let g = &model.gpu;
+    let k = model.config.moe.as_ref().map_or(0, |m| m.n_used);
+    let new_encoder = || {
+        g.device
+            .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                label: Some("step segment"),
+            })
+    };
+    let encode = |enc: &mut wgpu::CommandEncoder, range: std::ops::Range<usize>| {
+        let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
+            label: Some("forward segment"),
+            timestamp_writes: None,
+        });
+        plan.encode_range(&mut pass, range);
+    };
+    let ids_bytes = (n * k * 4) as u64;
+    let predicts = off.prefetch == Prefetch::NextLayer && n == 1;
+    let mut prefetch_next: Option<(usize, Vec<u32>)> = None;
+    let mut pending: Vec<u32> = Vec::new();
+    let (mut pos, mut routed_at) = (0, 0);
+    for &(at, mark) in &plan.marks {
+        encode(&mut enc, pos..at);
+        pos = at;
+        match mark {
+            Mark::Routed(layer) => {
+                enc.copy_buffer_to_buffer(&s.expert_ids, 0, &s.route_readback, 0, ids_bytes);
+                if predicts {
+                    let pred = (k * 4) as u64;
+                    enc.copy_buffer_to_buffer(&s.pred_ids, 0, &s.route_readback, ids_bytes, pred);
+                }
+                g.queue
+                    .submit([std::mem::replace(&mut enc, new_encoder()).finish()]);
+                // Upload what the previous layer predicted while the GPU runs this segment.
+                if let Some((l, ids)) = prefetch_next.take() {
+                    off.prefetch(model, l, &ids)?;
+                }
+                let read = if predicts {
+                    ids_bytes + (k * 4) as u64
+                } else {
+                    ids_bytes
+                };
+                let words: Vec<u32> =
+                    bytemuck::pod_collect_to_vec(&g.read(&s.route_readback, read)?);
+                pending = words[..n * k].to_vec();
+                if predicts {
+                    prefetch_next =
+                        next_moe_layer(model, layer).map(|l| (l, words[n * k..].to_vec()));
+                }
+                off.demand(model, layer, &mut pending)?;
+                routed_at = at;
+            }
+            Mark::ExpertsDone(layer) => {
+                while !pending.is_empty() {
+                    g.queue
+                        .submit([std::mem::replace(&mut enc, new_encoder()).finish()]);
+                    off.demand(model, layer, &mut pending)?;
+                    encode(&mut enc, routed_at..at);
+                }
+            }
+        }
+    }
+    encode(&mut enc, pos..plan.len());
+    Ok(enc)
+}

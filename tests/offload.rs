@@ -1,0 +1,183 @@
+//! Expert offload: a model whose experts live in a small VRAM cache gives bit-identical
+//! output to the all-resident run (decode, prefill in waves, prefetch, both policies),
+//! never goes past its budget, refuses a budget too small in bytes, and turns a model file
+//! changed under its mapping into an error.
+
+mod common;
+
+use std::path::Path;
+
+use common::carve_tiny;
+use pregate::model::memory::VramBudget;
+use pregate::model::offload::OffloadOptions;
+use pregate::moe::{PolicyKind, Prefetch};
+use pregate::{Engine, EngineOptions, Error};
+
+const TOKENS: [u32; 12] = [102, 110, 32, 105, 116, 101, 109, 95, 51, 40, 120, 58];
+
+fn load(path: &Path, budget: VramBudget, offload: OffloadOptions) -> pregate::Result<Engine> {
+    Engine::load(
+        path,
+        &EngineOptions {
+            ctx: 64,
+            budget,
+            offload,
+            ..Default::default()
+        },
+    )
+}
+
+/// Logits after a prefill of most tokens, then after each decode step, and then greedy
+/// tokens: every path through the expert kernels.
+fn run(engine: &Engine) -> (Vec<Vec<f32>>, Vec<u32>) {
+    let mut s = engine.session().expect("session");
+    let split = TOKENS.len() - 3;
+    let mut logits = vec![s.next_logits(&TOKENS[..split]).expect("prefill")];
+    for &t in &TOKENS[split..] {
+        logits.push(s.next_logits(&[t]).expect("decode"));
+    }
+    let mut tok = s.next_argmax(&[TOKENS[0]]).expect("decode");
+    let mut greedy = vec![tok];
+    for _ in 0..8 {
+        tok = s.next_argmax(&[tok]).expect("decode");
+        greedy.push(tok);
+    }
+    (logits, greedy)
+}
+
+#[test]
+fn offloaded_experts_give_bit_identical_output() {
+    let (_, carved) = carve_tiny("offload_exact", 8, 1, 2);
+    let resident = load(&carved, VramBudget::All, OffloadOptions::default()).expect("load");
+    assert!(resident.model.offload.is_none());
+    let (want_logits, want_greedy) = run(&resident);
+    let n_expert = resident.model.config.moe.as_ref().expect("moe").n_expert;
+    drop(resident);
+    for (policy, prefetch) in [
+        (PolicyKind::Lru, Prefetch::None),
+        (PolicyKind::Lfu, Prefetch::None),
+        (PolicyKind::Lru, Prefetch::NextLayer),
+    ] {
+        let opts = OffloadOptions {
+            policy,
+            prefetch,
+            verify: true,
+        };
+        // A tiny share clamps to one token's experts: 2 slots per layer.
+        let engine = load(&carved, VramBudget::ExpertShare(0.01), opts).expect("load");
+        let off = engine.model.offload.as_ref().expect("offloaded");
+        assert_eq!(off.slots, 2);
+        let (logits, greedy) = run(&engine);
+        let what = format!("{policy:?}/{prefetch:?}");
+        for (i, (w, g)) in want_logits.iter().zip(&logits).enumerate() {
+            assert!(
+                w.iter().zip(g).all(|(a, b)| a.to_bits() == b.to_bits()),
+                "{what}: logits of step {i} differ by {}",
+                common::max_abs_diff(w, g)
+            );
+        }
+        assert_eq!(greedy, want_greedy, "{what}: greedy tokens");
+        let m = engine.metrics();
+        assert!(m.expert_misses > 0 && m.bytes_uploaded > 0, "{what}: {m:?}");
+        assert_eq!(m.per_layer.len(), 2);
+        // More experts were used than fit: some were loaded more than once.
+        assert!(m.expert_misses as usize > 2 * 2, "{what}: {m:?}");
+        if prefetch == Prefetch::NextLayer {
+            assert!(
+                m.prefetch_hits + m.wasted_prefetches > 0,
+                "{what}: prefetch never ran: {m:?}"
+            );
+        }
+        let budget = m.budget_bytes.expect("a budget");
+        assert!(m.peak_vram_bytes <= budget, "{what}: {m:?}");
+        assert!(n_expert > 2);
+    }
+}
+
+#[test]
+fn a_byte_budget_makes_slots_and_a_small_one_names_the_bytes() {
+    let (_, carved) = carve_tiny("offload_bytes", 8, 1, 2);
+    let resident = load(&carved, VramBudget::All, OffloadOptions::default()).expect("load");
+    let plan = resident.memory.clone();
+    drop(resident);
+    assert!(plan.expert_slots.is_none() && plan.experts > 0 && plan.slot_bytes > 0);
+    // Room for everything but the experts, plus 3 slots in each of the 2 layers.
+    let slots_bytes = 2 * (3 * plan.slot_bytes + 4 * plan.n_expert as u64);
+    let budget = plan.total() - plan.experts + slots_bytes;
+    let engine = load(
+        &carved,
+        VramBudget::Bytes(budget),
+        OffloadOptions::default(),
+    )
+    .expect("load under a byte budget");
+    assert_eq!(engine.memory.expert_slots, Some(3));
+    run(&engine);
+    let m = engine.metrics();
+    assert!(
+        m.peak_vram_bytes <= budget,
+        "peak {} > {budget}",
+        m.peak_vram_bytes
+    );
+    drop(engine);
+    // Fewer bytes than one token's experts need, with the context fixed: a clear error.
+    let small = plan.total() - plan.experts;
+    let err = Engine::load(
+        &carved,
+        &EngineOptions {
+            ctx: 64,
+            budget: VramBudget::Bytes(small),
+            ..Default::default()
+        },
+    )
+    .err()
+    .expect("too small");
+    match &err {
+        Error::BudgetTooSmall { needed, budget, .. } => assert!(needed > budget),
+        e => panic!("unexpected error {e}"),
+    }
+    assert!(err.to_string().contains("bytes needed"), "{err}");
+}
+
+#[test]
+fn a_model_file_changed_while_mapped_is_an_error_not_garbage() {
+    let (_, carved) = carve_tiny("offload_changed", 8, 1, 2);
+    let opts = OffloadOptions {
+        verify: true,
+        ..Default::default()
+    };
+    // Bytes changed in place: --verify's checksums catch it on the first upload.
+    let engine = load(&carved, VramBudget::ExpertShare(0.01), opts).expect("load");
+    let f = &engine.model.file;
+    let t = f.tensor("blk.0.ffn_up_exps.weight").expect("experts");
+    let mut bytes = std::fs::read(&carved).expect("read");
+    let n = t.n_bytes as usize;
+    for b in &mut bytes[t.offset as usize..t.offset as usize + n] {
+        *b ^= 0x55;
+    }
+    std::fs::write(&carved, &bytes).expect("rewrite in place");
+    let mut s = engine.session().expect("session");
+    let err = s.next_argmax(&TOKENS).expect_err("changed experts");
+    assert!(err.to_string().contains("changed on disk"), "{err}");
+    drop(s);
+    drop(engine);
+    // Truncated: the size check refuses to read past the end (instead of SIGBUS).
+    let engine = load(
+        &carved,
+        VramBudget::ExpertShare(0.01),
+        OffloadOptions::default(),
+    )
+    .expect("load");
+    let t = engine
+        .model
+        .file
+        .tensor("blk.1.ffn_gate_exps.weight")
+        .expect("experts");
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&carved)
+        .expect("open");
+    file.set_len(t.offset + 16).expect("truncate");
+    let mut s = engine.session().expect("session");
+    let err = s.next_argmax(&TOKENS).expect_err("truncated file");
+    assert!(err.to_string().contains("truncated"), "{err}");
+}
