@@ -31,6 +31,8 @@ pub struct BenchReport {
     pub metrics: RunMetrics,
     /// Share of that decode's time spent waiting for experts.
     pub stall_share: f64,
+    /// Share of the expert bytes held in VRAM (1 when all are resident).
+    pub expert_share: f64,
 }
 
 pub fn run(
@@ -84,6 +86,177 @@ pub fn run(
         kernels,
         budget: budget.to_string(),
         stall_share: metrics.stall_ms / 1e3 / last_decode_s.max(1e-9),
+        expert_share: match (metrics.expert_slots, engine.model.config.moe.as_ref()) {
+            (Some(s), Some(m)) => s as f64 / m.n_expert as f64,
+            _ => 1.0,
+        },
         metrics,
     })
+}
+
+/// Fonts tried for the plot's text, in order; `PREGATE_PLOT_FONT` comes first.
+const FONT_PATHS: [&str; 6] = [
+    "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
+    "/usr/share/fonts/TTF/DejaVuSans.ttf",
+    "/usr/share/fonts/dejavu/DejaVuSans.ttf",
+    "/usr/share/fonts/truetype/liberation/LiberationSans-Regular.ttf",
+    "/Library/Fonts/Arial.ttf",
+    "C:\\Windows\\Fonts\\arial.ttf",
+];
+
+/// Registers a TrueType font for plotters (it draws text with it, SVG included).
+fn register_plot_font() -> Result<()> {
+    let from_env = std::env::var("PREGATE_PLOT_FONT").ok();
+    let candidates = from_env.iter().map(String::as_str).chain(FONT_PATHS);
+    for path in candidates {
+        if let Ok(bytes) = std::fs::read(path) {
+            // plotters keeps fonts for the whole process.
+            let bytes: &'static [u8] = Box::leak(bytes.into_boxed_slice());
+            if plotters::style::register_font(
+                "sans-serif",
+                plotters::style::FontStyle::Normal,
+                bytes,
+            )
+            .is_ok()
+            {
+                return Ok(());
+            }
+        }
+    }
+    Err(Error::InvalidArgument(format!(
+        "no TrueType font for the plot's text; set PREGATE_PLOT_FONT=/path/to/font.ttf (tried {})",
+        FONT_PATHS.join(", ")
+    )))
+}
+
+/// Draws decode tok/s and the expert hit rate against the budget (as the share of expert
+/// bytes in VRAM) into `path`: a PNG, or an SVG when the name ends in `.svg`.
+pub fn plot(reports: &[BenchReport], path: &std::path::Path) -> Result<()> {
+    use plotters::prelude::*;
+    register_plot_font()?;
+    let svg = path
+        .extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("svg"));
+    // Written beside the target and renamed, so a failed plot leaves nothing half-drawn.
+    let tmp = path.with_extension(if svg { "tmp.svg" } else { "tmp.png" });
+    let draw_err = |e: String| Error::InvalidArgument(format!("plot: {e}"));
+    {
+        let size = (900, 640);
+        let result = if svg {
+            draw(SVGBackend::new(&tmp, size).into_drawing_area(), reports)
+        } else {
+            draw(BitMapBackend::new(&tmp, size).into_drawing_area(), reports)
+        };
+        result.map_err(draw_err)?;
+    }
+    std::fs::rename(&tmp, path)?;
+    Ok(())
+}
+
+fn draw<DB: plotters::prelude::DrawingBackend>(
+    root: plotters::prelude::DrawingArea<DB, plotters::coord::Shift>,
+    reports: &[BenchReport],
+) -> std::result::Result<(), String> {
+    use plotters::prelude::*;
+    let e = |x: DrawingAreaErrorKind<DB::ErrorType>| x.to_string();
+    root.fill(&WHITE).map_err(e)?;
+    let mut points: Vec<(f64, f64, f64)> = reports
+        .iter()
+        .map(|r| {
+            (
+                100.0 * r.expert_share,
+                r.decode_tok_s,
+                100.0
+                    * if r.metrics.expert_slots.is_some() {
+                        r.metrics.hit_rate()
+                    } else {
+                        1.0
+                    },
+            )
+        })
+        .collect();
+    points.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let top = points.iter().map(|p| p.1).fold(0.0, f64::max).max(1e-3) * 1.15;
+    let (upper, lower) = root.split_vertically(320);
+    let series = [
+        (upper, "decode tok/s", top, 1usize, BLUE),
+        (lower, "expert hit rate (%)", 105.0, 2usize, RED),
+    ];
+    for (area, label, y_max, field, color) in series {
+        let mut chart = ChartBuilder::on(&area)
+            .caption(format!("{label} vs VRAM budget"), ("sans-serif", 22))
+            .margin(12)
+            .x_label_area_size(40)
+            .y_label_area_size(56)
+            .build_cartesian_2d(0.0..105.0, 0.0..y_max)
+            .map_err(e)?;
+        chart
+            .configure_mesh()
+            .x_desc("budget: share of expert bytes in VRAM (%)")
+            .y_desc(label)
+            .draw()
+            .map_err(e)?;
+        let xy: Vec<(f64, f64)> = points
+            .iter()
+            .map(|p| (p.0, if field == 1 { p.1 } else { p.2 }))
+            .collect();
+        chart
+            .draw_series(LineSeries::new(xy.clone(), color.stroke_width(2)))
+            .map_err(e)?;
+        chart
+            .draw_series(
+                xy.iter()
+                    .map(|&(x, y)| Circle::new((x, y), 4, color.filled())),
+            )
+            .map_err(e)?;
+    }
+    root.present().map_err(|x| x.to_string())?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn report(share: f64, tok_s: f64, hits: u64, misses: u64) -> BenchReport {
+        BenchReport {
+            prefill_tok_s: 10.0,
+            decode_tok_s: tok_s,
+            prompt_tokens: 64,
+            gen_tokens: 32,
+            adapter: "test".into(),
+            backend: "none".into(),
+            kernels: Vec::new(),
+            budget: format!("{:.0}%", share * 100.0),
+            metrics: RunMetrics {
+                expert_slots: (share < 1.0).then_some(4),
+                expert_hits: hits,
+                expert_misses: misses,
+                ..Default::default()
+            },
+            stall_share: 0.0,
+            expert_share: share,
+        }
+    }
+
+    #[test]
+    fn plots_png_and_svg() {
+        // Needs a TrueType font (.ci/run installs fonts-dejavu-core).
+        let reports = [
+            report(1.0, 5.7, 0, 0),
+            report(0.5, 4.3, 90, 10),
+            report(0.25, 4.1, 80, 20),
+        ];
+        let dir = std::env::temp_dir().join(format!("pregate-plot-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let png = dir.join("budget.png");
+        plot(&reports, &png).unwrap();
+        let bytes = std::fs::read(&png).unwrap();
+        assert_eq!(&bytes[1..4], b"PNG");
+        let svg = dir.join("budget.svg");
+        plot(&reports, &svg).unwrap();
+        let text = std::fs::read_to_string(&svg).unwrap();
+        assert!(text.contains("<svg") && text.contains("decode tok/s"));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

@@ -336,6 +336,9 @@ struct BenchArgs {
     /// One JSON object per budget
     #[arg(long)]
     json: bool,
+    /// Draw decode tok/s and the expert hit rate against the budget (PNG, or SVG by name)
+    #[arg(long)]
+    plot: Option<PathBuf>,
 }
 
 fn main() {
@@ -651,6 +654,10 @@ fn cmd_bench(a: BenchArgs) -> Result<()> {
     if !a.json && budgets.len() > 1 {
         print_bench_table(&reports);
     }
+    if let Some(path) = &a.plot {
+        pregate::bench::plot(&reports, path)?;
+        eprintln!("plot written to {}", path.display());
+    }
     Ok(())
 }
 
@@ -690,6 +697,14 @@ fn print_bench(r: &pregate::bench::BenchReport) {
     }
 }
 
+/// The hit rate, or "-" when every expert is resident.
+fn hit_rate(m: &pregate::RunMetrics) -> String {
+    match m.expert_slots {
+        Some(_) => format!("{:.1}%", 100.0 * m.hit_rate()),
+        None => "-".into(),
+    }
+}
+
 fn print_bench_table(reports: &[pregate::bench::BenchReport]) {
     println!(
         "{:>10} {:>6} {:>11} {:>10} {:>9} {:>10} {:>8} {:>11}",
@@ -698,13 +713,13 @@ fn print_bench_table(reports: &[pregate::bench::BenchReport]) {
     for r in reports {
         let m = &r.metrics;
         println!(
-            "{:>10} {:>6} {:>11.1} {:>10.1} {:>9.2} {:>9.1}% {:>7.0}% {:>7.1} MiB",
+            "{:>10} {:>6} {:>11.1} {:>10.1} {:>9.2} {:>10} {:>7.0}% {:>7.1} MiB",
             r.budget,
             m.expert_slots.map_or("all".to_string(), |s| s.to_string()),
             m.peak_vram_bytes as f64 / (1u64 << 20) as f64,
             r.prefill_tok_s,
             r.decode_tok_s,
-            100.0 * m.hit_rate(),
+            hit_rate(m),
             100.0 * r.stall_share,
             m.bytes_uploaded as f64 / (1u64 << 20) as f64,
         );

@@ -4,6 +4,7 @@
 
 use std::path::PathBuf;
 
+use pregate::model::memory::VramBudget;
 use pregate::pull::{resolve_model, DEFAULT_MODEL};
 use pregate::{Engine, EngineOptions, GenerateParams};
 
@@ -92,9 +93,11 @@ fn perplexity_matches_llama_cpp_within_one_percent() {
 
 /// The lossless invariant on the real model: carved into 16 experts (2 shared) and run with
 /// every expert active, it keeps the dense perplexity within 0.5% (only the down-projection
-/// is re-quantised, Q4_K/Q6_K columns to Q8_0).
+/// is re-quantised, Q4_K/Q6_K columns to Q8_0). Then expert offload: with 2 cache slots
+/// per layer, the carved model's perplexity and greedy tokens are bit-identical to the
+/// all-resident run.
 #[test]
-fn carved_model_with_all_experts_keeps_the_dense_perplexity() {
+fn carved_model_keeps_the_dense_perplexity_and_offload_is_exact() {
     let dense = resolve_model(DEFAULT_MODEL, |_| {}).expect("pull the default model");
     let dir = std::env::temp_dir().join(format!("pregate-ref-carve-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("tmp dir");
@@ -106,23 +109,55 @@ fn carved_model_with_all_experts_keeps_the_dense_perplexity() {
     };
     pregate::carve::carve(&dense, &carved, &opts, |_| {}).expect("carve");
     let text = std::fs::read_to_string(reference_dir().join("eval.txt")).expect("eval.txt");
-    let ppl = |path: &std::path::Path, experts: Option<usize>| {
-        let engine = Engine::load(
+    let load = |path: &std::path::Path, experts: Option<usize>, budget: VramBudget| {
+        Engine::load(
             path,
             &EngineOptions {
                 ctx: 512,
                 experts_per_token: experts,
+                budget,
                 ..Default::default()
             },
         )
-        .expect("load");
-        pregate::eval::perplexity(&engine, &text, 512, Some(1), |_, _, _| {})
+        .expect("load")
+    };
+    let ppl = |engine: &Engine| {
+        pregate::eval::perplexity(engine, &text, 512, Some(1), |_, _, _| {})
             .expect("perplexity")
             .ppl
     };
-    let want = ppl(&dense, None);
-    let got = ppl(&carved, Some(usize::MAX));
+    let greedy = |engine: &Engine| {
+        let prompt = engine
+            .tokenizer
+            .encode("fn fibonacci(n: u64) -> u64 {", true)
+            .expect("encode");
+        let mut s = engine.session().expect("session");
+        let mut tok = s.next_argmax(&prompt).expect("prefill");
+        let mut out = vec![tok];
+        for _ in 0..16 {
+            tok = s.next_argmax(&[tok]).expect("decode");
+            out.push(tok);
+        }
+        out
+    };
+    let want = ppl(&load(&dense, None, VramBudget::All));
+    let got = ppl(&load(&carved, Some(usize::MAX), VramBudget::All));
+    let resident = load(&carved, None, VramBudget::All);
+    let (resident_ppl, resident_tokens) = (ppl(&resident), greedy(&resident));
+    drop(resident);
+    let offloaded = load(&carved, None, VramBudget::ExpertShare(0.01));
+    assert_eq!(offloaded.model.offload.as_ref().map(|o| o.slots), Some(2));
+    let (offloaded_ppl, offloaded_tokens) = (ppl(&offloaded), greedy(&offloaded));
+    let m = offloaded.metrics();
+    drop(offloaded);
     let _ = std::fs::remove_dir_all(&dir);
+    eprintln!(
+        "carved top-2 PPL {resident_ppl:.4}; offloaded to 2 slots/layer {offloaded_ppl:.4}, {} hits, {} misses",
+        m.expert_hits, m.expert_misses
+    );
+    assert_eq!(offloaded_ppl.to_bits(), resident_ppl.to_bits());
+    assert_eq!(offloaded_tokens, resident_tokens);
+    assert!(m.peak_vram_bytes <= m.budget_bytes.expect("budget"));
     let rel = (got - want).abs() / want;
     eprintln!(
         "dense PPL {want:.4}, carved with all experts {got:.4} ({:.3}%)",
