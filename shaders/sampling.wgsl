@@ -1,13 +1,14 @@
 // Row reductions over logits, one workgroup per row:
 //   argmax:  out_u[row] = index of the largest logit (ties: lowest index)
 //   softmax: x[row] = softmax(x[row]) in place
-//   nll:     out_f[row] = logsumexp(x[row]) - x[row][targets[row]]  (for perplexity)
+//   nll:     out_f[k + row] = logsumexp(x[row]) - x[row][targets[k + row]]  (perplexity;
+//            k offsets a block of rows scored at a time)
 //   topk:    the k largest of one row, as (index, value) pairs (see below)
 
 struct Params {
     n: u32,       // row length (vocabulary)
     x_row0: u32,  // first row to read
-    k: u32,       // top-k only: how many to keep
+    k: u32,       // top-k: how many to keep; nll: first target/output row
     cap: u32,     // top-k only: most pairs written (ties at the threshold may add a few)
 }
 
@@ -92,7 +93,7 @@ fn nll(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid:
     let m = red_v[0];
     row_sum_exp(base, m, lid.x);
     if (lid.x == 0u) {
-        out_f[wid.x] = m + log(red_v[0]) - x[base + targets[wid.x]];
+        out_f[p.k + wid.x] = m + log(red_v[0]) - x[base + targets[p.k + wid.x]];
     }
 }
 

@@ -15,6 +15,7 @@ pub mod model;
 pub mod moe;
 pub mod pull;
 pub mod quant;
+pub mod router;
 
 pub use engine::{
     Engine, EngineOptions, GenerateParams, Generation, GenerationStats, RunMetrics, StopReason,

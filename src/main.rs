@@ -60,6 +60,8 @@ enum Command {
     Carve(CarveArgs),
     /// Record which experts every token uses in every layer of an MoE model
     Trace(TraceArgs),
+    /// Train the pre-gating router of a carved model on its own routing
+    TrainRouter(TrainRouterArgs),
     /// Replay a recorded expert trace through cache policies, beside Belady's optimum
     Simulate(SimulateArgs),
     /// List GPU adapters with backend and limits
@@ -300,6 +302,36 @@ struct TraceArgs {
     /// Only the first N tokens of the text
     #[arg(long)]
     max_tokens: Option<usize>,
+    /// Also record this pre-gating router's plan (for `simulate --policy lookahead`)
+    #[arg(long)]
+    router: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct TrainRouterArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Router file to write (safetensors)
+    #[arg(short, long)]
+    output: PathBuf,
+    /// Calibration text files (default: the built-in corpus)
+    #[arg(long, num_args = 1..)]
+    calib: Vec<PathBuf>,
+    /// Calibration tokens to trace (the last 10% are held out to measure accuracy)
+    #[arg(long, default_value_t = 4096)]
+    tokens: usize,
+    /// Training passes over the tokens
+    #[arg(long, default_value_t = 6)]
+    steps: usize,
+    /// Hash buckets per n-gram family (the router's size: 3 x buckets x experts x layers)
+    #[arg(long, default_value_t = 4096)]
+    buckets: usize,
+    /// Overwrite an existing output
+    #[arg(long)]
+    force: bool,
+    /// Print the report as one JSON object
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args)]
@@ -365,6 +397,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Carve(a) => cmd_carve(a),
         Command::Trace(a) => cmd_trace(a),
         Command::Simulate(a) => cmd_simulate(a),
+        Command::TrainRouter(a) => cmd_train_router(a),
         Command::Devices { backend } => cmd_devices(backend),
     }
 }
@@ -818,12 +851,30 @@ fn cmd_trace(a: TraceArgs) -> Result<()> {
     let engine = load(&a.model)?;
     let text = std::fs::read_to_string(&a.file)
         .with_context(|| format!("reading {}", a.file.display()))?;
-    let pb = bar(0, "tracing {bar:40} {pos}/{len} tokens");
-    let trace = pregate::moe::trace::record(&engine, &text, a.max_tokens, |done, total| {
-        pb.set_length(total as u64);
-        pb.set_position(done as u64);
+    let router = match &a.router {
+        Some(p) => Some(pregate::router::PreGateRouter::load(p)?),
+        None => None,
+    };
+    let mut tokens = engine.tokenizer.encode(&text, false)?;
+    if let Some(n) = a.max_tokens {
+        tokens.truncate(n);
+    }
+    let pb = bar(tokens.len() as u64, "tracing {bar:40} {pos}/{len} tokens");
+    let mut trace = pregate::moe::trace::record_tokens(&engine, &tokens, |done, _| {
+        pb.set_position(done as u64)
     })?;
     pb.finish_and_clear();
+    if let Some(r) = &router {
+        r.check_fits(trace.n_layers as usize, trace.experts_per_layer as usize)?;
+        if r.config.n_used != trace.k as usize {
+            bail!(
+                "the router predicts top-{} but the model uses {} experts per token",
+                r.config.n_used,
+                trace.k
+            );
+        }
+        trace.plan = Some(r.plan(&tokens));
+    }
     trace
         .write(&a.output)
         .with_context(|| format!("writing {}", a.output.display()))?;
@@ -835,6 +886,75 @@ fn cmd_trace(a: TraceArgs) -> Result<()> {
         trace.experts_per_layer,
         a.output.display()
     );
+    Ok(())
+}
+
+fn cmd_train_router(a: TrainRouterArgs) -> Result<()> {
+    use pregate::router::{self, TrainOptions};
+    if a.output.exists() && !a.force {
+        bail!(
+            "{} exists; pass --force to overwrite it",
+            a.output.display()
+        );
+    }
+    let engine = load(&a.model)?;
+    if engine.model.config.moe.is_none() {
+        bail!("train-router needs a mixture-of-experts model (see `pregate carve`)");
+    }
+    let tokens = pregate::carve::calib::tokens(&engine.tokenizer, &a.calib, a.tokens)?;
+    let pb = bar(tokens.len() as u64, "tracing {bar:40} {pos}/{len} tokens");
+    let trace = pregate::moe::trace::record_tokens(&engine, &tokens, |done, _| {
+        pb.set_position(done as u64)
+    })?;
+    pb.finish_and_clear();
+    let opts = TrainOptions {
+        steps: a.steps,
+        buckets: a.buckets,
+        ..Default::default()
+    };
+    let pb = bar(
+        opts.steps as u64,
+        "training {bar:40} {pos}/{len} passes  loss {msg}",
+    );
+    let (r, report) = router::train(&tokens, &trace, &opts, |step, _, loss| {
+        pb.set_position(step as u64);
+        pb.set_message(format!("{loss:.4}"));
+    })?;
+    pb.finish_and_clear();
+    r.save(&a.output)
+        .with_context(|| format!("writing {}", a.output.display()))?;
+    if a.json {
+        println!("{}", serde_json::to_string(&report)?);
+        return Ok(());
+    }
+    println!(
+        "router: {} layers x {} experts, top-{}; trained on {} tokens, {} held out; loss {:.4} -> {:.4}",
+        report.config.n_layer,
+        report.config.n_expert,
+        report.config.n_used,
+        report.train_tokens,
+        report.heldout_tokens,
+        report.loss.first().copied().unwrap_or(0.0),
+        report.loss.last().copied().unwrap_or(0.0)
+    );
+    println!("{:>6} {:>10} {:>10}", "layer", "router", "majority");
+    for (l, (acc, base)) in report
+        .heldout
+        .per_layer
+        .iter()
+        .zip(&report.baseline.per_layer)
+        .enumerate()
+    {
+        println!("{l:>6} {:>9.1}% {:>9.1}%", 100.0 * acc, 100.0 * base);
+    }
+    println!(
+        "{:>6} {:>9.1}% {:>9.1}%   (held-out recall of the chosen experts in the top-{})",
+        "mean",
+        100.0 * report.heldout.mean,
+        100.0 * report.baseline.mean,
+        report.config.n_used
+    );
+    eprintln!("wrote {}", a.output.display());
     Ok(())
 }
 
@@ -858,6 +978,10 @@ fn cmd_simulate(a: SimulateArgs) -> Result<()> {
             .with_context(|| format!("--slots {} is not a count or a percentage", a.slots))?,
     };
     let seq = trace.sequence();
+    let plan = trace.plan_sequence();
+    if a.policy.contains(&PolicyKind::Lookahead) && plan.is_none() {
+        bail!("lookahead replays the pre-gating router's plan: record the trace with `pregate trace --router ROUTER`");
+    }
     if !a.json {
         println!(
             "{} tokens x {} layers x top-{} of {} experts; {slots} slots ({:.1}% of {total})",
@@ -869,7 +993,8 @@ fn cmd_simulate(a: SimulateArgs) -> Result<()> {
         );
     }
     for kind in &a.policy {
-        let r = pregate::moe::simulate(&seq, slots, kind.build(&seq).as_mut());
+        let mut policy = kind.build_with_plan(&seq, plan.as_deref());
+        let r = pregate::moe::simulate(&seq, slots, policy.as_mut());
         if a.json {
             println!("{}", serde_json::to_string(&r)?);
         } else {

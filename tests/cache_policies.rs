@@ -17,6 +17,13 @@ proptest! {
             let other = simulate(&seq, slots, kind.build(&seq).as_mut()).misses;
             prop_assert!(belady <= other, "{kind:?}: {other} < belady {belady}");
         }
+        // Lookahead on an exact plan is Belady.
+        let exact = simulate(&seq, slots, PolicyKind::Lookahead.build(&seq).as_mut()).misses;
+        prop_assert_eq!(exact, belady);
+        // On a plan that is wrong in places, it can only do worse.
+        let plan: Vec<u32> = seq.iter().enumerate().map(|(i, e)| if i % 3 == 0 { (e + 5) % 24 } else { *e }).collect();
+        let mut guess = PolicyKind::Lookahead.build_with_plan(&seq, Some(&plan));
+        prop_assert!(simulate(&seq, slots, guess.as_mut()).misses >= belady);
         // Cold misses are a floor for every policy.
         let distinct = seq.iter().collect::<std::collections::HashSet<_>>().len() as u64;
         prop_assert!(belady >= distinct);
@@ -30,6 +37,7 @@ fn trace_round_trips_and_maps_layers_to_global_ids() {
         experts_per_layer: 8,
         k: 2,
         choices: vec![0, 7, 1, 2, /* token 2 */ 3, 4, 5, 6],
+        plan: None,
     };
     assert_eq!(t.n_tokens(), 2);
     assert_eq!(t.sequence(), vec![0, 7, 9, 10, 3, 4, 13, 14]);

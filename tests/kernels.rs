@@ -305,9 +305,11 @@ fn argmax_softmax_and_nll_match_cpu() {
         out_u: &am,
     };
     let mut b = DispatchBuilder::new(&g);
-    ops::row_op(&mut b, Kernel::Nll, &rb, n as u32, 0, rows as u32);
-    ops::row_op(&mut b, Kernel::Argmax, &rb, n as u32, 2, 1);
-    ops::row_op(&mut b, Kernel::Softmax, &rb, n as u32, 1, 1);
+    // nll in two blocks, the second writing from row 2 on (as scoring does).
+    ops::row_op(&mut b, Kernel::Nll, &rb, n as u32, 0, rows as u32 - 1, 0);
+    ops::row_op(&mut b, Kernel::Nll, &rb, n as u32, 2, 1, 2);
+    ops::row_op(&mut b, Kernel::Argmax, &rb, n as u32, 2, 1, 0);
+    ops::row_op(&mut b, Kernel::Softmax, &rb, n as u32, 1, 1, 0);
     g.run_once(&b.finish(&g).expect("plan")).expect("run");
     let got_nll = g.read_f32(&nll, rows).expect("read");
     for r in 0..rows {

@@ -473,7 +473,8 @@ pub struct RowBuffers<'a> {
     pub out_u: &'a wgpu::Buffer,
 }
 
-/// A row reduction (argmax, softmax or nll) over `rows` rows of length `n`.
+/// A row reduction (argmax, softmax or nll) over `rows` rows of length `n`. For nll,
+/// targets and outputs start at row `out_row0` (a block of a longer batch).
 pub fn row_op(
     b: &mut DispatchBuilder,
     kernel: Kernel,
@@ -481,13 +482,14 @@ pub fn row_op(
     n: u32,
     x_row0: u32,
     rows: u32,
+    out_row0: u32,
 ) {
     b.push(
         kernel,
         &RowParams {
             n,
             x_row0,
-            k: 0,
+            k: out_row0,
             cap: 0,
         },
         // Auto-derived layouts hold only the bindings an entry point uses.

@@ -9,7 +9,7 @@ use crate::gpu::{DispatchBuilder, DispatchList, Kernel, Mark, Matrix};
 
 use super::config::MoeConfig;
 use super::offload::next_moe_layer;
-use super::session::{StateBuffers, TOPK_CAP};
+use super::session::{StateBuffers, SCORE_ROWS, TOPK_CAP};
 use super::weights::{Ffn, Mlp, Model, MoeWeights};
 use crate::moe::Prefetch;
 
@@ -313,43 +313,54 @@ pub fn build(
         }
     }
 
-    // Head: only the rows whose logits are needed.
-    let (row0, rows) = match output {
-        Output::None | Output::Capture | Output::Route => return b.finish(&model.gpu),
-        Output::Argmax | Output::Logits | Output::TopK(_) => (n - 1, 1),
-        Output::Nll => (0, n),
-    };
-    ops::rms_norm(&mut b, &s.x, row0, rows, &w.out_norm, eps, &s.xn);
-    ops::matmul(
-        &mut b,
-        w.lm_head(),
-        &s.xn,
-        0,
-        rows,
-        &s.logits,
-        None,
-        Write::Store,
-        &s.dummy,
-    );
+    // Head: only the rows whose logits are needed; scoring goes SCORE_ROWS rows at a time
+    // so that the logits buffer stays small.
     let rb = RowBuffers {
         x: &s.logits,
         targets: &s.targets,
         out_f: &s.nll,
         out_u: &s.argmax,
     };
+    let head = |b: &mut DispatchBuilder, row0: u32, rows: u32| {
+        ops::rms_norm(b, &s.x, row0, rows, &w.out_norm, eps, &s.xn);
+        let store = Write::Store;
+        ops::matmul(
+            b,
+            w.lm_head(),
+            &s.xn,
+            0,
+            rows,
+            &s.logits,
+            None,
+            store,
+            &s.dummy,
+        );
+    };
+    let vocab = c.vocab as u32;
     match output {
-        Output::Argmax => ops::row_op(&mut b, Kernel::Argmax, &rb, c.vocab as u32, 0, 1),
-        Output::Nll => ops::row_op(&mut b, Kernel::Nll, &rb, c.vocab as u32, 0, rows),
+        Output::None | Output::Capture | Output::Route => {}
+        Output::Argmax => {
+            head(&mut b, n - 1, 1);
+            ops::row_op(&mut b, Kernel::Argmax, &rb, vocab, 0, 1, 0);
+        }
+        Output::Logits => head(&mut b, n - 1, 1),
         Output::TopK(k) => {
+            head(&mut b, n - 1, 1);
             let tk = RowBuffers {
                 x: &s.logits,
                 targets: &s.targets,
                 out_f: &s.topk_val,
                 out_u: &s.topk_idx,
             };
-            ops::top_k(&mut b, &tk, c.vocab as u32, 0, k, TOPK_CAP as u32);
+            ops::top_k(&mut b, &tk, vocab, 0, k, TOPK_CAP as u32);
         }
-        _ => {}
+        Output::Nll => {
+            for row0 in (0..n).step_by(SCORE_ROWS) {
+                let rows = (n - row0).min(SCORE_ROWS as u32);
+                head(&mut b, row0, rows);
+                ops::row_op(&mut b, Kernel::Nll, &rb, vocab, 0, rows, row0);
+            }
+        }
     }
     b.finish(&model.gpu)
 }

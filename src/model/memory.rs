@@ -223,7 +223,7 @@ pub fn plan(f: &GgufFile, c: &ModelConfig, ctx: usize) -> MemoryPlan {
     // Plus each plan's packed dispatch parameters (256 bytes a dispatch): an allowance.
     p.activations = ub * 4 * (2 * d + 2 * qd + 2 * kvd + 3 * ff)
         + 4 * (ub + 3) * experts
-        + 2 * c.vocab as u64 * 4
+        + (super::session::SCORE_ROWS.min(ctx) as u64 + 1) * c.vocab as u64 * 4
         + (2 * TOPK_CAP as u64 + 16) * 4
         + ub * 12
         + 4 * crate::gpu::ops::attention_scratch_floats(crate::gpu::ops::AttnShape {

@@ -18,6 +18,9 @@ pub const TOPK_CAP: usize = 256;
 /// Largest number of tokens processed in one step (prefill is split into chunks of this).
 pub const DEFAULT_UBATCH: usize = 128;
 
+/// Rows of logits computed at a time when scoring (perplexity): the logits buffer's rows.
+pub const SCORE_ROWS: usize = 16;
+
 /// GPU buffers of one session. Shapes in tokens (`ub` = ubatch rows).
 pub struct StateBuffers {
     pub ctx: usize,
@@ -48,7 +51,7 @@ pub struct StateBuffers {
     pub capture: Vec<GpuBuffer>,
     /// [n_layer, ub, n_used] u32 expert ids of every MoE layer (Output::Route).
     pub route: GpuBuffer,
-    pub logits: GpuBuffer,   // [ub or 1, vocab]
+    pub logits: GpuBuffer,   // [SCORE_ROWS, vocab]
     pub ids: GpuBuffer,      // [ub] u32
     pub targets: GpuBuffer,  // [ub] u32
     pub nll: GpuBuffer,      // [ub] f32
@@ -60,7 +63,6 @@ pub struct StateBuffers {
     pub vc: Vec<GpuBuffer>,
     pub readback: GpuBuffer,
     pub dummy: GpuBuffer,
-    logit_rows: usize,
 }
 
 #[repr(C)]
@@ -72,7 +74,8 @@ struct Step {
 }
 
 impl StateBuffers {
-    fn new(model: &Model, ctx: usize, ub: usize, logit_rows: usize) -> Result<StateBuffers> {
+    fn new(model: &Model, ctx: usize, ub: usize) -> Result<StateBuffers> {
+        let logit_rows = SCORE_ROWS.min(ub);
         let g = &model.gpu;
         let c = &model.config;
         let f = 4u64;
@@ -143,7 +146,6 @@ impl StateBuffers {
             vc,
             readback: g.readback("readback", (vocab * f).max(ubx).max(route_bytes))?,
             dummy: g.storage("dummy", 16)?,
-            logit_rows,
         })
     }
 }
@@ -165,7 +167,7 @@ impl Session {
             ));
         }
         let ub = DEFAULT_UBATCH.min(ctx);
-        let bufs = StateBuffers::new(&model, ctx, ub, 1)?;
+        let bufs = StateBuffers::new(&model, ctx, ub)?;
         Ok(Session {
             model,
             bufs,
@@ -242,13 +244,6 @@ impl Session {
             return Err(Error::InvalidArgument(
                 "targets and tokens differ in length".into(),
             ));
-        }
-        if self.bufs.logit_rows < self.bufs.ub {
-            // Full-row logits are only needed for scoring: allocate them on first use.
-            let ub = self.bufs.ub;
-            self.plans.clear();
-            self.bufs = StateBuffers::new(&self.model, self.bufs.ctx, ub, ub)?;
-            self.tokens.clear();
         }
         let out = self.feed(tokens, Output::Nll, targets, score_from)?;
         Ok(bytemuck::pod_collect_to_vec(&out))

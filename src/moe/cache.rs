@@ -95,10 +95,11 @@ pub struct ExpertCache {
 impl ExpertCache {
     /// `slots` per layer for `n_layer` layers of `n_expert` experts each.
     pub fn new(n_layer: usize, n_expert: usize, slots: usize, policy: PolicyKind) -> Result<Self> {
-        if policy == PolicyKind::Belady {
-            return Err(Error::InvalidArgument(
-                "belady needs to know the future; it runs in `pregate simulate` (use lru or lfu here)".into(),
-            ));
+        if matches!(policy, PolicyKind::Belady | PolicyKind::Lookahead) {
+            return Err(Error::InvalidArgument(format!(
+                "{} needs the future (a plan); it runs in `pregate simulate` for now (use lru or lfu here)",
+                policy.label()
+            )));
         }
         if slots == 0 || slots > n_expert {
             return Err(Error::InvalidArgument(format!(

@@ -106,6 +106,54 @@ impl ReplacementPolicy for Belady {
     }
 }
 
+/// Belady with a predicted future: evicts the resident expert whose next use in the
+/// pre-gating router's plan is furthest away; experts the plan never uses again go first,
+/// the least recently used of them. With an exact plan (the pre-gate decides) it is Belady.
+pub struct Lookahead {
+    /// Each expert's positions in the plan, ascending.
+    uses: HashMap<ExpertId, Vec<usize>>,
+    last: HashMap<ExpertId, usize>,
+}
+
+impl Lookahead {
+    /// `plan[t]` is the expert predicted for access t of the real sequence.
+    pub fn new(plan: &[ExpertId]) -> Lookahead {
+        let mut uses: HashMap<ExpertId, Vec<usize>> = HashMap::new();
+        for (t, id) in plan.iter().enumerate() {
+            uses.entry(*id).or_default().push(t);
+        }
+        Lookahead {
+            uses,
+            last: HashMap::new(),
+        }
+    }
+
+    fn next_use(&self, id: ExpertId, t: usize) -> usize {
+        self.uses
+            .get(&id)
+            .and_then(|u| u.get(u.partition_point(|p| *p < t)).copied())
+            .unwrap_or(usize::MAX)
+    }
+}
+
+impl ReplacementPolicy for Lookahead {
+    fn name(&self) -> &'static str {
+        "lookahead"
+    }
+    fn access(&mut self, id: ExpertId, t: usize) {
+        self.last.insert(id, t);
+    }
+    fn victim(&mut self, resident: &[ExpertId], t: usize) -> ExpertId {
+        *resident
+            .iter()
+            .max_by_key(|id| {
+                let last = self.last.get(id).copied().unwrap_or(0);
+                (self.next_use(**id, t), std::cmp::Reverse(last))
+            })
+            .unwrap_or(&resident[0])
+    }
+}
+
 /// Policies selectable by name (`--policy`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -113,6 +161,8 @@ pub enum PolicyKind {
     Lru,
     Lfu,
     Belady,
+    /// Belady on the pre-gating router's plan (see [`Lookahead`]).
+    Lookahead,
 }
 
 impl PolicyKind {
@@ -121,14 +171,26 @@ impl PolicyKind {
             PolicyKind::Lru => "lru",
             PolicyKind::Lfu => "lfu",
             PolicyKind::Belady => "belady",
+            PolicyKind::Lookahead => "lookahead",
         }
     }
 
+    /// The policy for replaying `sequence`. Lookahead follows `plan` (the router's
+    /// prediction of the sequence), or the sequence itself when the pre-gate decides.
     pub fn build(self, sequence: &[ExpertId]) -> Box<dyn ReplacementPolicy> {
+        self.build_with_plan(sequence, None)
+    }
+
+    pub fn build_with_plan(
+        self,
+        sequence: &[ExpertId],
+        plan: Option<&[ExpertId]>,
+    ) -> Box<dyn ReplacementPolicy> {
         match self {
             PolicyKind::Lru => Box::new(Lru::default()),
             PolicyKind::Lfu => Box::new(Lfu::default()),
             PolicyKind::Belady => Box::new(Belady::new(sequence)),
+            PolicyKind::Lookahead => Box::new(Lookahead::new(plan.unwrap_or(sequence))),
         }
     }
 }
@@ -202,9 +264,24 @@ mod tests {
     }
 
     #[test]
+    fn lookahead_with_an_exact_plan_is_belady_and_a_wrong_plan_costs() {
+        let seq = [1, 2, 3, 4, 1, 2, 5, 1, 2, 3, 4, 5];
+        assert_eq!(run(PolicyKind::Lookahead, &seq, 3), 7);
+        // A plan that believes 1 and 2 never come back evicts them first.
+        let wrong = [1, 2, 3, 4, 9, 9, 5, 9, 9, 3, 4, 5];
+        let mut p = PolicyKind::Lookahead.build_with_plan(&seq, Some(&wrong));
+        assert!(simulate(&seq, 3, p.as_mut()).misses > 7);
+    }
+
+    #[test]
     fn enough_slots_means_only_cold_misses() {
         let seq = [4, 5, 6, 4, 5, 6, 4];
-        for k in [PolicyKind::Lru, PolicyKind::Lfu, PolicyKind::Belady] {
+        for k in [
+            PolicyKind::Lru,
+            PolicyKind::Lfu,
+            PolicyKind::Belady,
+            PolicyKind::Lookahead,
+        ] {
             assert_eq!(run(k, &seq, 3), 3);
         }
     }

@@ -1,7 +1,9 @@
 //! Expert-access traces: for every token and MoE layer, the experts the router chose.
 //! `pregate simulate` replays them through cache policies. File layout (little endian):
-//! magic "PGTR", version u32 = 1, n_layers u32, experts_per_layer u32, k u32,
-//! n_tokens u32, then n_tokens × n_layers × k expert indices (u16).
+//! magic "PGTR", version u32 (1 or 2), n_layers u32, experts_per_layer u32, k u32,
+//! n_tokens u32, then n_tokens × n_layers × k expert indices (u16). Version 2 adds a u32
+//! flag after n_tokens and, when it is 1, the pre-gating router's plan after the choices:
+//! as many predicted indices, in the same layout.
 
 use std::io::Write;
 use std::path::Path;
@@ -10,7 +12,7 @@ use crate::error::{Error, Result};
 use crate::moe::policy::ExpertId;
 
 const MAGIC: &[u8; 4] = b"PGTR";
-const VERSION: u32 = 1;
+const VERSION: u32 = 2;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ExpertTrace {
@@ -20,6 +22,8 @@ pub struct ExpertTrace {
     pub k: u32,
     /// `[token][layer][k]`, flattened.
     pub choices: Vec<u16>,
+    /// The pre-gating router's prediction of `choices` (same layout), when recorded.
+    pub plan: Option<Vec<u16>>,
 }
 
 impl ExpertTrace {
@@ -34,9 +38,18 @@ impl ExpertTrace {
 
     /// The access sequence in execution order (token by token, layer by layer), as global ids.
     pub fn sequence(&self) -> Vec<ExpertId> {
+        self.global_ids(&self.choices)
+    }
+
+    /// The router's plan as global ids, aligned with [`ExpertTrace::sequence`].
+    pub fn plan_sequence(&self) -> Option<Vec<ExpertId>> {
+        self.plan.as_ref().map(|p| self.global_ids(p))
+    }
+
+    fn global_ids(&self, choices: &[u16]) -> Vec<ExpertId> {
         let k = self.k as usize;
         let per_token = self.n_layers as usize * k;
-        self.choices
+        choices
             .iter()
             .enumerate()
             .map(|(i, e)| {
@@ -56,10 +69,11 @@ impl ExpertTrace {
             self.experts_per_layer,
             self.k,
             self.n_tokens() as u32,
+            self.plan.is_some() as u32,
         ] {
             bytes.extend(v.to_le_bytes());
         }
-        for c in &self.choices {
+        for c in self.choices.iter().chain(self.plan.iter().flatten()) {
             bytes.extend(c.to_le_bytes());
         }
         let tmp = path.with_extension("tmp");
@@ -92,32 +106,40 @@ impl ExpertTrace {
                 bytes[4 * i + 3],
             ])
         };
-        if word(1) != VERSION {
-            return Err(bad(format!("version {} (expected {VERSION})", word(1))));
+        let version = word(1);
+        if !(1..=VERSION).contains(&version) {
+            return Err(bad(format!("version {version} (expected 1..={VERSION})")));
         }
         let (n_layers, experts_per_layer, k, n_tokens) = (word(2), word(3), word(4), word(5));
+        let (header, has_plan) = match version {
+            1 => (24, false),
+            _ if bytes.len() < 28 => return Err(bad("too short for its header".into())),
+            _ => (28, word(6) == 1),
+        };
         let n = n_tokens as u64 * n_layers as u64 * k as u64;
-        if bytes.len() as u64 != 24 + 2 * n {
+        let want = header as u64 + 2 * n * (1 + has_plan as u64);
+        if bytes.len() as u64 != want {
             return Err(bad(format!(
-                "{} bytes, expected {} for {n_tokens} tokens",
-                bytes.len(),
-                24 + 2 * n
+                "{} bytes, expected {want} for {n_tokens} tokens",
+                bytes.len()
             )));
         }
-        let choices: Vec<u16> = bytes[24..]
+        let mut all: Vec<u16> = bytes[header..]
             .chunks_exact(2)
             .map(|c| u16::from_le_bytes([c[0], c[1]]))
             .collect();
-        if let Some(e) = choices.iter().find(|e| **e as u32 >= experts_per_layer) {
+        if let Some(e) = all.iter().find(|e| **e as u32 >= experts_per_layer) {
             return Err(bad(format!(
                 "expert {e} out of range (experts per layer: {experts_per_layer})"
             )));
         }
+        let plan = has_plan.then(|| all.split_off(n as usize));
         Ok(ExpertTrace {
             n_layers,
             experts_per_layer,
             k,
-            choices,
+            choices: all,
+            plan,
         })
     }
 }
@@ -128,6 +150,19 @@ pub fn record(
     engine: &crate::Engine,
     text: &str,
     max_tokens: Option<usize>,
+    progress: impl FnMut(usize, usize),
+) -> Result<ExpertTrace> {
+    let mut tokens = engine.tokenizer.encode(text, false)?;
+    if let Some(n) = max_tokens {
+        tokens.truncate(n);
+    }
+    record_tokens(engine, &tokens, progress)
+}
+
+/// As [`record`], for tokens already encoded.
+pub fn record_tokens(
+    engine: &crate::Engine,
+    tokens: &[u32],
     mut progress: impl FnMut(usize, usize),
 ) -> Result<ExpertTrace> {
     let c = &engine.model.config;
@@ -136,10 +171,6 @@ pub fn record(
             "expert traces need a mixture-of-experts model (see `pregate carve`)".into(),
         ));
     };
-    let mut tokens = engine.tokenizer.encode(text, false)?;
-    if let Some(n) = max_tokens {
-        tokens.truncate(n);
-    }
     if tokens.is_empty() {
         return Err(Error::InvalidArgument("the text has no tokens".into()));
     }
@@ -156,5 +187,6 @@ pub fn record(
         experts_per_layer: moe.n_expert as u32,
         k: moe.n_used as u32,
         choices,
+        plan: None,
     })
 }
