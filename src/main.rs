@@ -93,9 +93,13 @@ struct ModelArgs {
     /// Expert cache replacement policy (when experts do not all fit)
     #[arg(long, value_enum, default_value_t = CachePolicy::Lru)]
     policy: CachePolicy,
-    /// Load experts ahead of need: none, or next-layer (route the next layer early)
+    /// Load experts ahead of need: none; next-layer (route the next layer early on the GPU);
+    /// or pregate (the pre-gating router's plan, from --router or MODEL.router.safetensors)
     #[arg(long, value_enum, default_value_t = Prefetch::None)]
     prefetch: Prefetch,
+    /// Pre-gating router (from `pregate train-router`) for --prefetch pregate
+    #[arg(long)]
+    router: Option<PathBuf>,
     /// Hash every expert at load and check it on first upload (detects a file changed on disk)
     #[arg(long)]
     verify: bool,
@@ -456,6 +460,7 @@ fn load(m: &ModelArgs) -> Result<Engine> {
             },
             prefetch: m.prefetch,
             verify: m.verify,
+            router: m.router.clone(),
         },
     };
     let pb = bar(0, "loading {bar:40} {pos}/{len} layers");

@@ -62,9 +62,10 @@ fn offloaded_experts_give_bit_identical_output() {
             policy,
             prefetch,
             verify: true,
+            router: None,
         };
         // A tiny share clamps to one token's experts: 2 slots per layer.
-        let engine = load(&carved, VramBudget::ExpertShare(0.01), opts).expect("load");
+        let engine = load(&carved, VramBudget::ExpertShare(0.01), opts.clone()).expect("load");
         let off = engine.model.offload.as_ref().expect("offloaded");
         assert_eq!(off.slots, 2);
         let (logits, greedy) = run(&engine);
@@ -180,4 +181,43 @@ fn a_model_file_changed_while_mapped_is_an_error_not_garbage() {
     let mut s = engine.session().expect("session");
     let err = s.next_argmax(&TOKENS).expect_err("truncated file");
     assert!(err.to_string().contains("truncated"), "{err}");
+}
+
+#[test]
+fn pregate_prefetch_keeps_output_exact_and_needs_a_router() {
+    let (_, carved) = carve_tiny("offload_pregate", 8, 1, 2);
+    let resident = load(&carved, VramBudget::All, OffloadOptions::default()).expect("load");
+    let (want_logits, want_greedy) = run(&resident);
+    // Train a router on the model's own routing and save it where it is looked for.
+    let tokens: Vec<u32> = (0..400u32).map(|i| 32 + (i * 7 + i / 5) % 90).collect();
+    let trace = pregate::moe::trace::record_tokens(&resident, &tokens, |_, _| {}).expect("trace");
+    drop(resident);
+    let opts = pregate::router::TrainOptions {
+        buckets: 256,
+        ..Default::default()
+    };
+    let (router, report) =
+        pregate::router::train(&tokens, &trace, &opts, |_, _, _| {}).expect("train");
+    assert!(report.loss.last() < report.loss.first(), "{report:?}");
+    let pregate_opts = OffloadOptions {
+        prefetch: Prefetch::Pregate,
+        ..Default::default()
+    };
+    // No router yet: a clear error.
+    let err = load(&carved, VramBudget::ExpertShare(0.01), pregate_opts.clone())
+        .err()
+        .expect("no router");
+    assert!(err.to_string().contains("train-router"), "{err}");
+    router
+        .save(&pregate::model::offload::default_router_path(&carved))
+        .expect("save");
+    let engine = load(&carved, VramBudget::ExpertShare(0.01), pregate_opts).expect("load");
+    let (logits, greedy) = run(&engine);
+    for (w, g) in want_logits.iter().zip(&logits) {
+        assert!(w.iter().zip(g).all(|(a, b)| a.to_bits() == b.to_bits()));
+    }
+    assert_eq!(greedy, want_greedy);
+    let m = engine.metrics();
+    assert_eq!(m.prefetch, "pregate");
+    assert!(m.prefetch_hits + m.wasted_prefetches > 0, "{m:?}");
 }

@@ -14,17 +14,21 @@ use crate::gpu::{DispatchList, Mark};
 use crate::moe::cache::{CacheStats, ExpertCache, Load, Wave};
 use crate::moe::store::ExpertStore;
 use crate::moe::{PolicyKind, Prefetch};
+use crate::router::PreGateRouter;
 
 use super::session::StateBuffers;
 use super::weights::{Ffn, Model};
 
 /// How an offloaded model manages its experts.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug)]
 pub struct OffloadOptions {
     pub policy: PolicyKind,
     pub prefetch: Prefetch,
     /// Hash every expert at load and check each on its first upload.
     pub verify: bool,
+    /// The pre-gating router file (`--router`); `None` looks next to the model for
+    /// `MODEL.router.safetensors` when `prefetch` is `Pregate`.
+    pub router: Option<std::path::PathBuf>,
 }
 
 impl Default for OffloadOptions {
@@ -33,8 +37,14 @@ impl Default for OffloadOptions {
             policy: PolicyKind::Lru,
             prefetch: Prefetch::None,
             verify: false,
+            router: None,
         }
     }
+}
+
+/// Where a model's pre-gating router is looked for by default.
+pub fn default_router_path(model: &std::path::Path) -> std::path::PathBuf {
+    model.with_extension("router.safetensors")
 }
 
 struct State {
@@ -49,6 +59,8 @@ pub struct Offload {
     state: Mutex<State>,
     pub prefetch: Prefetch,
     pub slots: usize,
+    /// The pre-gating router (with `Prefetch::Pregate`).
+    pub router: Option<PreGateRouter>,
 }
 
 impl Offload {
@@ -65,6 +77,24 @@ impl Offload {
                 moe.n_used
             )));
         }
+        let router = match opts.prefetch {
+            Prefetch::Pregate => {
+                let path = opts
+                    .router
+                    .clone()
+                    .unwrap_or_else(|| default_router_path(&model.file.path));
+                if !path.exists() {
+                    return Err(Error::InvalidArgument(format!(
+                        "--prefetch pregate needs a router: {} does not exist (make one with `pregate train-router`, or pass --router)",
+                        path.display()
+                    )));
+                }
+                let r = PreGateRouter::load(&path)?;
+                r.check_fits(c.n_layer, moe.n_expert)?;
+                Some(r)
+            }
+            _ => None,
+        };
         let mut store = ExpertStore::new(&model.file, c)?;
         if opts.verify {
             store.enable_verify(&model.file)?;
@@ -78,6 +108,7 @@ impl Offload {
             }),
             prefetch: opts.prefetch,
             slots,
+            router,
         })
     }
 
@@ -163,19 +194,25 @@ impl Offload {
     }
 }
 
+fn is_moe(model: &Model, layer: usize) -> bool {
+    matches!(model.weights.layers[layer].ffn, Ffn::Moe(_))
+}
+
 /// The next MoE layer after `layer`, if any.
 pub fn next_moe_layer(model: &Model, layer: usize) -> Option<usize> {
-    (layer + 1..model.weights.layers.len())
-        .find(|l| matches!(model.weights.layers[*l].ffn, Ffn::Moe(_)))
+    (layer + 1..model.weights.layers.len()).find(|l| is_moe(model, *l))
 }
 
 /// Encodes `plan` for `n` tokens into `enc`, stopping at each mark to make the layer's
-/// experts resident (see the module comment). Returns the encoder holding the rest.
+/// experts resident (see the module comment). `history` is every token up to and
+/// including this step's (the pre-gating router reads them). Returns the encoder holding
+/// the rest.
 pub fn encode_offloaded(
     model: &Model,
     off: &Offload,
     s: &StateBuffers,
     plan: &DispatchList,
+    history: &[u32],
     n: usize,
     mut enc: wgpu::CommandEncoder,
 ) -> Result<wgpu::CommandEncoder> {
@@ -196,6 +233,17 @@ pub fn encode_offloaded(
     };
     let ids_bytes = (n * k * 4) as u64;
     let predicts = off.prefetch == Prefetch::NextLayer && n == 1;
+    // The pre-gate's plan for a decode token: every layer's experts, known before the step.
+    let pregate = match (&off.router, n, history.len()) {
+        (Some(r), 1, len) if len > 0 => Some(r.predict(history, len - 1, k)),
+        _ => None,
+    };
+    if let (Some(p), Some(first)) = (
+        &pregate,
+        (0..model.weights.layers.len()).find(|l| is_moe(model, *l)),
+    ) {
+        off.prefetch(model, first, &p[first])?;
+    }
     let mut prefetch_next: Option<(usize, Vec<u32>)> = None;
     let mut pending: Vec<u32> = Vec::new();
     let (mut pos, mut routed_at) = (0, 0);

@@ -395,7 +395,11 @@ impl Session {
             });
         match &self.model.offload {
             Some(off) => {
-                enc = super::offload::encode_offloaded(&self.model, off, b, plan, n, enc)?;
+                // The pre-gating router reads the last few tokens (an n-gram window).
+                let from = self.tokens.len().saturating_sub(2);
+                let history: Vec<u32> = self.tokens[from..].iter().chain(chunk).copied().collect();
+                enc =
+                    super::offload::encode_offloaded(&self.model, off, b, plan, &history, n, enc)?;
             }
             None => {
                 let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {

@@ -22,6 +22,9 @@ pub enum Prefetch {
     /// AdapMoE: route the next layer on the current hidden state and load its experts while
     /// the GPU computes (decode).
     NextLayer,
+    /// Read-ME: the pre-gating router predicts every layer's experts from the token ids
+    /// before the step; each layer's are loaded while the GPU runs the layers before it.
+    Pregate,
 }
 
 impl Prefetch {
@@ -29,6 +32,7 @@ impl Prefetch {
         match self {
             Prefetch::None => "none",
             Prefetch::NextLayer => "next-layer",
+            Prefetch::Pregate => "pregate",
         }
     }
 }
