@@ -79,6 +79,8 @@ impl Engine {
         if let Some(k) = opts.experts_per_token {
             model.set_experts_per_token(k)?;
         }
+        model.router = crate::model::offload::load_router(path, &model.config, &opts.offload)?;
+        model.routing = opts.offload.routing;
         if let Some(slots) = plan.expert_slots {
             model.offload = Some(Offload::new(&model, slots, &opts.offload)?);
         }

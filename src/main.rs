@@ -15,7 +15,7 @@ use pregate::gpu::{list_adapters, BackendChoice, GpuOptions};
 use pregate::model::chat::ChatMessage;
 use pregate::model::memory::VramBudget;
 use pregate::model::offload::OffloadOptions;
-use pregate::moe::{PolicyKind, Prefetch};
+use pregate::moe::{PolicyKind, Prefetch, Routing};
 use pregate::pull::{self, PullEvent, DEFAULT_MODEL};
 use pregate::{Engine, EngineOptions, GenerateParams, SamplerConfig};
 
@@ -97,7 +97,12 @@ struct ModelArgs {
     /// or pregate (the pre-gating router's plan, from --router or MODEL.router.safetensors)
     #[arg(long, value_enum, default_value_t = Prefetch::None)]
     prefetch: Prefetch,
-    /// Pre-gating router (from `pregate train-router`) for --prefetch pregate
+    /// Who picks the experts: each layer's router (layer), or the pre-gating router
+    /// (pregate: Read-ME; no per-layer readback, quality depends on the router)
+    #[arg(long, value_enum, default_value_t = Routing::Layer)]
+    routing: Routing,
+    /// Pre-gating router (from `pregate train-router`) for --prefetch/--routing pregate
+    /// (default: MODEL.router.safetensors next to the model)
     #[arg(long)]
     router: Option<PathBuf>,
     /// Hash every expert at load and check it on first upload (detects a file changed on disk)
@@ -460,6 +465,7 @@ fn load(m: &ModelArgs) -> Result<Engine> {
             },
             prefetch: m.prefetch,
             verify: m.verify,
+            routing: m.routing,
             router: m.router.clone(),
         },
     };

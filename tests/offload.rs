@@ -10,7 +10,7 @@ use std::path::Path;
 use common::carve_tiny;
 use pregate::model::memory::VramBudget;
 use pregate::model::offload::OffloadOptions;
-use pregate::moe::{PolicyKind, Prefetch};
+use pregate::moe::{PolicyKind, Prefetch, Routing};
 use pregate::{Engine, EngineOptions, Error};
 
 const TOKENS: [u32; 12] = [102, 110, 32, 105, 116, 101, 109, 95, 51, 40, 120, 58];
@@ -62,7 +62,7 @@ fn offloaded_experts_give_bit_identical_output() {
             policy,
             prefetch,
             verify: true,
-            router: None,
+            ..Default::default()
         };
         // A tiny share clamps to one token's experts: 2 slots per layer.
         let engine = load(&carved, VramBudget::ExpertShare(0.01), opts.clone()).expect("load");
@@ -220,4 +220,25 @@ fn pregate_prefetch_keeps_output_exact_and_needs_a_router() {
     let m = engine.metrics();
     assert_eq!(m.prefetch, "pregate");
     assert!(m.prefetch_hits + m.wasted_prefetches > 0, "{m:?}");
+    drop(engine);
+
+    // --routing pregate: the router decides. The experts that run are exactly its plan,
+    // and the offloaded run (no readback) matches the resident one bit for bit.
+    let decide = OffloadOptions {
+        routing: Routing::Pregate,
+        ..Default::default()
+    };
+    let resident = load(&carved, VramBudget::All, decide.clone()).expect("load");
+    let window = &tokens[..48];
+    let ran = pregate::moe::trace::record_tokens(&resident, window, |_, _| {}).expect("trace");
+    assert_eq!(ran.choices, router.plan(window));
+    let (want_logits, want_greedy) = run(&resident);
+    drop(resident);
+    let offloaded = load(&carved, VramBudget::ExpertShare(0.01), decide).expect("load");
+    let (logits, greedy) = run(&offloaded);
+    assert_eq!(greedy, want_greedy);
+    for (w, g) in want_logits.iter().zip(&logits) {
+        assert!(w.iter().zip(g).all(|(a, b)| a.to_bits() == b.to_bits()));
+    }
+    assert!(offloaded.metrics().expert_misses > 0);
 }

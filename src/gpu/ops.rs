@@ -446,6 +446,35 @@ pub fn copy_u32(b: &mut DispatchBuilder, dst: &wgpu::Buffer, off: u32, src: &wgp
     );
 }
 
+/// dst[i] = src[i] for i < n, reading `src` from byte `src_off` (a multiple of the
+/// device's storage offset alignment, 256 bytes).
+pub fn copy_from(
+    b: &mut DispatchBuilder,
+    kernel: Kernel,
+    dst: &wgpu::Buffer,
+    src: &wgpu::Buffer,
+    src_off: u64,
+    n: u32,
+) {
+    let (d, s) = if kernel == Kernel::CopyU32 {
+        (3, 4)
+    } else {
+        (1, 2)
+    };
+    let src = Bind {
+        binding: s,
+        buffer: src.clone(),
+        offset: src_off,
+        size: Some(4 * n as u64),
+    };
+    b.push(
+        kernel,
+        &ElemParams { n, off: 0 },
+        vec![Bind::whole(d, dst), src],
+        grid_1d(n, 64),
+    );
+}
+
 /// dst[off + i] = src[i] for i < n.
 pub fn copy(b: &mut DispatchBuilder, dst: &wgpu::Buffer, off: u32, src: &wgpu::Buffer, n: u32) {
     b.push(

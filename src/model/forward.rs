@@ -11,7 +11,7 @@ use super::config::MoeConfig;
 use super::offload::next_moe_layer;
 use super::session::{StateBuffers, SCORE_ROWS, TOPK_CAP};
 use super::weights::{Ffn, Mlp, Model, MoeWeights};
-use crate::moe::Prefetch;
+use crate::moe::{Prefetch, Routing};
 
 /// What a step must leave for the host to read.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -120,6 +120,8 @@ struct ExpertPlan<'a> {
     offloaded: bool,
     /// The next MoE layer's router, to apply to this layer's input (next-layer prefetch).
     predict: Option<&'a MoeWeights>,
+    /// `--routing pregate`: the experts come from the host's plan, not this layer's router.
+    pregate: bool,
 }
 
 /// router → top-k ids and weights (on the GPU) → the chosen experts' gate, up → swiglu →
@@ -133,7 +135,14 @@ fn ffn_experts(
     p: &ExpertPlan,
 ) {
     let (e, k, ff) = (moe.n_expert as u32, moe.n_used as u32, moe.expert_ff as u32);
-    route(b, s, m, moe, n, &s.expert_ids, &s.expert_wts);
+    if p.pregate {
+        // The pre-gating router decided on the host: this layer's row of its plan.
+        let off = (p.layer * s.plan_stride * 4) as u64;
+        ops::copy_from(b, Kernel::CopyU32, &s.expert_ids, &s.plan_ids, off, n * k);
+        ops::copy_from(b, Kernel::Copy, &s.expert_wts, &s.plan_wts, off, n * k);
+    } else {
+        route(b, s, m, moe, n, &s.expert_ids, &s.expert_wts);
+    }
     // Rows per expert of down: d_model (the pools hold fewer experts than the model).
     let d = m.gate_exps.cols as u32;
     let groups = ExpertGroups {
@@ -302,6 +311,7 @@ pub fn build(
                     },
                     offloaded: offload.is_some(),
                     predict,
+                    pregate: model.routing == Routing::Pregate,
                 };
                 ffn_experts(&mut b, s, m, moe, n, &plan);
                 if output == Output::Route {

@@ -13,7 +13,7 @@ use crate::error::{Error, Result};
 use crate::gpu::{DispatchList, Mark};
 use crate::moe::cache::{CacheStats, ExpertCache, Load, Wave};
 use crate::moe::store::ExpertStore;
-use crate::moe::{PolicyKind, Prefetch};
+use crate::moe::{PolicyKind, Prefetch, Routing};
 use crate::router::PreGateRouter;
 
 use super::session::StateBuffers;
@@ -26,8 +26,10 @@ pub struct OffloadOptions {
     pub prefetch: Prefetch,
     /// Hash every expert at load and check each on its first upload.
     pub verify: bool,
+    /// Who picks the experts: the layers' routers, or the pre-gating router.
+    pub routing: Routing,
     /// The pre-gating router file (`--router`); `None` looks next to the model for
-    /// `MODEL.router.safetensors` when `prefetch` is `Pregate`.
+    /// `MODEL.router.safetensors` when `prefetch` or `routing` is `Pregate`.
     pub router: Option<std::path::PathBuf>,
 }
 
@@ -37,9 +39,39 @@ impl Default for OffloadOptions {
             policy: PolicyKind::Lru,
             prefetch: Prefetch::None,
             verify: false,
+            routing: Routing::Layer,
             router: None,
         }
     }
+}
+
+/// Loads the pre-gating router when `opts` needs one, and checks that it fits `c`.
+pub fn load_router(
+    model_path: &std::path::Path,
+    c: &super::ModelConfig,
+    opts: &OffloadOptions,
+) -> Result<Option<PreGateRouter>> {
+    if opts.prefetch != Prefetch::Pregate && opts.routing != Routing::Pregate {
+        return Ok(None);
+    }
+    let Some(moe) = &c.moe else {
+        return Err(Error::InvalidArgument(
+            "the pre-gating router needs a mixture-of-experts model (see `pregate carve`)".into(),
+        ));
+    };
+    let path = opts
+        .router
+        .clone()
+        .unwrap_or_else(|| default_router_path(model_path));
+    if !path.exists() {
+        return Err(Error::InvalidArgument(format!(
+            "pregate routing or prefetch needs a router: {} does not exist (make one with `pregate train-router`, or pass --router)",
+            path.display()
+        )));
+    }
+    let r = PreGateRouter::load(&path)?;
+    r.check_fits(c.n_layer, moe.n_expert)?;
+    Ok(Some(r))
 }
 
 /// Where a model's pre-gating router is looked for by default.
@@ -59,8 +91,6 @@ pub struct Offload {
     state: Mutex<State>,
     pub prefetch: Prefetch,
     pub slots: usize,
-    /// The pre-gating router (with `Prefetch::Pregate`).
-    pub router: Option<PreGateRouter>,
 }
 
 impl Offload {
@@ -77,24 +107,11 @@ impl Offload {
                 moe.n_used
             )));
         }
-        let router = match opts.prefetch {
-            Prefetch::Pregate => {
-                let path = opts
-                    .router
-                    .clone()
-                    .unwrap_or_else(|| default_router_path(&model.file.path));
-                if !path.exists() {
-                    return Err(Error::InvalidArgument(format!(
-                        "--prefetch pregate needs a router: {} does not exist (make one with `pregate train-router`, or pass --router)",
-                        path.display()
-                    )));
-                }
-                let r = PreGateRouter::load(&path)?;
-                r.check_fits(c.n_layer, moe.n_expert)?;
-                Some(r)
-            }
-            _ => None,
-        };
+        if opts.prefetch == Prefetch::Pregate && model.router.is_none() {
+            return Err(Error::InvalidArgument(
+                "--prefetch pregate needs a pre-gating router (see `pregate train-router`)".into(),
+            ));
+        }
         let mut store = ExpertStore::new(&model.file, c)?;
         if opts.verify {
             store.enable_verify(&model.file)?;
@@ -108,7 +125,6 @@ impl Offload {
             }),
             prefetch: opts.prefetch,
             slots,
-            router,
         })
     }
 
@@ -204,15 +220,18 @@ pub fn next_moe_layer(model: &Model, layer: usize) -> Option<usize> {
 }
 
 /// Encodes `plan` for `n` tokens into `enc`, stopping at each mark to make the layer's
-/// experts resident (see the module comment). `history` is every token up to and
-/// including this step's (the pre-gating router reads them). Returns the encoder holding
-/// the rest.
+/// experts resident (see the module comment). `history` ends with this step's tokens
+/// (the pre-gating router reads them). With `decided` (`--routing pregate`), each layer's
+/// experts are already known: nothing is read back, and the step is one submit unless a
+/// layer needs waves. Returns the encoder holding the rest.
+#[allow(clippy::too_many_arguments)]
 pub fn encode_offloaded(
     model: &Model,
     off: &Offload,
     s: &StateBuffers,
     plan: &DispatchList,
     history: &[u32],
+    decided: Option<&[Vec<u32>]>,
     n: usize,
     mut enc: wgpu::CommandEncoder,
 ) -> Result<wgpu::CommandEncoder> {
@@ -234,8 +253,10 @@ pub fn encode_offloaded(
     let ids_bytes = (n * k * 4) as u64;
     let predicts = off.prefetch == Prefetch::NextLayer && n == 1;
     // The pre-gate's plan for a decode token: every layer's experts, known before the step.
-    let pregate = match (&off.router, n, history.len()) {
-        (Some(r), 1, len) if len > 0 => Some(r.predict(history, len - 1, k)),
+    let pregate = match (&model.router, off.prefetch, n, history.len()) {
+        (Some(r), Prefetch::Pregate, 1, len) if len > 0 && decided.is_none() => {
+            Some(r.predict(history, len - 1, k))
+        }
         _ => None,
     };
     if let (Some(p), Some(first)) = (
@@ -251,6 +272,11 @@ pub fn encode_offloaded(
         encode(&mut enc, pos..at);
         pos = at;
         match mark {
+            Mark::Routed(layer) if decided.is_some() => {
+                pending = decided.map(|d| d[layer].clone()).unwrap_or_default();
+                off.demand(model, layer, &mut pending)?;
+                routed_at = at;
+            }
             Mark::Routed(layer) => {
                 enc.copy_buffer_to_buffer(&s.expert_ids, 0, &s.route_readback, 0, ids_bytes);
                 if predicts {

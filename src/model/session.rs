@@ -47,6 +47,11 @@ pub struct StateBuffers {
     pub pred_wts: GpuBuffer,      // [n_expert]
     /// Expert ids (and predictions) read back at each MoE layer when experts are offloaded.
     pub route_readback: GpuBuffer,
+    /// `--routing pregate`: each layer's expert ids and weights, written by the host:
+    /// layer l at element l * plan_stride, [ub, n_used] each.
+    pub plan_ids: GpuBuffer,
+    pub plan_wts: GpuBuffer,
+    pub plan_stride: usize,
     /// Per layer [ub, d_model + 2 d_ff]: FFN input, gate and up (Output::Capture only).
     pub capture: Vec<GpuBuffer>,
     /// [n_layer, ub, n_used] u32 expert ids of every MoE layer (Output::Route).
@@ -95,6 +100,9 @@ impl StateBuffers {
         let n_expert = c.moe.as_ref().map_or(1, |m| m.n_expert) as u64;
         // Per-slot expert outputs exist only for MoE models (every expert may be used).
         let moe_slots = c.moe.as_ref().map_or(0, |m| m.n_expert) as u64;
+        // Layer rows of the pre-gate's plan start on 256-byte binding offsets.
+        let plan_stride = (ub * c.moe.as_ref().map_or(0, |m| m.n_expert)).next_multiple_of(64);
+        let moe_layers = u64::from(c.moe.is_some());
         let route_bytes =
             (ubx * c.n_layer as u64 * c.moe.as_ref().map_or(0, |m| m.n_used) as u64).max(16);
         Ok(StateBuffers {
@@ -132,6 +140,15 @@ impl StateBuffers {
             pred_ids: g.storage("predicted ids", f * n_expert)?,
             pred_wts: g.storage("predicted weights", f * n_expert)?,
             route_readback: g.readback("route readback", f * (ub as u64 + 1) * n_expert)?,
+            plan_ids: g.storage(
+                "pregate ids",
+                f * (c.n_layer * plan_stride) as u64 * moe_layers,
+            )?,
+            plan_wts: g.storage(
+                "pregate weights",
+                f * (c.n_layer * plan_stride) as u64 * moe_layers,
+            )?,
+            plan_stride,
             capture: Vec::new(),
             route: g.storage("route", route_bytes)?,
             logits: g.storage("logits", logit_rows as u64 * vocab * f)?,
@@ -388,6 +405,10 @@ impl Session {
             _pad: [0; 2],
         };
         g.queue.write_buffer(&b.step, 0, bytemuck::bytes_of(&step));
+        // The pre-gating router reads the last few tokens (an n-gram window).
+        let from = self.tokens.len().saturating_sub(2);
+        let history: Vec<u32> = self.tokens[from..].iter().chain(chunk).copied().collect();
+        let decided = self.pregate_plan(&history, n)?;
         let mut enc = g
             .device
             .create_command_encoder(&wgpu::CommandEncoderDescriptor {
@@ -395,11 +416,9 @@ impl Session {
             });
         match &self.model.offload {
             Some(off) => {
-                // The pre-gating router reads the last few tokens (an n-gram window).
-                let from = self.tokens.len().saturating_sub(2);
-                let history: Vec<u32> = self.tokens[from..].iter().chain(chunk).copied().collect();
-                enc =
-                    super::offload::encode_offloaded(&self.model, off, b, plan, &history, n, enc)?;
+                let decided = decided.as_deref();
+                let m = &self.model;
+                enc = super::offload::encode_offloaded(m, off, b, plan, &history, decided, n, enc)?;
             }
             None => {
                 let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
@@ -446,6 +465,48 @@ impl Session {
 }
 
 impl Session {
+    /// With `--routing pregate`: predicts every layer's experts for the last `n` tokens of
+    /// `history`, uploads their ids and weights for the expert kernels, and returns each
+    /// layer's distinct experts (what the cache must hold).
+    fn pregate_plan(&self, history: &[u32], n: usize) -> Result<Option<Vec<Vec<u32>>>> {
+        let (Some(r), crate::moe::Routing::Pregate, Some(moe)) = (
+            &self.model.router,
+            self.model.routing,
+            self.model.config.moe.as_ref(),
+        ) else {
+            return Ok(None);
+        };
+        let (k, layers, stride) = (moe.n_used, self.model.config.n_layer, self.bufs.plan_stride);
+        let mut ids = vec![0u32; layers * stride];
+        let mut wts = vec![0f32; layers * stride];
+        let mut union: Vec<Vec<u32>> = vec![Vec::new(); layers];
+        let first = history.len() - n;
+        for i in 0..n {
+            for (l, chosen) in r
+                .predict_scored(history, first + i, k)
+                .into_iter()
+                .enumerate()
+            {
+                let total: f32 = chosen.iter().map(|(_, p)| p).sum();
+                for (j, (e, p)) in chosen.into_iter().enumerate() {
+                    ids[l * stride + i * k + j] = e;
+                    wts[l * stride + i * k + j] = match moe.weights {
+                        crate::gpu::ops::RouteWeights::Ones => 1.0,
+                        crate::gpu::ops::RouteWeights::Renormalised => p / total.max(1e-12),
+                        crate::gpu::ops::RouteWeights::Probabilities => p,
+                    };
+                    if !union[l].contains(&e) {
+                        union[l].push(e);
+                    }
+                }
+            }
+        }
+        let q = &self.model.gpu.queue;
+        q.write_buffer(&self.bufs.plan_ids, 0, bytemuck::cast_slice(&ids));
+        q.write_buffer(&self.bufs.plan_wts, 0, bytemuck::cast_slice(&wts));
+        Ok(Some(union))
+    }
+
     /// GPU time per kernel of one decode step, from timestamp queries (one compute pass per
     /// dispatch, so pass boundaries add a little). Empty when the adapter has no timestamps.
     pub fn profile_decode(&mut self) -> Result<Vec<crate::bench::KernelTime>> {

@@ -80,6 +80,10 @@ pub struct Model {
     pub gpu: Arc<Gpu>,
     /// The expert cache, when routed experts do not all fit in VRAM.
     pub offload: Option<super::offload::Offload>,
+    /// The pre-gating router, when routing or prefetch use it.
+    pub router: Option<crate::router::PreGateRouter>,
+    /// Who picks each token's experts.
+    pub routing: crate::moe::Routing,
 }
 
 fn matrix(gpu: &Gpu, f: &GgufFile, name: &str, rows: usize, cols: usize) -> Result<Matrix> {
@@ -257,6 +261,8 @@ impl Model {
             },
             gpu,
             offload: None,
+            router: None,
+            routing: crate::moe::Routing::Layer,
         })
     }
 

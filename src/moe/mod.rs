@@ -12,6 +12,18 @@ pub use policy::{simulate, PolicyKind, SimResult};
 pub use store::ExpertStore;
 pub use trace::ExpertTrace;
 
+/// Who picks each token's experts (`--routing`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Routing {
+    /// Each layer's own router, on the GPU (the model as it was carved or trained).
+    #[default]
+    Layer,
+    /// Read-ME: the pre-gating router decides every layer's experts from the token ids
+    /// before the step, so the plan is exact and the step needs no readback.
+    Pregate,
+}
+
 /// What loads experts ahead of need (`--prefetch`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
 #[serde(rename_all = "kebab-case")]

@@ -100,12 +100,25 @@ impl PreGateRouter {
     /// The `k` most likely experts of every layer for position `t`, best first:
     /// `[layer][k]`.
     pub fn predict(&self, tokens: &[u32], t: usize, k: usize) -> Vec<Vec<u32>> {
+        self.predict_scored(tokens, t, k)
+            .into_iter()
+            .map(|l| l.into_iter().map(|(e, _)| e).collect())
+            .collect()
+    }
+
+    /// As [`PreGateRouter::predict`], with each expert's probability.
+    pub fn predict_scored(&self, tokens: &[u32], t: usize, k: usize) -> Vec<Vec<(u32, f32)>> {
         let f = self.features(tokens, t);
         let mut logits = vec![0f32; self.config.n_expert];
         (0..self.config.n_layer)
             .map(|l| {
                 self.logits_into(l, &f, &mut logits);
+                let mx = logits.iter().fold(f32::MIN, |a, b| a.max(*b));
+                let sum: f32 = logits.iter().map(|z| (z - mx).exp()).sum();
                 top_k(&logits, k)
+                    .into_iter()
+                    .map(|e| (e, (logits[e as usize] - mx).exp() / sum))
+                    .collect()
             })
             .collect()
     }
