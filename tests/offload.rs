@@ -102,8 +102,10 @@ fn a_byte_budget_makes_slots_and_a_small_one_names_the_bytes() {
     let plan = resident.memory.clone();
     drop(resident);
     assert!(plan.expert_slots.is_none() && plan.experts > 0 && plan.slot_bytes > 0);
-    // Room for everything but the experts, plus 3 slots in each of the 2 layers.
-    let slots_bytes = 2 * (3 * plan.slot_bytes + 4 * plan.n_expert as u64);
+    // Room for everything but the experts, plus 3 slots in each of the 2 layers (and
+    // their slot table rows and the staging ring).
+    let staging = plan.staging_buffers as u64 * plan.slot_bytes;
+    let slots_bytes = 2 * (3 * plan.slot_bytes + 4 * plan.n_expert as u64) + staging;
     let budget = plan.total() - plan.experts + slots_bytes;
     let engine = load(
         &carved,

@@ -260,6 +260,19 @@ impl Gpu {
         Ok(GpuBuffer::new(buf, self.arena.clone()))
     }
 
+    /// A host-writable staging buffer, created mapped, charged to the arena.
+    pub fn staging(&self, label: &str, bytes: u64) -> Result<GpuBuffer> {
+        let size = bytes.max(16).next_multiple_of(wgpu::COPY_BUFFER_ALIGNMENT);
+        self.arena.charge(size, label)?;
+        let buf = self.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some(label),
+            size,
+            usage: wgpu::BufferUsages::MAP_WRITE | wgpu::BufferUsages::COPY_SRC,
+            mapped_at_creation: true,
+        });
+        Ok(GpuBuffer::new(buf, self.arena.clone()))
+    }
+
     /// A host-readable buffer for results copied back at the end of a step.
     pub fn readback(&self, label: &str, bytes: u64) -> Result<GpuBuffer> {
         let size = bytes.max(16).next_multiple_of(4);

@@ -29,6 +29,8 @@ pub struct MemoryPlan {
     pub n_moe_layers: usize,
     /// Expert cache slots per layer; `None` when every expert is resident.
     pub expert_slots: Option<usize>,
+    /// Staging buffers of `slot_bytes` each, with an expert cache.
+    pub staging_buffers: usize,
 }
 
 /// What `--vram-budget` asks for.
@@ -81,12 +83,14 @@ impl MemoryPlan {
         self.embedding + self.attention + self.ffn + self.norms + self.lm_head
     }
 
-    /// Bytes for the routed experts: all of them, or the cache slots and their slot table.
+    /// Bytes for the routed experts: all of them, or the cache slots, their slot table and
+    /// the staging ring.
     pub fn expert_bytes(&self) -> u64 {
         match self.expert_slots {
             None => self.experts,
             Some(s) => {
                 self.n_moe_layers as u64 * (s as u64 * self.slot_bytes + 4 * self.n_expert as u64)
+                    + self.staging_buffers as u64 * self.slot_bytes
             }
         }
     }
@@ -139,6 +143,12 @@ impl MemoryPlan {
     }
 }
 
+/// Host-mapped staging buffers (one expert each) for uploads into cache slots: enough for
+/// two tokens' worth of one layer's experts, at most 8.
+pub fn staging_buffers(n_used: usize) -> usize {
+    (2 * n_used).clamp(2, 8)
+}
+
 /// The routed expert tensors of a layer: `blk.N.ffn_{part}_exps.weight`.
 pub const EXPERT_PARTS: [&str; 3] = ["gate", "up", "down"];
 
@@ -168,6 +178,7 @@ pub fn kv_bytes_per_token(c: &ModelConfig) -> u64 {
 pub fn plan(f: &GgufFile, c: &ModelConfig, ctx: usize) -> MemoryPlan {
     let mut p = MemoryPlan {
         n_expert: c.moe.as_ref().map_or(0, |m| m.n_expert),
+        staging_buffers: staging_buffers(c.moe.as_ref().map_or(0, |m| m.n_used)),
         embedding: gpu_bytes(f, "token_embd.weight"),
         lm_head: gpu_bytes(f, "output.weight"),
         norms: gpu_bytes(f, "output_norm.weight"),
@@ -223,6 +234,7 @@ pub fn plan(f: &GgufFile, c: &ModelConfig, ctx: usize) -> MemoryPlan {
     // Plus each plan's packed dispatch parameters (256 bytes a dispatch): an allowance.
     p.activations = ub * 4 * (2 * d + 2 * qd + 2 * kvd + 3 * ff)
         + 4 * (ub + 3) * experts
+        + 2 * 4 * c.n_layer as u64 * (ub * experts).next_multiple_of(64)
         + (super::session::SCORE_ROWS.min(ctx) as u64 + 1) * c.vocab as u64 * 4
         + (2 * TOPK_CAP as u64 + 16) * 4
         + ub * 12

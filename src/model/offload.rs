@@ -10,7 +10,7 @@ use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use crate::error::{Error, Result};
-use crate::gpu::{DispatchList, Mark};
+use crate::gpu::{DispatchList, Mark, StagingRing};
 use crate::moe::cache::{CacheStats, ExpertCache, Load, Wave};
 use crate::moe::store::ExpertStore;
 use crate::moe::{PolicyKind, Prefetch, Routing};
@@ -82,6 +82,7 @@ pub fn default_router_path(model: &std::path::Path) -> std::path::PathBuf {
 struct State {
     store: ExpertStore,
     cache: ExpertCache,
+    staging: StagingRing,
     bytes_uploaded: u64,
     stall: Duration,
 }
@@ -116,9 +117,11 @@ impl Offload {
         if opts.verify {
             store.enable_verify(&model.file)?;
         }
+        let sizes = super::memory::plan(&model.file, c, 1);
         Ok(Offload {
             state: Mutex::new(State {
                 store,
+                staging: StagingRing::new(&model.gpu, sizes.staging_buffers, sizes.slot_bytes)?,
                 cache: ExpertCache::new(c.n_layer, moe.n_expert, slots, opts.policy)?,
                 bytes_uploaded: 0,
                 stall: Duration::ZERO,
@@ -152,37 +155,81 @@ impl Offload {
         st.stall = Duration::ZERO;
     }
 
-    /// Copies each load's expert from the mapping into its slot of `layer`'s pools. The
-    /// copies are queued, so they land before the next submitted work.
-    fn upload(model: &Model, st: &mut State, layer: usize, loads: &[Load]) -> Result<()> {
+    /// Copies each load's expert from the mapping into its slot of `layer`'s pools: read by
+    /// loader threads, staged in the ring, and copied by commands recorded in `enc` (so
+    /// they run right before the kernels encoded after them). When every staging buffer is
+    /// taken, `enc` is submitted as it stands and the ring waits for one to come back.
+    fn upload(
+        model: &Model,
+        st: &mut State,
+        layer: usize,
+        loads: &[Load],
+        enc: &mut wgpu::CommandEncoder,
+    ) -> Result<()> {
         let Ffn::Moe(m) = &model.weights.layers[layer].ffn else {
             return Err(Error::InvalidArgument(format!("layer {layer} is dense")));
         };
         let pools = [&m.gate_exps, &m.up_exps, &m.down_exps];
-        for &load in loads {
-            let words = match st.store.read(&model.file, layer, load.expert as usize) {
-                Ok(w) => w,
-                Err(e) => {
+        let experts: Vec<usize> = loads.iter().map(|l| l.expert as usize).collect();
+        let words = match st.store.read_many(&model.file, layer, &experts) {
+            Ok(w) => w,
+            Err(e) => {
+                for &load in loads {
                     st.cache.forget(layer, load);
-                    return Err(e);
                 }
-            };
-            for (pool, part) in pools.iter().zip(&words.parts) {
-                let offset = load.slot as u64 * 4 * part.len() as u64;
-                model.gpu.queue.write_buffer(
-                    &pool.shards[0].buffer,
-                    offset,
-                    bytemuck::cast_slice(part),
+                return Err(e);
+            }
+        };
+        for (load, words) in loads.iter().zip(&words) {
+            let parts: Vec<&[u8]> = words
+                .parts
+                .iter()
+                .map(|p| bytemuck::cast_slice(p))
+                .collect();
+            let dsts: Vec<(&wgpu::Buffer, u64)> = pools
+                .iter()
+                .zip(&parts)
+                .map(|(pool, part)| {
+                    (
+                        &*pool.shards[0].buffer,
+                        load.slot as u64 * part.len() as u64,
+                    )
+                })
+                .collect();
+            while !st.staging.upload(enc, &parts, &dsts)? {
+                let g = &model.gpu;
+                let done = std::mem::replace(
+                    enc,
+                    g.device
+                        .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                            label: Some("step segment"),
+                        }),
                 );
+                g.queue.submit([done.finish()]);
+                st.staging.submitted();
+                g.device
+                    .poll(wgpu::PollType::wait_indefinitely())
+                    .map_err(|e| Error::Gpu(format!("poll: {e}")))?;
             }
             st.bytes_uploaded += words.bytes();
         }
         Ok(())
     }
 
+    /// Call after each submit: staging buffers used by it are mapped again.
+    fn submitted(&self) {
+        self.lock().staging.submitted();
+    }
+
     /// Makes the next wave of `pending` resident in `layer`, with its slot table row; the
     /// time spent counts as stall (the GPU waits for it).
-    fn demand(&self, model: &Model, layer: usize, pending: &mut Vec<u32>) -> Result<Wave> {
+    fn demand(
+        &self,
+        model: &Model,
+        layer: usize,
+        pending: &mut Vec<u32>,
+        enc: &mut wgpu::CommandEncoder,
+    ) -> Result<Wave> {
         let t0 = Instant::now();
         let mut st = self.lock();
         let wave = st.cache.next_wave(layer, pending)?;
@@ -191,7 +238,7 @@ impl Offload {
                 "no expert slot free in layer {layer}"
             )));
         }
-        Self::upload(model, &mut st, layer, &wave.loads)?;
+        Self::upload(model, &mut st, layer, &wave.loads, enc)?;
         let row = st.cache.table_row(&wave);
         let n_expert = row.len() as u64;
         model.gpu.queue.write_buffer(
@@ -203,10 +250,16 @@ impl Offload {
         Ok(wave)
     }
 
-    fn prefetch(&self, model: &Model, layer: usize, predicted: &[u32]) -> Result<()> {
+    fn prefetch(
+        &self,
+        model: &Model,
+        layer: usize,
+        predicted: &[u32],
+        enc: &mut wgpu::CommandEncoder,
+    ) -> Result<()> {
         let mut st = self.lock();
         let loads = st.cache.prefetch(layer, predicted);
-        Self::upload(model, &mut st, layer, &loads)
+        Self::upload(model, &mut st, layer, &loads, enc)
     }
 }
 
@@ -263,7 +316,7 @@ pub fn encode_offloaded(
         &pregate,
         (0..model.weights.layers.len()).find(|l| is_moe(model, *l)),
     ) {
-        off.prefetch(model, first, &p[first])?;
+        off.prefetch(model, first, &p[first], &mut enc)?;
     }
     let mut prefetch_next: Option<(usize, Vec<u32>)> = None;
     let mut pending: Vec<u32> = Vec::new();
@@ -274,7 +327,7 @@ pub fn encode_offloaded(
         match mark {
             Mark::Routed(layer) if decided.is_some() => {
                 pending = decided.map(|d| d[layer].clone()).unwrap_or_default();
-                off.demand(model, layer, &mut pending)?;
+                off.demand(model, layer, &mut pending, &mut enc)?;
                 routed_at = at;
             }
             Mark::Routed(layer) => {
@@ -285,9 +338,10 @@ pub fn encode_offloaded(
                 }
                 g.queue
                     .submit([std::mem::replace(&mut enc, new_encoder()).finish()]);
+                off.submitted();
                 // Upload what the previous layer predicted while the GPU runs this segment.
                 if let Some((l, ids)) = prefetch_next.take() {
-                    off.prefetch(model, l, &ids)?;
+                    off.prefetch(model, l, &ids, &mut enc)?;
                 }
                 let read = if predicts {
                     ids_bytes + (k * 4) as u64
@@ -301,14 +355,15 @@ pub fn encode_offloaded(
                     prefetch_next =
                         next_moe_layer(model, layer).map(|l| (l, words[n * k..].to_vec()));
                 }
-                off.demand(model, layer, &mut pending)?;
+                off.demand(model, layer, &mut pending, &mut enc)?;
                 routed_at = at;
             }
             Mark::ExpertsDone(layer) => {
                 while !pending.is_empty() {
                     g.queue
                         .submit([std::mem::replace(&mut enc, new_encoder()).finish()]);
-                    off.demand(model, layer, &mut pending)?;
+                    off.submitted();
+                    off.demand(model, layer, &mut pending, &mut enc)?;
                     encode(&mut enc, routed_at..at);
                 }
             }
@@ -316,4 +371,9 @@ pub fn encode_offloaded(
     }
     encode(&mut enc, pos..plan.len());
     Ok(enc)
+}
+
+/// Call after submitting the encoder `encode_offloaded` returned.
+pub fn after_submit(off: &Offload) {
+    off.submitted();
 }

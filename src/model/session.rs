@@ -443,6 +443,9 @@ impl Session {
                 enc.copy_buffer_to_buffer(cap, 0, rb, l as u64 * size, size);
             }
             g.queue.submit([enc.finish()]);
+            if let Some(off) = &self.model.offload {
+                super::offload::after_submit(off);
+            }
             g.check()?;
             self.tokens.extend_from_slice(chunk);
             return g.read(rb, size * b.capture.len() as u64);
@@ -455,6 +458,9 @@ impl Session {
             enc.copy_buffer_to_buffer(src, 0, &b.readback, 0, bytes);
         }
         g.queue.submit([enc.finish()]);
+        if let Some(off) = &self.model.offload {
+            super::offload::after_submit(off);
+        }
         g.check()?;
         self.tokens.extend_from_slice(chunk);
         if bytes == 0 {

@@ -115,8 +115,48 @@ impl ExpertStore {
         Ok(h.finalize().into())
     }
 
+    /// Reads `experts` of `layer`, one loader thread each when there are several (page
+    /// faults on a cold file and the repacking overlap).
+    pub fn read_many(
+        &mut self,
+        f: &GgufFile,
+        layer: usize,
+        experts: &[usize],
+    ) -> Result<Vec<ExpertWords>> {
+        for &e in experts {
+            self.check(f, layer, e)?;
+        }
+        if experts.len() <= 1 {
+            return experts
+                .iter()
+                .map(|&e| self.repacked(f, layer, e))
+                .collect();
+        }
+        let this = &*self;
+        std::thread::scope(|scope| {
+            let handles: Vec<_> = experts
+                .iter()
+                .map(|&e| scope.spawn(move || this.repacked(f, layer, e)))
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| {
+                    h.join().map_err(|_| {
+                        Error::InvalidArgument("an expert loader thread panicked".into())
+                    })?
+                })
+                .collect()
+        })
+    }
+
     /// Reads expert `e` of `layer` from the mapping, repacked for the GPU.
     pub fn read(&mut self, f: &GgufFile, layer: usize, e: usize) -> Result<ExpertWords> {
+        self.check(f, layer, e)?;
+        self.repacked(f, layer, e)
+    }
+
+    /// With `--verify`, checks expert `e` against its checksum on its first load.
+    fn check(&mut self, f: &GgufFile, layer: usize, e: usize) -> Result<()> {
         if let Some(sums) = &self.checksums {
             if !self.verified[layer][e] {
                 if self.checksum(f, layer, e)? != sums[layer][e] {
@@ -129,6 +169,10 @@ impl ExpertStore {
                 self.verified[layer][e] = true;
             }
         }
+        Ok(())
+    }
+
+    fn repacked(&self, f: &GgufFile, layer: usize, e: usize) -> Result<ExpertWords> {
         let (raw, dtypes) = self.raw(f, layer, e)?;
         Ok(ExpertWords {
             parts: [0, 1, 2].map(|i| repack_for_gpu(dtypes[i], raw[i])),
