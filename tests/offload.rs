@@ -213,6 +213,64 @@ fn pregate_prefetch_keeps_output_exact_and_needs_a_router() {
     router
         .save(&pregate::model::offload::default_router_path(&carved))
         .expect("save");
+    // The CLI records the router's plan in a trace, and simulate replays lookahead on it:
+    // never better than Belady.
+    let dir = carved.parent().expect("dir");
+    let text = dir.join("text.txt");
+    std::fs::write(
+        &text,
+        "fn main() { let x = 1 + 2; println!(\"{x}\"); }\n".repeat(6),
+    )
+    .expect("text");
+    let trace_path = dir.join("plan.bin");
+    let cli = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_pregate"))
+            .args(args)
+            .output()
+            .expect("run");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).expect("utf8")
+    };
+    let (m, t, tr) = (
+        carved.to_str().expect("path"),
+        text.to_str().expect("path"),
+        trace_path.to_str().expect("path"),
+    );
+    cli(&["trace", "-m", m, "--ctx", "64", "-f", t, "-o", tr]);
+    let plan = pregate::moe::ExpertTrace::read(&trace_path).expect("trace");
+    assert!(
+        plan.plan.is_some(),
+        "the router next to the model recorded its plan"
+    );
+    let json = cli(&[
+        "simulate",
+        tr,
+        "--slots",
+        "4",
+        "--policy",
+        "belady,lookahead",
+        "--json",
+    ]);
+    let misses: Vec<u64> = json
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).expect("json")["misses"]
+                .as_u64()
+                .expect("misses")
+        })
+        .collect();
+    assert_eq!(misses.len(), 2);
+    assert!(
+        misses[1] >= misses[0],
+        "lookahead {} < belady {}",
+        misses[1],
+        misses[0]
+    );
+
     let engine = load(&carved, VramBudget::ExpertShare(0.01), pregate_opts).expect("load");
     let (logits, greedy) = run(&engine);
     for (w, g) in want_logits.iter().zip(&logits) {

@@ -55,6 +55,9 @@ pub struct TrainReport {
     pub heldout: Accuracy,
     /// Always predicting each layer's most frequent experts (from the training tokens).
     pub baseline: Accuracy,
+    /// CPU time to predict every layer's experts for one token (measured on the held-out
+    /// tokens, one thread).
+    pub predict_us_per_token: f64,
 }
 
 /// The chosen experts of token `t`, layer `l`.
@@ -189,13 +192,17 @@ pub fn train(
             *b += recall(&majority[l], chosen(trace, t, l));
         }
     }
+    let t0 = std::time::Instant::now();
+    let heldout = evaluate(&r, tokens, trace, n_train..tokens.len());
+    let predict_us_per_token = t0.elapsed().as_secs_f64() * 1e6 / (tokens.len() - n_train) as f64;
     let report = TrainReport {
         config,
         train_tokens: n_train,
         heldout_tokens: tokens.len() - n_train,
         loss: losses,
-        heldout: evaluate(&r, tokens, trace, n_train..tokens.len()),
+        heldout,
         baseline: accuracy(base, tokens.len() - n_train),
+        predict_us_per_token,
     };
     Ok((r, report))
 }
