@@ -356,6 +356,10 @@ struct SimulateArgs {
         default_value = "lru,lfu,belady"
     )]
     policy: Vec<pregate::moe::PolicyKind>,
+    /// Also give each layer its own cache, the slots split across layers by dynamic
+    /// programming over the layers' miss curves (AdapMoE), beside an even split
+    #[arg(long)]
+    per_layer: bool,
     /// One JSON object per policy
     #[arg(long)]
     json: bool,
@@ -1011,6 +1015,10 @@ fn cmd_simulate(a: SimulateArgs) -> Result<()> {
         );
     }
     for kind in &a.policy {
+        if a.per_layer {
+            simulate_per_layer(&trace, *kind, slots, a.json)?;
+            continue;
+        }
         let mut policy = kind.build_with_plan(&seq, plan.as_deref());
         let r = pregate::moe::simulate(&seq, slots, policy.as_mut());
         if a.json {
@@ -1024,6 +1032,41 @@ fn cmd_simulate(a: SimulateArgs) -> Result<()> {
                 100.0 * r.misses as f64 / r.accesses.max(1) as f64
             );
         }
+    }
+    Ok(())
+}
+
+/// Per-layer caches: an even split of `slots` against the DP split of the miss curves.
+fn simulate_per_layer(
+    trace: &pregate::moe::ExpertTrace,
+    kind: PolicyKind,
+    slots: usize,
+    json: bool,
+) -> Result<()> {
+    use pregate::moe::sizing;
+    let curves = sizing::miss_curves(trace, kind);
+    let layers = curves.len().max(1);
+    let min = trace.k as usize;
+    let Some(split) = sizing::split_slots(&curves, slots, min) else {
+        bail!("{slots} slots cannot give each of {layers} layers its {min} experts of a token");
+    };
+    let even = (slots / layers).min(trace.experts_per_layer as usize);
+    let cost = |s: &[usize]| -> u64 { curves.iter().zip(s).map(|(c, s)| c[*s]).sum() };
+    let (dp, uniform) = (cost(&split), cost(&vec![even; layers]));
+    let accesses = (trace.n_tokens() * layers * trace.k as usize) as u64;
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({"policy": kind.label(), "slots": slots, "per_layer": true,
+                "misses": dp, "uniform_misses": uniform, "accesses": accesses, "split": split})
+        );
+    } else {
+        println!(
+            "{:8} per-layer: DP split {dp} misses ({:.2}%), even split ({even} each) {uniform} ({:.2}%); slots {split:?}",
+            kind.label(),
+            100.0 * dp as f64 / accesses.max(1) as f64,
+            100.0 * uniform as f64 / accesses.max(1) as f64,
+        );
     }
     Ok(())
 }

@@ -302,3 +302,48 @@ fn pregate_prefetch_keeps_output_exact_and_needs_a_router() {
     }
     assert!(offloaded.metrics().expert_misses > 0);
 }
+
+#[test]
+fn a_prefill_chunk_loads_each_needed_expert_once_per_layer() {
+    let (_, carved) = carve_tiny("offload_prefill", 8, 1, 2);
+    let resident = load(&carved, VramBudget::All, OffloadOptions::default()).expect("load");
+    let trace = pregate::moe::trace::record_tokens(&resident, &TOKENS, |_, _| {}).expect("trace");
+    let (layers, k) = (trace.n_layers as usize, trace.k as usize);
+    let distinct: Vec<u64> = (0..layers)
+        .map(|l| {
+            let mut used: Vec<u16> = (0..TOKENS.len())
+                .flat_map(|t| {
+                    trace.choices[(t * layers + l) * k..(t * layers + l + 1) * k].to_vec()
+                })
+                .collect();
+            used.sort();
+            used.dedup();
+            used.len() as u64
+        })
+        .collect();
+    drop(resident);
+    // From a cold cache, one prefill chunk: each needed expert is loaded exactly once per
+    // layer, whether the slots hold them all (one wave) or not (several waves).
+    for share in [0.01, 0.5, 0.9] {
+        let engine = load(
+            &carved,
+            VramBudget::ExpertShare(share),
+            OffloadOptions::default(),
+        )
+        .expect("load");
+        let slots = engine.model.offload.as_ref().expect("offloaded").slots;
+        engine
+            .session()
+            .expect("session")
+            .next_argmax(&TOKENS)
+            .expect("prefill");
+        let m = engine.metrics();
+        for (l, s) in m.per_layer.iter().enumerate() {
+            assert_eq!(
+                (s.misses, s.hits),
+                (distinct[l], 0),
+                "layer {l}, {slots} slots"
+            );
+        }
+    }
+}

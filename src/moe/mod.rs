@@ -4,6 +4,7 @@
 
 pub mod cache;
 pub mod policy;
+pub mod sizing;
 pub mod store;
 pub mod trace;
 

@@ -1,0 +1,90 @@
+//! Per-layer cache sizing (AdapMoE): given each layer's miss curve (misses as a function of
+//! its slot count, measured by replaying a recorded trace), split a total slot budget
+//! across layers to minimise the total misses, by dynamic programming.
+
+use super::policy::{simulate, PolicyKind};
+use super::ExpertTrace;
+
+/// Misses of layer `l`'s accesses with `s` slots, for s in 0..=experts_per_layer, when
+/// each layer has its own cache run by `policy`.
+pub fn miss_curves(trace: &ExpertTrace, policy: PolicyKind) -> Vec<Vec<u64>> {
+    let (layers, k, e) = (
+        trace.n_layers as usize,
+        trace.k as usize,
+        trace.experts_per_layer as usize,
+    );
+    let plan = trace.plan.as_ref();
+    (0..layers)
+        .map(|l| {
+            let pick = |choices: &[u16]| -> Vec<u32> {
+                (0..trace.n_tokens())
+                    .flat_map(|t| choices[(t * layers + l) * k..(t * layers + l + 1) * k].to_vec())
+                    .map(u32::from)
+                    .collect()
+            };
+            let seq = pick(&trace.choices);
+            let layer_plan = plan.map(|p| pick(p));
+            (0..=e)
+                .map(|s| {
+                    let mut p = policy.build_with_plan(&seq, layer_plan.as_deref());
+                    simulate(&seq, s, p.as_mut()).misses
+                })
+                .collect()
+        })
+        .collect()
+}
+
+/// Slots per layer summing to at most `total` (each layer at least `min`) that minimise
+/// the summed misses of `curves` (`curves[l][s]`: layer l's misses with s slots).
+pub fn split_slots(curves: &[Vec<u64>], total: usize, min: usize) -> Option<Vec<usize>> {
+    let layers = curves.len();
+    // best[l][b]: least misses of layers ..l with b slots in all; choice[l][b]: layer l-1's.
+    let mut best = vec![vec![u64::MAX; total + 1]; layers + 1];
+    let mut choice = vec![vec![0usize; total + 1]; layers + 1];
+    best[0].iter_mut().for_each(|b| *b = 0);
+    for l in 0..layers {
+        let max_s = curves[l].len() - 1;
+        for b in 0..=total {
+            for s in min..=max_s.min(b) {
+                let prev = best[l][b - s];
+                if prev == u64::MAX {
+                    continue;
+                }
+                let v = prev + curves[l][s];
+                if v < best[l + 1][b] {
+                    best[l + 1][b] = v;
+                    choice[l + 1][b] = s;
+                }
+            }
+        }
+    }
+    // Curves need not use every slot (a layer holds at most all its experts).
+    let mut b = (0..=total).min_by_key(|b| (best[layers][*b], usize::MAX - b))?;
+    if best[layers][b] == u64::MAX {
+        return None;
+    }
+    let mut out = vec![0; layers];
+    for l in (0..layers).rev() {
+        out[l] = choice[l + 1][b];
+        b -= out[l];
+    }
+    Some(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slots_go_where_they_save_the_most_misses() {
+        // Layer 0 gains little from a second slot, layer 1 a lot.
+        let curves = vec![vec![100, 50, 45, 44], vec![100, 90, 10, 5]];
+        assert_eq!(split_slots(&curves, 3, 1), Some(vec![1, 2]));
+        assert_eq!(split_slots(&curves, 2, 1), Some(vec![1, 1]));
+        assert_eq!(split_slots(&curves, 1, 1), None);
+        // A uniform split is never better than the DP's.
+        let dp = split_slots(&curves, 4, 1).unwrap();
+        let cost = |s: &[usize]| curves[0][s[0]] + curves[1][s[1]];
+        assert!(cost(&dp) <= cost(&[2, 2]));
+    }
+}
