@@ -53,8 +53,8 @@ impl Engine {
         let file = GgufFile::open(path)?;
         // Validate everything cheap before touching the GPU.
         let mut config = crate::model::ModelConfig::from_gguf(&file)?;
-        if let (Some(k), Some(m)) = (opts.experts_per_token, config.moe.as_mut()) {
-            m.n_used = k.clamp(1, m.n_expert);
+        if let Some(k) = opts.experts_per_token {
+            config.set_experts_per_token(k)?;
         }
         let tokenizer = Tokenizer::load(path, &file)?;
         // Decide the context length and the expert slots (or refuse a budget too small)
@@ -75,14 +75,11 @@ impl Engine {
             ..opts.gpu.clone()
         };
         let gpu = Arc::new(Gpu::new(&gpu_opts)?);
-        let mut model = Model::load(gpu, file, plan.expert_slots, progress)?;
-        if let Some(k) = opts.experts_per_token {
-            model.set_experts_per_token(k)?;
-        }
+        let mut model = Model::load(gpu, file, config, plan.expert_slots, progress)?;
         model.router = crate::model::offload::load_router(path, &model.config, &opts.offload)?;
         model.routing = opts.offload.routing;
-        if let Some(slots) = plan.expert_slots {
-            model.offload = Some(Offload::new(&model, slots, &opts.offload)?);
+        if plan.expert_slots.is_some() {
+            model.offload = Some(Offload::new(&model, &plan, &opts.offload)?);
         }
         let ctx = plan.ctx;
         Ok(Engine {

@@ -213,19 +213,7 @@ fn expert_traces_record_the_routers_choices() {
     let dir = carved.parent().expect("dir");
     let (txt, bin) = (dir.join("t.txt"), dir.join("trace.bin"));
     std::fs::write(&txt, text).expect("write");
-    let exe = env!("CARGO_BIN_EXE_pregate");
-    let run = |args: &[&str]| {
-        let out = std::process::Command::new(exe)
-            .args(args)
-            .output()
-            .expect("run");
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).expect("utf8")
-    };
+    let run = common::run_cli;
     let m = carved.to_str().expect("path");
     run(&[
         "trace",

@@ -223,18 +223,7 @@ fn pregate_prefetch_keeps_output_exact_and_needs_a_router() {
     )
     .expect("text");
     let trace_path = dir.join("plan.bin");
-    let cli = |args: &[&str]| {
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_pregate"))
-            .args(args)
-            .output()
-            .expect("run");
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).expect("utf8")
-    };
+    let cli = common::run_cli;
     let (m, t, tr) = (
         carved.to_str().expect("path"),
         text.to_str().expect("path"),

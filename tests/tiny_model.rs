@@ -270,15 +270,7 @@ fn bad_input_gives_clear_errors_and_exit_code_1() {
     );
 
     // The good model still runs through the CLI, printing only the continuation on stdout.
-    let out = Command::new(env!("CARGO_BIN_EXE_pregate"))
-        .args(["generate", "-m", &g("good.gguf"), "-p", "hi", "-n", "4"])
-        .output()
-        .expect("run");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    common::run_cli(&["generate", "-m", &g("good.gguf"), "-p", "hi", "-n", "4"]);
 }
 
 #[test]

@@ -206,21 +206,33 @@ impl Gpu {
             .min(self.limits.max_buffer_size)
     }
 
-    /// A storage buffer, charged to the arena.
-    pub fn storage(&self, label: &str, bytes: u64) -> Result<GpuBuffer> {
-        let size = bytes.max(16).next_multiple_of(4);
+    /// An uninitialised buffer of at least `bytes` (16, rounded to 4), charged to the arena.
+    fn charged(
+        &self,
+        label: &str,
+        bytes: u64,
+        usage: wgpu::BufferUsages,
+        mapped_at_creation: bool,
+    ) -> Result<GpuBuffer> {
+        let size = bytes.max(16).next_multiple_of(wgpu::COPY_BUFFER_ALIGNMENT);
         self.arena.charge(size, label)?;
         let buf = self.device.create_buffer(&wgpu::BufferDescriptor {
             label: Some(label),
             size,
-            // UNIFORM too: mat-vec kernels bind activations as uniforms (see matvec.wgsl).
-            usage: wgpu::BufferUsages::STORAGE
-                | wgpu::BufferUsages::UNIFORM
-                | wgpu::BufferUsages::COPY_DST
-                | wgpu::BufferUsages::COPY_SRC,
-            mapped_at_creation: false,
+            usage,
+            mapped_at_creation,
         });
         Ok(GpuBuffer::new(buf, self.arena.clone()))
+    }
+
+    /// A storage buffer, charged to the arena.
+    pub fn storage(&self, label: &str, bytes: u64) -> Result<GpuBuffer> {
+        // UNIFORM too: mat-vec kernels bind activations as uniforms (see matvec.wgsl).
+        let usage = wgpu::BufferUsages::STORAGE
+            | wgpu::BufferUsages::UNIFORM
+            | wgpu::BufferUsages::COPY_DST
+            | wgpu::BufferUsages::COPY_SRC;
+        self.charged(label, bytes, usage, false)
     }
 
     /// A storage buffer initialised with `data`, charged to the arena.
@@ -262,28 +274,14 @@ impl Gpu {
 
     /// A host-writable staging buffer, created mapped, charged to the arena.
     pub fn staging(&self, label: &str, bytes: u64) -> Result<GpuBuffer> {
-        let size = bytes.max(16).next_multiple_of(wgpu::COPY_BUFFER_ALIGNMENT);
-        self.arena.charge(size, label)?;
-        let buf = self.device.create_buffer(&wgpu::BufferDescriptor {
-            label: Some(label),
-            size,
-            usage: wgpu::BufferUsages::MAP_WRITE | wgpu::BufferUsages::COPY_SRC,
-            mapped_at_creation: true,
-        });
-        Ok(GpuBuffer::new(buf, self.arena.clone()))
+        let usage = wgpu::BufferUsages::MAP_WRITE | wgpu::BufferUsages::COPY_SRC;
+        self.charged(label, bytes, usage, true)
     }
 
     /// A host-readable buffer for results copied back at the end of a step.
     pub fn readback(&self, label: &str, bytes: u64) -> Result<GpuBuffer> {
-        let size = bytes.max(16).next_multiple_of(4);
-        self.arena.charge(size, label)?;
-        let buf = self.device.create_buffer(&wgpu::BufferDescriptor {
-            label: Some(label),
-            size,
-            usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
-            mapped_at_creation: false,
-        });
-        Ok(GpuBuffer::new(buf, self.arena.clone()))
+        let usage = wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST;
+        self.charged(label, bytes, usage, false)
     }
 
     /// Maps a readback buffer and copies out its first `bytes` bytes.

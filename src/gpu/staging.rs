@@ -37,7 +37,7 @@ impl StagingRing {
 
     /// Writes `parts` into a free buffer and records a copy of part i to `dsts[i]`
     /// (buffer, byte offset) into `enc`. Returns false, doing nothing, when every buffer is
-    /// busy (the caller then uploads another way).
+    /// busy (the caller then submits what it has encoded and waits for one).
     pub fn upload(
         &mut self,
         enc: &mut wgpu::CommandEncoder,

@@ -99,6 +99,22 @@ impl MoeConfig {
 }
 
 impl ModelConfig {
+    /// Routes each token to `k` experts (clamped to the routed count; `usize::MAX`: all).
+    pub fn set_experts_per_token(&mut self, k: usize) -> Result<()> {
+        let Some(moe) = self.moe.as_mut() else {
+            return Err(Error::InvalidArgument(
+                "--experts-per-token needs a mixture-of-experts model (see `pregate carve`)".into(),
+            ));
+        };
+        if k == 0 {
+            return Err(Error::InvalidArgument(
+                "--experts-per-token must be at least 1".into(),
+            ));
+        }
+        moe.n_used = k.min(moe.n_expert);
+        Ok(())
+    }
+
     /// Floats per token the FFN's intermediate buffers must hold.
     pub fn ffn_width(&self) -> usize {
         match &self.moe {

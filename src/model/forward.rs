@@ -96,7 +96,6 @@ fn route(
         ops::matmul(b, ru, &s.xn, 0, n, &s.router_u, None, store, &s.dummy);
     }
     let (e, k) = (moe.n_expert as u32, moe.n_used as u32);
-    let g = (&s.router_g, &s.router_u);
     ops::moe_route(
         b,
         moe.score,
@@ -104,8 +103,8 @@ fn route(
         e,
         k,
         n,
-        g.0,
-        g.1,
+        &s.router_g,
+        &s.router_u,
         &m.bias.buffer,
         ids,
         wts,

@@ -66,15 +66,6 @@ impl VramBudget {
             Some(b) => VramBudget::Bytes(b),
         })
     }
-
-    /// How the budget reads in tables and JSON.
-    pub fn label(&self) -> String {
-        match self {
-            VramBudget::All => "all".into(),
-            VramBudget::Bytes(b) => format!("{:.1}MiB", *b as f64 / (1u64 << 20) as f64),
-            VramBudget::ExpertShare(p) => format!("{:.0}%", p * 100.0),
-        }
-    }
 }
 
 impl MemoryPlan {

@@ -16,6 +16,7 @@ use crate::moe::store::ExpertStore;
 use crate::moe::{PolicyKind, Prefetch, Routing};
 use crate::router::PreGateRouter;
 
+use super::memory::MemoryPlan;
 use super::session::StateBuffers;
 use super::weights::{Ffn, Model};
 
@@ -95,8 +96,14 @@ pub struct Offload {
 }
 
 impl Offload {
-    pub fn new(model: &Model, slots: usize, opts: &OffloadOptions) -> Result<Offload> {
+    /// The cache `plan` sized (its slots per layer, slot bytes and staging ring).
+    pub fn new(model: &Model, plan: &MemoryPlan, opts: &OffloadOptions) -> Result<Offload> {
         let c = &model.config;
+        let Some(slots) = plan.expert_slots else {
+            return Err(Error::InvalidArgument(
+                "the memory plan keeps every expert resident: no cache to build".into(),
+            ));
+        };
         let Some(moe) = &c.moe else {
             return Err(Error::InvalidArgument(
                 "expert offload needs a mixture-of-experts model".into(),
@@ -117,11 +124,10 @@ impl Offload {
         if opts.verify {
             store.enable_verify(&model.file)?;
         }
-        let sizes = super::memory::plan(&model.file, c, 1);
         Ok(Offload {
             state: Mutex::new(State {
                 store,
-                staging: StagingRing::new(&model.gpu, sizes.staging_buffers, sizes.slot_bytes)?,
+                staging: StagingRing::new(&model.gpu, plan.staging_buffers, plan.slot_bytes)?,
                 cache: ExpertCache::new(c.n_layer, moe.n_expert, slots, opts.policy)?,
                 bytes_uploaded: 0,
                 stall: Duration::ZERO,
@@ -217,7 +223,7 @@ impl Offload {
     }
 
     /// Call after each submit: staging buffers used by it are mapped again.
-    fn submitted(&self) {
+    pub fn submitted(&self) {
         self.lock().staging.submitted();
     }
 
@@ -371,9 +377,4 @@ pub fn encode_offloaded(
     }
     encode(&mut enc, pos..plan.len());
     Ok(enc)
-}
-
-/// Call after submitting the encoder `encode_offloaded` returned.
-pub fn after_submit(off: &Offload) {
-    off.submitted();
 }

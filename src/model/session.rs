@@ -443,9 +443,6 @@ impl Session {
                 enc.copy_buffer_to_buffer(cap, 0, rb, l as u64 * size, size);
             }
             g.queue.submit([enc.finish()]);
-            if let Some(off) = &self.model.offload {
-                super::offload::after_submit(off);
-            }
             g.check()?;
             self.tokens.extend_from_slice(chunk);
             return g.read(rb, size * b.capture.len() as u64);
@@ -459,7 +456,7 @@ impl Session {
         }
         g.queue.submit([enc.finish()]);
         if let Some(off) = &self.model.offload {
-            super::offload::after_submit(off);
+            off.submitted();
         }
         g.check()?;
         self.tokens.extend_from_slice(chunk);

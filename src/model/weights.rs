@@ -203,17 +203,18 @@ fn check_shape(t: &TensorInfo, want: &[usize]) -> Result<()> {
 }
 
 impl Model {
-    /// Uploads every weight; `progress(done, total)` is called after each tensor. With
-    /// `slots`, routed experts stay in the file and each MoE layer gets a pool of that many
-    /// expert slots instead (see [`Model::offload`]).
+    /// Uploads every weight of `file`, whose config the caller has read (and may have
+    /// adjusted, e.g. experts per token); `progress(done, total)` is called after each
+    /// tensor. With `slots`, routed experts stay in the file and each MoE layer gets a pool
+    /// of that many expert slots instead (see [`Model::offload`]).
     pub fn load(
         gpu: Arc<Gpu>,
         file: GgufFile,
+        c: ModelConfig,
         slots: Option<usize>,
         mut progress: impl FnMut(usize, usize),
     ) -> Result<Model> {
         let _span = tracing::info_span!("load", path = %file.path.display()).entered();
-        let c = ModelConfig::from_gguf(&file)?;
         let (d, qd, kvd) = (c.d_model, c.n_head * c.head_dim, c.n_kv_head * c.head_dim);
         let total = c.n_layer + 2;
         let f = &file;
@@ -268,18 +269,7 @@ impl Model {
 
     /// Routes each token to `k` experts (clamped to the routed count; `usize::MAX`: all).
     pub fn set_experts_per_token(&mut self, k: usize) -> Result<()> {
-        let Some(moe) = self.config.moe.as_mut() else {
-            return Err(Error::InvalidArgument(
-                "--experts-per-token needs a mixture-of-experts model (see `pregate carve`)".into(),
-            ));
-        };
-        if k == 0 {
-            return Err(Error::InvalidArgument(
-                "--experts-per-token must be at least 1".into(),
-            ));
-        }
-        moe.n_used = k.min(moe.n_expert);
-        Ok(())
+        self.config.set_experts_per_token(k)
     }
 
     /// Bytes of weights resident on the GPU.

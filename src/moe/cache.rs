@@ -50,13 +50,6 @@ fn as_ms<S: serde::Serializer>(d: &Duration, s: S) -> std::result::Result<S::Ok,
     s.serialize_f64(d.as_secs_f64() * 1e3)
 }
 
-impl CacheStats {
-    pub fn hit_rate(&self) -> f64 {
-        let t = &self.total;
-        t.hits as f64 / (t.hits + t.misses).max(1) as f64
-    }
-}
-
 /// One layer's slots.
 struct LayerSlots {
     /// Slot → expert held.

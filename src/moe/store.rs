@@ -149,12 +149,6 @@ impl ExpertStore {
         })
     }
 
-    /// Reads expert `e` of `layer` from the mapping, repacked for the GPU.
-    pub fn read(&mut self, f: &GgufFile, layer: usize, e: usize) -> Result<ExpertWords> {
-        self.check(f, layer, e)?;
-        self.repacked(f, layer, e)
-    }
-
     /// With `--verify`, checks expert `e` against its checksum on its first load.
     fn check(&mut self, f: &GgufFile, layer: usize, e: usize) -> Result<()> {
         if let Some(sums) = &self.checksums {

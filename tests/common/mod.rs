@@ -607,3 +607,17 @@ pub fn carve_tiny_with(
     assert_eq!(summary.calib_tokens, 600);
     (dense, out)
 }
+
+/// Runs the pregate binary with `args`, asserts it succeeded, and returns its stdout.
+pub fn run_cli(args: &[&str]) -> String {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_pregate"))
+        .args(args)
+        .output()
+        .expect("run pregate");
+    assert!(
+        out.status.success(),
+        "pregate {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).expect("utf8 stdout")
+}
