@@ -147,9 +147,14 @@ pub fn plot(reports: &[BenchReport], path: &std::path::Path) -> Result<()> {
         } else {
             draw(BitMapBackend::new(&tmp, size).into_drawing_area(), reports)
         };
-        result.map_err(draw_err)?;
+        if let Err(e) = result {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(draw_err(e));
+        }
     }
-    std::fs::rename(&tmp, path)?;
+    std::fs::rename(&tmp, path).inspect_err(|_| {
+        let _ = std::fs::remove_file(&tmp);
+    })?;
     Ok(())
 }
 
