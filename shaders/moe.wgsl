@@ -36,6 +36,8 @@ struct Params {
 @group(0) @binding(10) var<storage, read> slot_of: array<u32>;
 
 const MISSING: u32 = 0xffffffffu;
+// An expert id that adaptive gating dropped (moe_route.wgsl): no rows, no down term.
+const SKIP: u32 = 0xffffffffu;
 
 const ONES = vec4<f32>(1.0);
 
@@ -75,8 +77,10 @@ fn rows_split(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_i
     var acc = 0.0;
     let valid = i < p.n_used * p.m;
     if (valid) {
-        let e = slot_of[p.table_off + ids[t * p.n_used + i / p.m]];
-        acc = row_dot_lane(e, i % p.m, t * p.x_stride / 4u, lane);
+        let id = ids[t * p.n_used + i / p.m];
+        if (id != SKIP) {
+            acc = row_dot_lane(slot_of[p.table_off + id], i % p.m, t * p.x_stride / 4u, lane);
+        }
     }
     let total = reduce_row(lid, acc);
     if (valid && lane == 0u) {
@@ -93,7 +97,11 @@ fn down_split(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_i
     let valid = r < p.m;
     if (valid) {
         for (var j = 0u; j < p.n_used; j++) {
-            let e = slot_of[p.table_off + ids[t * p.n_used + j]];
+            let id = ids[t * p.n_used + j];
+            if (id == SKIP) {
+                continue;
+            }
+            let e = slot_of[p.table_off + id];
             acc += wts[t * p.n_used + j] * row_dot_lane(e, r, (t * p.x_stride + j * p.k) / 4u, lane);
         }
     }
@@ -120,9 +128,12 @@ fn rows(@builtin(global_invocation_id) gid: vec3<u32>) {
     if (i >= p.n_used * p.m || t >= p.n_tokens) {
         return;
     }
-    let j = i / p.m;
-    let e = slot_of[p.table_off + ids[t * p.n_used + j]];
-    y[t * p.y_stride + i] = row_dot(e, i % p.m, t * p.x_stride / 4u);
+    let id = ids[t * p.n_used + i / p.m];
+    if (id == SKIP) {
+        y[t * p.y_stride + i] = 0.0;
+        return;
+    }
+    y[t * p.y_stride + i] = row_dot(slot_of[p.table_off + id], i % p.m, t * p.x_stride / 4u);
 }
 
 @compute @workgroup_size(64)
@@ -134,8 +145,11 @@ fn down(@builtin(global_invocation_id) gid: vec3<u32>) {
     }
     var total = 0.0;
     for (var j = 0u; j < p.n_used; j++) {
-        let e = slot_of[p.table_off + ids[t * p.n_used + j]];
-        total += wts[t * p.n_used + j] * row_dot(e, r, (t * p.x_stride + j * p.k) / 4u);
+        let id = ids[t * p.n_used + j];
+        if (id == SKIP) {
+            continue;
+        }
+        total += wts[t * p.n_used + j] * row_dot(slot_of[p.table_off + id], r, (t * p.x_stride + j * p.k) / 4u);
     }
     y[t * p.y_stride + r] += total;
 }

@@ -4,6 +4,10 @@
 // score_mode 1 (native MoE): g holds the router logits, softmax over e.
 // weights_mode 0: every weight 1 (CMoE: all experts active == the dense FFN);
 // 1: selected probabilities renormalised to sum 1; 2: raw probabilities.
+// Adaptive gating (AdapMoE): after the top-k, expert j > 0 is dropped (id SKIP, weight 0)
+// once the experts before it hold at least `keep[layer]` of the chosen probability mass;
+// keep > 1 keeps all (fixed top-k). `conf` gets each token's top-1 share of that mass, and
+// with flags & 1 `n_active` counts [kept experts, routed tokens] for the run's metrics.
 // For prefill, `group` lists each expert's (token, slot) pairs so the grouped expert kernels
 // (moe.wgsl) read each expert's weights once per tile of tokens, and `combine` adds each
 // token's weighted expert outputs to the residual.
@@ -17,8 +21,8 @@ struct Params {
     score_mode: u32,
     weights_mode: u32,
     d_model: u32,
-    _pad1: u32,
-    _pad2: u32,
+    layer: u32,
+    flags: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -31,6 +35,11 @@ struct Params {
 @group(0) @binding(7) var<storage, read_write> counts: array<u32>; // [n_expert]
 @group(0) @binding(8) var<storage, read> parts: array<f32>;        // [n_tokens * n_used, d_model]
 @group(0) @binding(9) var<storage, read_write> xout: array<f32>;   // [n_tokens, d_model]
+@group(0) @binding(10) var<storage, read> keep: array<f32>;        // [n_layer]
+@group(0) @binding(11) var<storage, read_write> n_active: array<atomic<u32>, 2>;
+@group(0) @binding(12) var<storage, read_write> conf: array<f32>;  // [n_tokens]
+
+const SKIP: u32 = 0xffffffffu;
 
 var<workgroup> prob: array<f32, MAX_EXPERTS>;
 var<workgroup> key: array<f32, MAX_EXPERTS>;
@@ -116,6 +125,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     }
     workgroupBarrier();
     var picked_sum = 0.0;
+    var wts_top1 = 0.0;
     for (var j = 0u; j < p.n_used; j++) {
         var best_v = TAKEN;
         var best = 0u;
@@ -130,18 +140,45 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
             ids[t * p.n_used + j] = b;
             wts[t * p.n_used + j] = prob[b] / sum;
             picked_sum += prob[b] / sum;
+            if (j == 0u) {
+                wts_top1 = prob[b] / sum;
+            }
             key[b] = TAKEN;
         }
         workgroupBarrier();
     }
     if (lid == 0u) {
+        let mass = keep[p.layer] * picked_sum;
+        var cum = 0.0;
+        var kept = 0u;
+        var kept_sum = 0.0;
         for (var j = 0u; j < p.n_used; j++) {
             let o = t * p.n_used + j;
+            let pj = wts[o];
+            if (j > 0u && cum >= mass) {
+                ids[o] = SKIP;
+                wts[o] = 0.0;
+            } else {
+                kept++;
+                kept_sum += pj;
+            }
+            cum += pj;
+        }
+        for (var j = 0u; j < p.n_used; j++) {
+            let o = t * p.n_used + j;
+            if (ids[o] == SKIP) {
+                continue;
+            }
             if (p.weights_mode == 0u) {
                 wts[o] = 1.0;
             } else if (p.weights_mode == 1u) {
-                wts[o] = wts[o] / picked_sum;
+                wts[o] = wts[o] / kept_sum;
             }
+        }
+        conf[t] = wts_top1 / picked_sum;
+        if ((p.flags & 1u) != 0u) {
+            atomicAdd(&n_active[0], kept);
+            atomicAdd(&n_active[1], 1u);
         }
     }
 }
@@ -175,7 +212,10 @@ fn combine(@builtin(global_invocation_id) gid: vec3<u32>) {
     var s = 0.0;
     for (var j = 0u; j < p.n_used; j++) {
         let slot = t * p.n_used + j;
-        s += wts[slot] * parts[slot * p.d_model + r];
+        // A skipped expert's part was never written (adaptive gating).
+        if (wts[slot] != 0.0) {
+            s += wts[slot] * parts[slot * p.d_model + r];
+        }
     }
     xout[t * p.d_model + r] += s;
 }

@@ -14,6 +14,7 @@ use crate::model::memory::VramBudget;
 use crate::model::offload::{Offload, OffloadOptions};
 use crate::model::tokenizer::TextStream;
 use crate::model::{Model, Sampler, SamplerConfig, Session, Tokenizer};
+use crate::router::adaptive::{self, AdaptivePlan, AdaptiveProfile};
 
 #[derive(Clone, Debug, Default)]
 pub struct EngineOptions {
@@ -31,6 +32,8 @@ pub struct EngineOptions {
 pub struct Engine {
     /// What the run will allocate, decided at load.
     pub memory: crate::model::memory::MemoryPlan,
+    /// Adaptive gating's thresholds, when [`Engine::set_adaptive`] turned it on.
+    pub adaptive: Option<AdaptivePlan>,
     pub model: Arc<Model>,
     pub tokenizer: Arc<Tokenizer>,
     pub path: PathBuf,
@@ -84,6 +87,7 @@ impl Engine {
         let ctx = plan.ctx;
         Ok(Engine {
             memory: plan,
+            adaptive: None,
             model: Arc::new(model),
             tokenizer: Arc::new(tokenizer),
             path: path.to_path_buf(),
@@ -93,6 +97,70 @@ impl Engine {
 
     pub fn ctx(&self) -> usize {
         self.ctx
+    }
+
+    /// Adaptive gating (AdapMoE): tokens whose router is confident use fewer experts, for a
+    /// predicted perplexity cost of `quality_pct` percent (0: off, the fixed top-k). The
+    /// per-layer sensitivities come from `profile` (default `MODEL.adaptive.json`); when
+    /// it does not exist they are measured on the built-in calibration corpus and saved
+    /// there (`progress(done, total)` counts the passes).
+    pub fn set_adaptive(
+        &mut self,
+        quality_pct: f64,
+        profile: Option<&Path>,
+        progress: impl FnMut(usize, usize),
+    ) -> Result<&AdaptivePlan> {
+        let c = &self.model.config;
+        if quality_pct != 0.0 && c.moe.is_none() {
+            return Err(Error::InvalidArgument(
+                "adaptive gating needs a mixture-of-experts model (see `pregate carve`)".into(),
+            ));
+        }
+        if quality_pct != 0.0 && self.model.routing != crate::moe::Routing::Layer {
+            return Err(Error::InvalidArgument(
+                "adaptive gating thresholds the layers' own routers: use it with --routing layer"
+                    .into(),
+            ));
+        }
+        let plan = if quality_pct == 0.0 {
+            AdaptiveProfile {
+                tokens: 0,
+                base_nll: 0.0,
+                layers: Vec::new(),
+            }
+            .plan(0.0)?
+        } else {
+            let path = profile
+                .map(Path::to_path_buf)
+                .unwrap_or_else(|| adaptive::default_profile_path(&self.path));
+            let prof = if path.exists() {
+                AdaptiveProfile::load(&path)?
+            } else {
+                let prof = self.measure_adaptive(progress)?;
+                match prof.save(&path) {
+                    Ok(()) => tracing::info!("saved the adaptive-gating profile to {}", path.display()),
+                    Err(e) => tracing::warn!("could not save the adaptive-gating profile: {e}"),
+                }
+                prof
+            };
+            prof.check_fits(c.n_layer)?;
+            prof.plan(quality_pct)?
+        };
+        let keep = if plan.keep.is_empty() {
+            vec![adaptive::KEEP_ALL; c.n_layer]
+        } else {
+            plan.keep.clone()
+        };
+        self.model.set_adaptive_keep(&keep)?;
+        Ok(self.adaptive.insert(plan))
+    }
+
+    /// Sensitivities on up to 256 tokens of the built-in calibration corpus.
+    fn measure_adaptive(&self, progress: impl FnMut(usize, usize)) -> Result<AdaptiveProfile> {
+        let n = 256.min(self.ctx.saturating_sub(1));
+        let tokens = crate::carve::calib::tokens(&self.tokenizer, &[], n)?;
+        let mut session = self.session()?;
+        adaptive::measure(&mut session, &tokens, progress)
     }
 
     /// VRAM and expert-cache counters since load (or the last [`Engine::reset_metrics`]).
@@ -113,6 +181,10 @@ impl Engine {
             policy: off.map_or("resident", |o| o.policy().label()).to_string(),
             prefetch: off.map_or("none", |o| o.prefetch.label()).to_string(),
             per_layer: stats.per_layer,
+            mean_active_experts: self.model.config.moe.as_ref().and_then(|_| {
+                let (kept, decisions) = self.model.active_experts().ok()?;
+                (decisions > 0).then(|| kept as f64 / decisions as f64)
+            }),
         }
     }
 
@@ -121,6 +193,7 @@ impl Engine {
         if let Some(o) = &self.model.offload {
             o.reset_stats();
         }
+        self.model.reset_active_experts();
     }
 
     pub fn gpu(&self) -> &Gpu {
@@ -211,6 +284,8 @@ pub struct RunMetrics {
     pub policy: String,
     pub prefetch: String,
     pub per_layer: Vec<crate::moe::cache::LayerStats>,
+    /// Experts run per token and MoE layer (below the model's top-k with adaptive gating).
+    pub mean_active_experts: Option<f64>,
 }
 
 impl RunMetrics {

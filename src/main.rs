@@ -111,6 +111,14 @@ struct ModelArgs {
     /// Experts per token in MoE layers: a count, or `all` (default: the model's)
     #[arg(long, value_parser = parse_experts)]
     experts_per_token: Option<usize>,
+    /// Adaptive gating (AdapMoE): confident tokens use fewer experts, for this predicted
+    /// perplexity cost in percent (0 = off). Per-layer sensitivities are measured once on
+    /// the built-in corpus and kept in MODEL.adaptive.json
+    #[arg(long, default_value_t = 0.0, value_name = "QUALITY")]
+    adaptive: f64,
+    /// Adaptive-gating profile (default: MODEL.adaptive.json next to the model)
+    #[arg(long, value_name = "PATH")]
+    adaptive_profile: Option<PathBuf>,
 }
 
 /// The runtime's policies (Belady needs the future: it lives in `simulate`).
@@ -472,7 +480,7 @@ fn load(m: &ModelArgs) -> Result<Engine> {
         },
     };
     let pb = bar(0, "loading {bar:40} {pos}/{len} layers");
-    let engine = Engine::load_with_progress(&path, &opts, |done, total| {
+    let mut engine = Engine::load_with_progress(&path, &opts, |done, total| {
         pb.set_length(total as u64);
         pb.set_position(done as u64);
     })
@@ -480,6 +488,21 @@ fn load(m: &ModelArgs) -> Result<Engine> {
     pb.finish_and_clear();
     if budget != VramBudget::All {
         eprintln!("{}", engine.memory.summary(engine.gpu().arena.budget()));
+    }
+    if m.adaptive != 0.0 {
+        let pb = bar(0, "measuring layer sensitivity {bar:40} {pos}/{len} passes");
+        let plan = engine
+            .set_adaptive(m.adaptive, m.adaptive_profile.as_deref(), |done, total| {
+                pb.set_length(total as u64);
+                pb.set_position(done as u64);
+            })
+            .context("adaptive gating")?;
+        pb.finish_and_clear();
+        eprintln!(
+            "adaptive gating: predicted {:.2}% perplexity cost, {:.0}% of token-layer pairs on their top-1 expert",
+            plan.predicted_cost_pct,
+            100.0 * plan.predicted_top1_share
+        );
     }
     tracing::info!(adapter = %engine.gpu().adapter_name(), "model loaded");
     Ok(engine)
@@ -669,6 +692,9 @@ fn cmd_eval(a: EvalArgs) -> Result<()> {
             r.tokens_scored,
             t0.elapsed().as_secs_f64()
         );
+        if let Some(active) = engine.metrics().mean_active_experts {
+            println!("mean active experts per token and MoE layer: {active:.3}");
+        }
     }
     Ok(())
 }
@@ -730,6 +756,9 @@ fn print_bench(r: &pregate::bench::BenchReport) {
             m.stall_ms,
             100.0 * r.stall_share
         );
+    }
+    if let Some(active) = m.mean_active_experts {
+        println!("active    {active:.3} experts per token and MoE layer");
     }
     println!(
         "vram      peak {:.1} MiB",

@@ -4,3 +4,21 @@ pub mod gguf;
 pub mod inspect;
 
 pub use gguf::{GgufFile, GgufWriter, MetaValue, TensorInfo};
+
+use std::path::Path;
+
+/// Writes `bytes` to `path` through a temporary file next to it and a rename, so that a
+/// failure never leaves a half-written file (or touches what was there).
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> crate::error::Result<()> {
+    let mut name = path.file_name().unwrap_or_default().to_os_string();
+    name.push(".tmp");
+    let tmp = path.with_file_name(name);
+    let result = std::fs::write(&tmp, bytes).and_then(|_| std::fs::rename(&tmp, path));
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result.map_err(|cause| crate::error::Error::Open {
+        path: path.to_path_buf(),
+        cause,
+    })
+}

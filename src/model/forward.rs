@@ -4,13 +4,15 @@
 //! → norm → lm_head → (argmax | nll).
 
 use crate::error::Result;
-use crate::gpu::ops::{self, AttnShape, ExpertGroups, ExpertIo, ExpertSlots, RowBuffers, Write};
+use crate::gpu::ops::{
+    self, AttnShape, ExpertGroups, ExpertIo, ExpertSlots, RouteOut, RowBuffers, Write,
+};
 use crate::gpu::{DispatchBuilder, DispatchList, Kernel, Mark, Matrix};
 
 use super::config::MoeConfig;
 use super::offload::next_moe_layer;
 use super::session::{StateBuffers, SCORE_ROWS, TOPK_CAP};
-use super::weights::{Ffn, Mlp, Model, MoeWeights};
+use super::weights::{Ffn, Mlp, Model, MoeWeights, Weights};
 use crate::moe::{Prefetch, Routing};
 
 /// What a step must leave for the host to read.
@@ -70,15 +72,20 @@ fn ffn_dense(
     );
 }
 
-/// The router's matmuls and top-k: `n` tokens' expert ids and weights into `ids`, `wts`.
+/// The router's matmuls and top-k for `layer`: `n` tokens' expert ids, weights and top-1
+/// shares into `ids`, `wts`, `conf`. Only the layer's own decision (`count`) adds to the
+/// active-expert counter; a next-layer prediction does not.
+#[allow(clippy::too_many_arguments)]
 fn route(
     b: &mut DispatchBuilder,
     s: &StateBuffers,
+    w: &Weights,
     m: &MoeWeights,
     moe: &MoeConfig,
+    layer: usize,
     n: u32,
-    ids: &wgpu::Buffer,
-    wts: &wgpu::Buffer,
+    (ids, wts, conf): (&wgpu::Buffer, &wgpu::Buffer, &wgpu::Buffer),
+    count: bool,
 ) {
     let store = Write::Store;
     ops::matmul(
@@ -96,6 +103,15 @@ fn route(
         ops::matmul(b, ru, &s.xn, 0, n, &s.router_u, None, store, &s.dummy);
     }
     let (e, k) = (moe.n_expert as u32, moe.n_used as u32);
+    let out = RouteOut {
+        ids,
+        wts,
+        conf,
+        keep: &w.adaptive_keep,
+        active: &w.active_experts,
+        layer: layer as u32,
+        count,
+    };
     ops::moe_route(
         b,
         moe.score,
@@ -106,19 +122,20 @@ fn route(
         &s.router_g,
         &s.router_u,
         &m.bias.buffer,
-        ids,
-        wts,
+        &out,
     );
 }
 
 /// How a layer's expert kernels find their weights, and what the host does around them.
 struct ExpertPlan<'a> {
     layer: usize,
+    weights: &'a Weights,
     slots: ExpertSlots<'a>,
     /// Experts live in a cache: mark the plan so the host can load them.
     offloaded: bool,
-    /// The next MoE layer's router, to apply to this layer's input (next-layer prefetch).
-    predict: Option<&'a MoeWeights>,
+    /// The next MoE layer and its router, to apply to this layer's input (next-layer
+    /// prefetch).
+    predict: Option<(usize, &'a MoeWeights)>,
     /// `--routing pregate`: the experts come from the host's plan, not this layer's router.
     pregate: bool,
 }
@@ -140,7 +157,8 @@ fn ffn_experts(
         ops::copy_from(b, Kernel::CopyU32, &s.expert_ids, &s.plan_ids, off, n * k);
         ops::copy_from(b, Kernel::Copy, &s.expert_wts, &s.plan_wts, off, n * k);
     } else {
-        route(b, s, m, moe, n, &s.expert_ids, &s.expert_wts);
+        let out = (&*s.expert_ids, &*s.expert_wts, &*s.expert_conf);
+        route(b, s, p.weights, m, moe, p.layer, n, out, true);
     }
     // Rows per expert of down: d_model (the pools hold fewer experts than the model).
     let d = m.gate_exps.cols as u32;
@@ -152,8 +170,10 @@ fn ffn_experts(
     if n > 1 {
         ops::moe_group(b, e, k, n, &s.expert_ids, &groups);
     }
-    if let Some(next) = p.predict {
-        route(b, s, next, moe, n, &s.pred_ids, &s.pred_wts);
+    if let Some((nl, next)) = p.predict {
+        // Decode only (n == 1): the prediction's top-1 share goes to `dummy`.
+        let out = (&*s.pred_ids, &*s.pred_wts, &*s.dummy);
+        route(b, s, p.weights, next, moe, nl, n, out, false);
     }
     if p.offloaded {
         b.mark(Mark::Routed(p.layer));
@@ -299,11 +319,12 @@ pub fn build(
                     .filter(|o| o.prefetch == Prefetch::NextLayer && n == 1)
                     .and_then(|_| next_moe_layer(model, l))
                     .and_then(|nl| match &w.layers[nl].ffn {
-                        Ffn::Moe(next) => Some(&**next),
+                        Ffn::Moe(next) => Some((nl, &**next)),
                         Ffn::Dense(_) => None,
                     });
                 let plan = ExpertPlan {
                     layer: l,
+                    weights: w,
                     slots: ExpertSlots {
                         table: &w.slot_table,
                         off: (l * moe.n_expert) as u32,
@@ -314,9 +335,11 @@ pub fn build(
                 };
                 ffn_experts(&mut b, s, m, moe, n, &plan);
                 if output == Output::Route {
-                    let k = moe.n_used as u32;
-                    let off = l as u32 * s.ub as u32 * k;
-                    ops::copy_u32(&mut b, &s.route, off, &s.expert_ids, n * k);
+                    // Ids [n_layer, ub, k], then top-1 shares [n_layer, ub] (as bits).
+                    let (k, ub, layers) = (moe.n_used as u32, s.ub as u32, c.n_layer as u32);
+                    ops::copy_u32(&mut b, &s.route, l as u32 * ub * k, &s.expert_ids, n * k);
+                    let conf_at = layers * ub * k + l as u32 * ub;
+                    ops::copy_u32(&mut b, &s.route, conf_at, &s.expert_conf, n);
                 }
             }
         }

@@ -345,9 +345,13 @@ pub fn encode_offloaded(
                 g.queue
                     .submit([std::mem::replace(&mut enc, new_encoder()).finish()]);
                 off.submitted();
-                // Upload what the previous layer predicted while the GPU runs this segment.
+                // Upload what the previous layer predicted, or the pre-gate's plan for the
+                // next layer, while the GPU runs this segment.
                 if let Some((l, ids)) = prefetch_next.take() {
                     off.prefetch(model, l, &ids, &mut enc)?;
+                }
+                if let (Some(p), Some(l)) = (&pregate, next_moe_layer(model, layer)) {
+                    off.prefetch(model, l, &p[l], &mut enc)?;
                 }
                 let read = if predicts {
                     ids_bytes + (k * 4) as u64

@@ -11,6 +11,7 @@ use crate::gpu::{DispatchList, GpuBuffer};
 
 use super::forward::{self, Output};
 use super::weights::Model;
+use crate::moe::cache::SKIP;
 
 /// Most candidates the GPU top-k returns; larger k reads back all logits instead.
 pub const TOPK_CAP: usize = 256;
@@ -38,6 +39,7 @@ pub struct StateBuffers {
     pub router_u: GpuBuffer,      // [ub, n_expert]
     pub expert_ids: GpuBuffer,    // [ub, n_used] u32, written by the router on the GPU
     pub expert_wts: GpuBuffer,    // [ub, n_used]
+    pub expert_conf: GpuBuffer,   // [ub] f32: each token's top-1 share of its experts' mass
     pub expert_lists: GpuBuffer,  // [n_expert, ub] u32: each expert's slots (prefill)
     pub expert_counts: GpuBuffer, // [n_expert] u32
     pub shared_gate: GpuBuffer,   // [ub] qwen2moe's shared-expert gate logits
@@ -54,7 +56,8 @@ pub struct StateBuffers {
     pub plan_stride: usize,
     /// Per layer [ub, d_model + 2 d_ff]: FFN input, gate and up (Output::Capture only).
     pub capture: Vec<GpuBuffer>,
-    /// [n_layer, ub, n_used] u32 expert ids of every MoE layer (Output::Route).
+    /// [n_layer, ub, n_used] u32 expert ids of every MoE layer, then [n_layer, ub] f32
+    /// top-1 shares (Output::Route).
     pub route: GpuBuffer,
     pub logits: GpuBuffer,   // [SCORE_ROWS, vocab]
     pub ids: GpuBuffer,      // [ub] u32
@@ -104,7 +107,7 @@ impl StateBuffers {
         let plan_stride = (ub * c.moe.as_ref().map_or(0, |m| m.n_expert)).next_multiple_of(64);
         let moe_layers = u64::from(c.moe.is_some());
         let route_bytes =
-            (ubx * c.n_layer as u64 * c.moe.as_ref().map_or(0, |m| m.n_used) as u64).max(16);
+            (ubx * c.n_layer as u64 * (1 + c.moe.as_ref().map_or(0, |m| m.n_used)) as u64).max(16);
         Ok(StateBuffers {
             ctx,
             ub,
@@ -129,6 +132,7 @@ impl StateBuffers {
             router_u: g.storage("router u", ubx * n_expert)?,
             expert_ids: g.storage("expert ids", ubx * n_expert)?,
             expert_wts: g.storage("expert weights", ubx * n_expert)?,
+            expert_conf: g.storage("expert top-1 shares", ubx)?,
             expert_lists: g.storage("expert lists", ubx * n_expert)?,
             expert_counts: g.storage("expert counts", f * n_expert)?,
             shared_gate: g.storage("shared gate", ubx)?,
@@ -306,8 +310,15 @@ impl Session {
     }
 
     /// Runs `tokens` through an MoE model and returns, per token, every layer's chosen
-    /// expert ids: `[token][layer][n_used]`, flattened.
+    /// expert ids: `[token][layer][n_used]`, flattened. An expert that adaptive gating
+    /// dropped appears as the token's first (a repeat needs no load).
     pub fn route_trace(&mut self, tokens: &[u32]) -> Result<Vec<u32>> {
+        Ok(self.route_pass(tokens)?.0)
+    }
+
+    /// [`Session::route_trace`]'s ids, and each token's top-1 share of its experts'
+    /// probability mass per layer (`[token][layer]`), which adaptive gating thresholds.
+    pub fn route_pass(&mut self, tokens: &[u32]) -> Result<(Vec<u32>, Vec<f32>)> {
         let c = self.model.config.clone();
         let Some(moe) = &c.moe else {
             return Err(Error::InvalidArgument(
@@ -316,18 +327,22 @@ impl Session {
         };
         let (ub, k, layers) = (self.bufs.ub, moe.n_used, c.n_layer);
         self.check_tokens(tokens, &[])?;
-        let mut out = Vec::with_capacity(tokens.len() * layers * k);
+        let mut ids_out = Vec::with_capacity(tokens.len() * layers * k);
+        let mut conf_out = Vec::with_capacity(tokens.len() * layers);
         for chunk in tokens.chunks(ub) {
             let bytes = self.step(chunk, Output::Route, &[])?;
-            let ids: Vec<u32> = bytemuck::pod_collect_to_vec(&bytes);
+            let words: Vec<u32> = bytemuck::pod_collect_to_vec(&bytes);
+            let (ids, conf) = words.split_at(layers * ub * k);
             for t in 0..chunk.len() {
                 for l in 0..layers {
                     let at = (l * ub + t) * k;
-                    out.extend_from_slice(&ids[at..at + k]);
+                    let mine = &ids[at..at + k];
+                    ids_out.extend(mine.iter().map(|&e| if e == SKIP { mine[0] } else { e }));
+                    conf_out.push(f32::from_bits(conf[l * ub + t]));
                 }
             }
         }
-        Ok(out)
+        Ok((ids_out, conf_out))
     }
 
     /// What every way of feeding tokens checks first: some tokens, room in the cache, and

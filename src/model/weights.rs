@@ -11,6 +11,7 @@ use crate::quant::dequantize;
 
 use super::config::{ModelConfig, MoeConfig};
 use crate::gpu::ops::RouteScore;
+use crate::router::adaptive::KEEP_ALL;
 
 /// One transformer block.
 pub struct LayerWeights {
@@ -65,6 +66,12 @@ pub struct Weights {
     /// [n_layer, n_expert] u32: each expert's slot (moe.wgsl's slot_of). The identity when
     /// every expert is resident.
     pub slot_table: GpuBuffer,
+    /// [n_layer] f32: adaptive gating's keep threshold per layer (moe_route.wgsl);
+    /// [`KEEP_ALL`] when adaptive gating is off.
+    pub adaptive_keep: GpuBuffer,
+    /// [kept experts, routed tokens] u32, summed by the router kernels (mean active experts).
+    pub active_experts: GpuBuffer,
+    active_readback: GpuBuffer,
 }
 
 impl Weights {
@@ -249,6 +256,10 @@ impl Model {
         let n_expert = c.moe.as_ref().map_or(0, |m| m.n_expert);
         let identity: Vec<u32> = (0..c.n_layer).flat_map(|_| 0..n_expert as u32).collect();
         let slot_table = g.storage_init("expert slot table", bytemuck::cast_slice(&identity))?;
+        let keep = vec![KEEP_ALL; c.n_layer];
+        let adaptive_keep = g.storage_init("adaptive keep", bytemuck::cast_slice(&keep))?;
+        let active_experts = g.storage_init("active experts", &[0; 16])?;
+        let active_readback = g.readback("active experts readback", 16)?;
         progress(total, total);
         Ok(Model {
             file,
@@ -259,6 +270,9 @@ impl Model {
                 out_norm,
                 lm_head,
                 slot_table,
+                adaptive_keep,
+                active_experts,
+                active_readback,
             },
             gpu,
             offload: None,
@@ -270,6 +284,42 @@ impl Model {
     /// Routes each token to `k` experts (clamped to the routed count; `usize::MAX`: all).
     pub fn set_experts_per_token(&mut self, k: usize) -> Result<()> {
         self.config.set_experts_per_token(k)
+    }
+
+    /// Sets adaptive gating's keep threshold per layer ([`KEEP_ALL`]: fixed top-k); the
+    /// router kernels read it at every step, so no plan is rebuilt.
+    pub fn set_adaptive_keep(&self, keep: &[f32]) -> Result<()> {
+        if keep.len() != self.config.n_layer {
+            return Err(Error::InvalidArgument(format!(
+                "{} adaptive thresholds for {} layers",
+                keep.len(),
+                self.config.n_layer
+            )));
+        }
+        let q = &self.gpu.queue;
+        q.write_buffer(&self.weights.adaptive_keep, 0, bytemuck::cast_slice(keep));
+        Ok(())
+    }
+
+    /// Experts the MoE layers ran and the (token, layer) decisions they ran them for,
+    /// since load or [`Model::reset_active_experts`].
+    pub fn active_experts(&self) -> Result<(u64, u64)> {
+        let w = &self.weights;
+        let mut enc = self
+            .gpu
+            .device
+            .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                label: Some("active experts"),
+            });
+        enc.copy_buffer_to_buffer(&w.active_experts, 0, &w.active_readback, 0, 8);
+        self.gpu.queue.submit([enc.finish()]);
+        let words: Vec<u32> = bytemuck::pod_collect_to_vec(&self.gpu.read(&w.active_readback, 8)?);
+        Ok((words[0] as u64, words[1] as u64))
+    }
+
+    pub fn reset_active_experts(&self) {
+        let q = &self.gpu.queue;
+        q.write_buffer(&self.weights.active_experts, 0, &[0; 8]);
     }
 
     /// Bytes of weights resident on the GPU.

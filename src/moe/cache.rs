@@ -13,6 +13,10 @@ use super::policy::{PolicyKind, ReplacementPolicy};
 /// The slot table's mark for an expert that is not resident (moe.wgsl's MISSING).
 pub const MISSING: u32 = u32::MAX;
 
+/// The expert id the router writes for an expert that adaptive gating dropped
+/// (moe_route.wgsl's SKIP): nothing to load or run.
+pub const SKIP: u32 = u32::MAX;
+
 /// Counters for one layer, or summed over layers.
 #[derive(Clone, Debug, Default, PartialEq, serde::Serialize)]
 pub struct LayerStats {
@@ -174,6 +178,7 @@ impl ExpertCache {
     /// every resident one (hits), then missing ones while slots not yet in the wave can
     /// be evicted (misses, to load before the kernels run).
     pub fn next_wave(&mut self, layer: usize, pending: &mut Vec<u32>) -> Result<Wave> {
+        pending.retain(|e| *e != SKIP);
         if let Some(bad) = pending.iter().find(|e| **e as usize >= self.n_expert) {
             return Err(Error::InvalidArgument(format!(
                 "expert {bad} of layer {layer} is out of range"

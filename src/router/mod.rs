@@ -8,6 +8,7 @@
 //! row of expert logits, so a prediction is three row lookups per layer and training is
 //! exact sparse gradient steps. `train.rs` fits it to the carved model's own routing.
 
+pub mod adaptive;
 pub mod train;
 
 use std::collections::HashMap;
@@ -173,12 +174,7 @@ impl PreGateRouter {
         .collect();
         let bytes = safetensors::serialize(tensors, Some(meta))
             .map_err(|e| Error::InvalidArgument(format!("router: {e}")))?;
-        let tmp = path.with_extension("tmp");
-        let result = std::fs::write(&tmp, bytes).and_then(|_| std::fs::rename(&tmp, path));
-        if result.is_err() {
-            let _ = std::fs::remove_file(&tmp);
-        }
-        result.map_err(Error::Io)
+        crate::format::write_atomic(path, &bytes)
     }
 
     pub fn load(path: &Path) -> Result<PreGateRouter> {

@@ -33,7 +33,21 @@ struct RouteParams {
     score_mode: u32,
     weights_mode: u32,
     d_model: u32,
-    _pad: [u32; 2],
+    layer: u32,
+    flags: u32,
+}
+
+/// Where the router's decision goes: per token its experts' ids and weights and its top-1
+/// share of their probability (`conf`); `keep[layer]` is adaptive gating's threshold
+/// (above 1 keeps every expert), and with `count` the kept experts are added to `active`.
+pub struct RouteOut<'a> {
+    pub ids: &'a wgpu::Buffer,
+    pub wts: &'a wgpu::Buffer,
+    pub conf: &'a wgpu::Buffer,
+    pub keep: &'a wgpu::Buffer,
+    pub active: &'a wgpu::Buffer,
+    pub layer: u32,
+    pub count: bool,
 }
 
 /// Writes each token's `n_used` expert ids and weights from router outputs `g` (and `u`).
@@ -48,8 +62,7 @@ pub fn moe_route(
     g: &wgpu::Buffer,
     u: &wgpu::Buffer,
     bias: &wgpu::Buffer,
-    ids: &wgpu::Buffer,
-    wts: &wgpu::Buffer,
+    out: &RouteOut,
 ) {
     let p = RouteParams {
         n_expert,
@@ -58,7 +71,8 @@ pub fn moe_route(
         score_mode: score as u32,
         weights_mode: weights as u32,
         d_model: 0,
-        _pad: [0; 2],
+        layer: out.layer,
+        flags: u32::from(out.count),
     };
     b.push(
         Kernel::MoeRoute,
@@ -67,8 +81,11 @@ pub fn moe_route(
             Bind::whole(1, g),
             Bind::whole(2, u),
             Bind::whole(3, bias),
-            Bind::whole(4, ids),
-            Bind::whole(5, wts),
+            Bind::whole(4, out.ids),
+            Bind::whole(5, out.wts),
+            Bind::whole(10, out.keep),
+            Bind::whole(11, out.active),
+            Bind::whole(12, out.conf),
         ],
         [n_tokens, 1, 1],
     );
@@ -192,7 +209,8 @@ fn route_params(n_expert: u32, n_used: u32, n_tokens: u32, d_model: u32) -> Rout
         score_mode: 0,
         weights_mode: 0,
         d_model,
-        _pad: [0; 2],
+        layer: 0,
+        flags: 0,
     }
 }
 

@@ -1,0 +1,270 @@
+//! Adaptive gating (AdapMoE): a token whose router is confident gets fewer experts. Per
+//! layer l and token t, with c the top-1 expert's share of the chosen experts' probability
+//! mass, dropping the other experts costs about `s_l (1 - c)^2` in loss, where the layer's
+//! sensitivity `s_l` is measured once on calibration text: the loss increase when layer l
+//! alone keeps only its top-1 expert for every token, over the mean `(1 - c)^2` there. One
+//! global knob λ then drops experts wherever `s_l (1 - c)^2 < λ`, i.e. where `c` passes the
+//! layer's threshold `1 - sqrt(λ / s_l)`. The user gives the knob as a perplexity cost in
+//! percent (`--adaptive 1`); λ is the largest whose predicted cost on the calibration
+//! tokens stays under it.
+
+use std::path::{Path, PathBuf};
+
+use crate::error::{Error, Result};
+use crate::model::weights::Ffn;
+use crate::model::Session;
+
+/// One layer's calibration: its loss sensitivity and its tokens' top-1 shares.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct LayerSensitivity {
+    /// Mean NLL increase per token (nats) when this layer keeps only its top-1 expert.
+    pub delta_nll: f64,
+    /// The calibration tokens' top-1 shares in this layer (None: a dense layer).
+    pub top1_share: Option<Vec<f32>>,
+}
+
+/// What `--adaptive` needs to set its per-layer thresholds; saved as JSON next to the
+/// model (`MODEL.adaptive.json`) so it is measured once.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct AdaptiveProfile {
+    /// Calibration tokens scored.
+    pub tokens: usize,
+    /// Their mean NLL with every layer at its full top-k.
+    pub base_nll: f64,
+    pub layers: Vec<LayerSensitivity>,
+}
+
+/// Per-layer keep thresholds (moe_route.wgsl's `keep`) and what the profile predicts.
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct AdaptivePlan {
+    pub keep: Vec<f32>,
+    /// Predicted perplexity cost in percent on the calibration tokens.
+    pub predicted_cost_pct: f64,
+    /// Predicted share of (token, MoE layer) pairs that keep only their top-1 expert.
+    pub predicted_top1_share: f64,
+}
+
+/// The keep threshold that leaves every expert (above any share).
+pub const KEEP_ALL: f32 = 2.0;
+
+impl LayerSensitivity {
+    /// s_l: loss per unit of (1 - c)^2.
+    fn sensitivity(&self, shares: &[f32]) -> f64 {
+        let m = shares.iter().map(|c| (1.0 - *c as f64).powi(2)).sum::<f64>()
+            / shares.len().max(1) as f64;
+        // A layer that did not get worse without its other experts is still charged a
+        // little, so that λ = 0 keeps everything.
+        self.delta_nll.max(1e-6) / m.max(1e-9)
+    }
+}
+
+impl AdaptiveProfile {
+    /// Thresholds for a perplexity cost of `quality_pct` percent (0: off, every expert kept).
+    pub fn plan(&self, quality_pct: f64) -> Result<AdaptivePlan> {
+        if !quality_pct.is_finite() || quality_pct < 0.0 {
+            return Err(Error::InvalidArgument(format!(
+                "--adaptive {quality_pct}: give a perplexity cost in percent (0 = off)"
+            )));
+        }
+        if quality_pct == 0.0 {
+            return Ok(AdaptivePlan {
+                keep: vec![KEEP_ALL; self.layers.len()],
+                predicted_cost_pct: 0.0,
+                predicted_top1_share: 0.0,
+            });
+        }
+        let budget = (1.0 + quality_pct / 100.0).ln();
+        // Cost is monotone in λ: bisect on a log scale.
+        let (mut lo, mut hi) = (1e-12f64, 1e3f64);
+        for _ in 0..100 {
+            let mid = (lo * hi).sqrt();
+            if self.predict(mid).0 <= budget {
+                lo = mid;
+            } else {
+                hi = mid;
+            }
+        }
+        let (cost, top1) = self.predict(lo);
+        Ok(AdaptivePlan {
+            keep: self.keep(lo),
+            predicted_cost_pct: (cost.exp() - 1.0) * 100.0,
+            predicted_top1_share: top1,
+        })
+    }
+
+    fn keep(&self, lambda: f64) -> Vec<f32> {
+        self.layers
+            .iter()
+            .map(|l| match &l.top1_share {
+                None => KEEP_ALL,
+                Some(c) => (1.0 - (lambda / l.sensitivity(c)).sqrt()).max(0.0) as f32,
+            })
+            .collect()
+    }
+
+    /// Predicted (NLL increase, share of MoE (token, layer) pairs dropped to top-1) at λ.
+    fn predict(&self, lambda: f64) -> (f64, f64) {
+        let (mut cost, mut dropped, mut pairs) = (0.0, 0usize, 0usize);
+        for (l, keep) in self.layers.iter().zip(self.keep(lambda)) {
+            let Some(shares) = &l.top1_share else {
+                continue;
+            };
+            let s = l.sensitivity(shares);
+            let n = shares.len().max(1) as f64;
+            for &c in shares {
+                // The kernel drops when the top-1 mass reaches `keep`.
+                if c >= keep {
+                    cost += s * (1.0 - c as f64).powi(2) / n;
+                    dropped += 1;
+                }
+            }
+            pairs += shares.len();
+        }
+        (cost, dropped as f64 / pairs.max(1) as f64)
+    }
+
+    pub fn save(&self, path: &Path) -> Result<()> {
+        let json = serde_json::to_vec_pretty(self)
+            .map_err(|e| Error::InvalidArgument(format!("adaptive profile: {e}")))?;
+        crate::format::write_atomic(path, &json)
+    }
+
+    pub fn load(path: &Path) -> Result<AdaptiveProfile> {
+        let bytes = std::fs::read(path).map_err(|cause| Error::Open {
+            path: path.to_path_buf(),
+            cause,
+        })?;
+        serde_json::from_slice(&bytes).map_err(|e| {
+            Error::InvalidArgument(format!(
+                "{} is not an adaptive-gating profile ({e}); delete it to measure again",
+                path.display()
+            ))
+        })
+    }
+
+    /// Checks that the profile was measured on a model with `n_layer` layers.
+    pub fn check_fits(&self, n_layer: usize) -> Result<()> {
+        if self.layers.len() != n_layer {
+            return Err(Error::InvalidArgument(format!(
+                "the adaptive-gating profile has {} layers, the model {n_layer}; delete it to measure again",
+                self.layers.len()
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// Measures a profile on `tokens` (one sequence, at most the session's context): the
+/// top-1 shares from one routing pass, the base NLL, and one NLL pass per MoE layer with
+/// that layer cut to its top-1 expert. `progress(done, total)` counts the passes.
+pub fn measure(
+    session: &mut Session,
+    tokens: &[u32],
+    mut progress: impl FnMut(usize, usize),
+) -> Result<AdaptiveProfile> {
+    if tokens.len() < 2 {
+        return Err(Error::InvalidArgument(
+            "adaptive gating needs at least 2 calibration tokens".into(),
+        ));
+    }
+    let model = session.model.clone();
+    let n_layer = model.config.n_layer;
+    let moe_layers: Vec<usize> = (0..n_layer)
+        .filter(|l| matches!(model.weights.layers[*l].ffn, Ffn::Moe(_)))
+        .collect();
+    let total = moe_layers.len() + 2;
+    let mut keep = vec![KEEP_ALL; n_layer];
+    model.set_adaptive_keep(&keep)?;
+    session.reset();
+    let (_, shares) = session.route_pass(tokens)?;
+    progress(1, total);
+    let (input, targets) = (&tokens[..tokens.len() - 1], &tokens[1..]);
+    let mean_nll = |session: &mut Session| -> Result<f64> {
+        session.reset();
+        let nll = session.nll(input, targets, 0)?;
+        Ok(nll.iter().map(|v| *v as f64).sum::<f64>() / nll.len() as f64)
+    };
+    let base_nll = mean_nll(session)?;
+    progress(2, total);
+    let mut layers: Vec<LayerSensitivity> = (0..n_layer)
+        .map(|_| LayerSensitivity {
+            delta_nll: 0.0,
+            top1_share: None,
+        })
+        .collect();
+    let result = (|| -> Result<()> {
+        for (i, &l) in moe_layers.iter().enumerate() {
+            keep[l] = 0.0;
+            model.set_adaptive_keep(&keep)?;
+            layers[l] = LayerSensitivity {
+                delta_nll: mean_nll(session)? - base_nll,
+                top1_share: Some(shares.iter().skip(l).step_by(n_layer).copied().collect()),
+            };
+            keep[l] = KEEP_ALL;
+            progress(i + 3, total);
+        }
+        Ok(())
+    })();
+    // Whatever happened, the model goes back to its fixed top-k.
+    model.set_adaptive_keep(&vec![KEEP_ALL; n_layer])?;
+    session.reset();
+    result?;
+    Ok(AdaptiveProfile {
+        tokens: tokens.len(),
+        base_nll,
+        layers,
+    })
+}
+
+/// Where a model's adaptive-gating profile is kept by default.
+pub fn default_profile_path(model: &Path) -> PathBuf {
+    model.with_extension("adaptive.json")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn profile() -> AdaptiveProfile {
+        // Layer 0 is sensitive, layer 1 barely; both have the same spread of confidence.
+        let shares: Vec<f32> = (0..100).map(|i| 0.5 + i as f32 / 200.0).collect();
+        AdaptiveProfile {
+            tokens: 100,
+            base_nll: 2.0,
+            layers: vec![
+                LayerSensitivity {
+                    delta_nll: 0.2,
+                    top1_share: Some(shares.clone()),
+                },
+                LayerSensitivity {
+                    delta_nll: 0.002,
+                    top1_share: Some(shares),
+                },
+                LayerSensitivity {
+                    delta_nll: 0.0,
+                    top1_share: None,
+                },
+            ],
+        }
+    }
+
+    #[test]
+    fn quality_zero_keeps_every_expert() {
+        let p = profile().plan(0.0).unwrap();
+        assert_eq!(p.keep, vec![KEEP_ALL; 3]);
+    }
+
+    #[test]
+    fn the_insensitive_layer_drops_more_and_the_cost_stays_in_budget() {
+        let prof = profile();
+        let p = prof.plan(1.0).unwrap();
+        assert!(p.keep[1] < p.keep[0], "{:?}", p.keep);
+        assert_eq!(p.keep[2], KEEP_ALL);
+        assert!(p.predicted_cost_pct <= 1.0 + 1e-9);
+        // A bigger budget drops at least as much.
+        let q = prof.plan(5.0).unwrap();
+        assert!(q.predicted_top1_share >= p.predicted_top1_share);
+        assert!(q.predicted_top1_share > 0.0);
+        assert!(prof.plan(-1.0).is_err());
+    }
+}

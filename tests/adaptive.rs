@@ -1,0 +1,138 @@
+//! Adaptive gating (AdapMoE): quality 0 is the fixed top-k, a zero threshold is top-1
+//! everywhere (the same as one expert per token), the dropped experts are neither run nor
+//! loaded, and the measured profile gives thresholds that cut the active experts.
+
+mod common;
+
+use std::path::Path;
+
+use common::{carve_tiny, max_abs_diff};
+use pregate::model::memory::VramBudget;
+use pregate::model::offload::OffloadOptions;
+use pregate::{Engine, EngineOptions};
+
+const TOKENS: [u32; 12] = [102, 110, 32, 105, 116, 101, 109, 95, 51, 40, 120, 58];
+
+fn load(path: &Path, k: Option<usize>, budget: VramBudget) -> Engine {
+    Engine::load(
+        path,
+        &EngineOptions {
+            ctx: 300,
+            experts_per_token: k,
+            budget,
+            offload: OffloadOptions::default(),
+            ..Default::default()
+        },
+    )
+    .expect("load")
+}
+
+/// Logits after a prefill (grouped kernels), then after each of three decode steps.
+fn run(engine: &Engine) -> Vec<Vec<f32>> {
+    let mut s = engine.session().expect("session");
+    let split = TOKENS.len() - 3;
+    let mut out = vec![s.next_logits(&TOKENS[..split]).expect("prefill")];
+    for &t in &TOKENS[split..] {
+        out.push(s.next_logits(&[t]).expect("decode"));
+    }
+    out
+}
+
+fn assert_close(want: &[Vec<f32>], got: &[Vec<f32>], tol: f32, what: &str) {
+    for (i, (w, g)) in want.iter().zip(got).enumerate() {
+        let d = max_abs_diff(w, g);
+        assert!(d <= tol, "{what}: step {i} differs by {d}");
+    }
+}
+
+#[test]
+fn quality_zero_is_the_fixed_top_k_and_top1_everywhere_is_one_expert() {
+    let (_, carved) = carve_tiny("adaptive_exact", 8, 1, 2);
+    let mut engine = load(&carved, None, VramBudget::All);
+    let fixed = run(&engine);
+    let m = engine.metrics();
+    assert_eq!(m.mean_active_experts, Some(2.0));
+
+    // Every layer at threshold 0 keeps only its top-1 expert: what k = 1 computes.
+    let layers = engine.model.config.n_layer;
+    engine.model.set_adaptive_keep(&vec![0.0; layers]).unwrap();
+    engine.reset_metrics();
+    let top1 = run(&engine);
+    assert_eq!(engine.metrics().mean_active_experts, Some(1.0));
+    let one = load(&carved, Some(1), VramBudget::All);
+    assert_close(&run(&one), &top1, 1e-5, "threshold 0 vs k = 1");
+    drop(one);
+    assert!(max_abs_diff(&fixed[0], &top1[0]) > 1e-4, "dropping experts changed nothing");
+
+    // Back to quality 0: bit-identical to the fixed top-k.
+    engine.set_adaptive(0.0, None, |_, _| {}).unwrap();
+    let again = run(&engine);
+    for (w, g) in fixed.iter().zip(&again) {
+        assert!(w.iter().zip(g).all(|(a, b)| a.to_bits() == b.to_bits()));
+    }
+}
+
+#[test]
+fn dropped_experts_are_not_loaded_under_a_budget() {
+    let (_, carved) = carve_tiny("adaptive_offload", 8, 1, 2);
+    let resident = load(&carved, None, VramBudget::All);
+    let layers = resident.model.config.n_layer;
+    resident.model.set_adaptive_keep(&vec![0.0; layers]).unwrap();
+    let want = run(&resident);
+    drop(resident);
+
+    let fixed = load(&carved, None, VramBudget::ExpertShare(0.01));
+    run(&fixed);
+    let fixed_misses = fixed.metrics().expert_misses;
+    drop(fixed);
+    let engine = load(&carved, None, VramBudget::ExpertShare(0.01));
+    engine.model.set_adaptive_keep(&vec![0.0; layers]).unwrap();
+    let got = run(&engine);
+    for (w, g) in want.iter().zip(&got) {
+        assert!(w.iter().zip(g).all(|(a, b)| a.to_bits() == b.to_bits()));
+    }
+    let m = engine.metrics();
+    assert!(
+        m.expert_misses < fixed_misses,
+        "top-1 loads {} experts, top-2 {fixed_misses}",
+        m.expert_misses
+    );
+}
+
+#[test]
+fn a_measured_profile_cuts_active_experts_within_its_budget() {
+    let (_, carved) = carve_tiny("adaptive_profile", 8, 1, 2);
+    let mut engine = load(&carved, None, VramBudget::All);
+    let profile = carved.with_extension("adaptive.json");
+    let _ = std::fs::remove_file(&profile);
+    let mut passes = 0;
+    let plan = engine
+        .set_adaptive(20.0, None, |done, _| passes = done)
+        .expect("adaptive")
+        .clone();
+    // One routing pass, the base NLL, one pass per MoE layer; saved for the next run.
+    assert_eq!(passes, 2 + engine.model.config.n_layer);
+    assert!(profile.exists());
+    let saved = pregate::router::adaptive::AdaptiveProfile::load(&profile).unwrap();
+    assert!(saved.base_nll.is_finite() && saved.base_nll > 0.0);
+    for l in &saved.layers {
+        assert!(l.delta_nll.is_finite());
+        assert_eq!(l.top1_share.as_ref().map(Vec::len), Some(saved.tokens));
+    }
+    assert!(plan.predicted_cost_pct <= 20.0 + 1e-9);
+    assert!(plan.keep.iter().all(|k| (0.0..=1.0).contains(k)));
+    engine.reset_metrics();
+    run(&engine);
+    let active = engine.metrics().mean_active_experts.unwrap();
+    assert!(active < 2.0 && active >= 1.0, "{active}");
+
+    // The profile is read back, not measured again; a wrong one is an error.
+    let mut again = load(&carved, None, VramBudget::All);
+    again
+        .set_adaptive(20.0, None, |_, _| panic!("measured again"))
+        .unwrap();
+    std::fs::write(&profile, b"{ not json").unwrap();
+    let err = again.set_adaptive(20.0, None, |_, _| {}).unwrap_err();
+    assert!(err.to_string().contains("adaptive"), "{err}");
+    assert!(again.set_adaptive(-1.0, None, |_, _| {}).is_err());
+}
