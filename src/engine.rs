@@ -77,12 +77,17 @@ impl Engine {
             vram_budget: arena_budget,
             ..opts.gpu.clone()
         };
+        let router = crate::model::offload::load_router(path, &config, &opts.offload)?;
+        let layer_slots = plan
+            .expert_slots
+            .map(|s| Self::layer_slots(&file, &config, &tokenizer, router.as_ref(), opts, s))
+            .transpose()?;
         let gpu = Arc::new(Gpu::new(&gpu_opts)?);
-        let mut model = Model::load(gpu, file, config, plan.expert_slots, progress)?;
-        model.router = crate::model::offload::load_router(path, &model.config, &opts.offload)?;
+        let mut model = Model::load(gpu, file, config, layer_slots.as_deref(), progress)?;
+        model.router = router;
         model.routing = opts.offload.routing;
-        if plan.expert_slots.is_some() {
-            model.offload = Some(Offload::new(&model, &plan, &opts.offload)?);
+        if let Some(slots) = layer_slots {
+            model.offload = Some(Offload::new(&model, &plan, &opts.offload, slots)?);
         }
         let ctx = plan.ctx;
         Ok(Engine {
@@ -97,6 +102,35 @@ impl Engine {
 
     pub fn ctx(&self) -> usize {
         self.ctx
+    }
+
+    /// Cache slots of each layer: `uniform` everywhere, or with `--policy lookahead` the
+    /// same total split across layers by their miss curves (AdapMoE's per-layer sizing),
+    /// from the router's plan of 2048 tokens of the built-in corpus.
+    fn layer_slots(
+        file: &GgufFile,
+        c: &crate::model::ModelConfig,
+        tokenizer: &Tokenizer,
+        router: Option<&crate::router::PreGateRouter>,
+        opts: &EngineOptions,
+        uniform: usize,
+    ) -> Result<Vec<usize>> {
+        let (Some(router), Some(moe), crate::moe::PolicyKind::Lookahead) =
+            (router, &c.moe, opts.offload.policy)
+        else {
+            return Ok(vec![uniform; c.n_layer]);
+        };
+        let moe_layer: Vec<bool> = (0..c.n_layer)
+            .map(|l| {
+                file.tensor(&format!("blk.{l}.ffn_gate_exps.weight"))
+                    .is_some()
+            })
+            .collect();
+        let tokens = crate::carve::calib::tokens(tokenizer, &[], 2048)?;
+        let slots =
+            crate::moe::sizing::split_by_plan(router, &tokens, moe.n_used, uniform, &moe_layer);
+        tracing::info!("lookahead: expert slots per layer {slots:?} (split by miss curves)");
+        Ok(slots)
     }
 
     /// Adaptive gating (AdapMoE): tokens whose router is confident use fewer experts, for a
@@ -138,7 +172,9 @@ impl Engine {
             } else {
                 let prof = self.measure_adaptive(progress)?;
                 match prof.save(&path) {
-                    Ok(()) => tracing::info!("saved the adaptive-gating profile to {}", path.display()),
+                    Ok(()) => {
+                        tracing::info!("saved the adaptive-gating profile to {}", path.display())
+                    }
                     Err(e) => tracing::warn!("could not save the adaptive-gating profile: {e}"),
                 }
                 prof
@@ -172,6 +208,7 @@ impl Engine {
             budget_bytes: arena.budget(),
             peak_vram_bytes: arena.peak(),
             expert_slots: off.map(|o| o.slots),
+            layer_slots: off.map(|o| o.layer_slots.clone()).unwrap_or_default(),
             expert_hits: stats.total.hits,
             expert_misses: stats.total.misses,
             prefetch_hits: stats.total.prefetch_hits,
@@ -275,6 +312,8 @@ pub struct RunMetrics {
     pub peak_vram_bytes: u64,
     /// Cache slots per MoE layer (None: every expert resident).
     pub expert_slots: Option<usize>,
+    /// Slots of each layer (they differ under `--policy lookahead`); empty when resident.
+    pub layer_slots: Vec<usize>,
     pub expert_hits: u64,
     pub expert_misses: u64,
     pub prefetch_hits: u64,

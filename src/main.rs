@@ -121,11 +121,14 @@ struct ModelArgs {
     adaptive_profile: Option<PathBuf>,
 }
 
-/// The runtime's policies (Belady needs the future: it lives in `simulate`).
+/// The runtime's policies (Belady needs the whole future: it lives in `simulate`).
 #[derive(Clone, Copy, clap::ValueEnum)]
 enum CachePolicy {
     Lru,
     Lfu,
+    /// Belady over the pre-gating router's plan of the tokens known ahead (a prompt, a
+    /// scored text; LRU otherwise), with slots split across layers by miss curves
+    Lookahead,
 }
 
 fn parse_experts(s: &str) -> Result<usize, String> {
@@ -472,6 +475,7 @@ fn load(m: &ModelArgs) -> Result<Engine> {
             policy: match m.policy {
                 CachePolicy::Lru => PolicyKind::Lru,
                 CachePolicy::Lfu => PolicyKind::Lfu,
+                CachePolicy::Lookahead => PolicyKind::Lookahead,
             },
             prefetch: m.prefetch,
             verify: m.verify,

@@ -62,7 +62,10 @@ fn quality_zero_is_the_fixed_top_k_and_top1_everywhere_is_one_expert() {
     let one = load(&carved, Some(1), VramBudget::All);
     assert_close(&run(&one), &top1, 1e-5, "threshold 0 vs k = 1");
     drop(one);
-    assert!(max_abs_diff(&fixed[0], &top1[0]) > 1e-4, "dropping experts changed nothing");
+    assert!(
+        max_abs_diff(&fixed[0], &top1[0]) > 1e-4,
+        "dropping experts changed nothing"
+    );
 
     // Back to quality 0: bit-identical to the fixed top-k.
     engine.set_adaptive(0.0, None, |_, _| {}).unwrap();
@@ -77,7 +80,10 @@ fn dropped_experts_are_not_loaded_under_a_budget() {
     let (_, carved) = carve_tiny("adaptive_offload", 8, 1, 2);
     let resident = load(&carved, None, VramBudget::All);
     let layers = resident.model.config.n_layer;
-    resident.model.set_adaptive_keep(&vec![0.0; layers]).unwrap();
+    resident
+        .model
+        .set_adaptive_keep(&vec![0.0; layers])
+        .unwrap();
     let want = run(&resident);
     drop(resident);
 

@@ -290,6 +290,63 @@ fn pregate_prefetch_keeps_output_exact_and_needs_a_router() {
         assert!(w.iter().zip(g).all(|(a, b)| a.to_bits() == b.to_bits()));
     }
     assert!(offloaded.metrics().expert_misses > 0);
+    drop(offloaded);
+    lookahead_plans_by_the_router(&carved, &tokens);
+}
+
+/// `--policy lookahead`: a cache policy only (output bit-identical to resident), slots
+/// split across layers by miss curves, and over a scored text whose plan is exact
+/// (`--routing pregate`) no more misses than LRU.
+fn lookahead_plans_by_the_router(carved: &Path, tokens: &[u32]) {
+    let scored = |policy: PolicyKind, routing: Routing, budget: VramBudget| {
+        let engine = Engine::load(
+            carved,
+            &EngineOptions {
+                ctx: 256,
+                budget,
+                offload: OffloadOptions {
+                    policy,
+                    routing,
+                    ..Default::default()
+                },
+                ..Default::default()
+            },
+        )
+        .expect("load");
+        let text = &tokens[..240];
+        let nll = engine
+            .session()
+            .expect("session")
+            .nll(&text[..239], &text[1..], 0)
+            .expect("nll");
+        (nll, engine.metrics())
+    };
+    for routing in [Routing::Layer, Routing::Pregate] {
+        let (want, _) = scored(PolicyKind::Lru, routing, VramBudget::All);
+        let (lru, lru_m) = scored(PolicyKind::Lru, routing, VramBudget::ExpertShare(0.6));
+        let (look, m) = scored(PolicyKind::Lookahead, routing, VramBudget::ExpertShare(0.6));
+        for got in [&lru, &look] {
+            assert!(want
+                .iter()
+                .zip(got)
+                .all(|(a, b)| a.to_bits() == b.to_bits()));
+        }
+        assert_eq!(m.policy, "lookahead");
+        let slots = m.expert_slots.expect("offloaded");
+        assert_eq!(
+            m.layer_slots.iter().sum::<usize>(),
+            slots * m.layer_slots.len()
+        );
+        assert!(m.layer_slots.iter().all(|s| (2..=8).contains(s)), "{m:?}");
+        if routing == Routing::Pregate {
+            assert!(
+                m.expert_misses <= lru_m.expert_misses,
+                "lookahead {} > lru {}",
+                m.expert_misses,
+                lru_m.expert_misses
+            );
+        }
+    }
 }
 
 #[test]

@@ -52,7 +52,10 @@ pub fn load_router(
     c: &super::ModelConfig,
     opts: &OffloadOptions,
 ) -> Result<Option<PreGateRouter>> {
-    if opts.prefetch != Prefetch::Pregate && opts.routing != Routing::Pregate {
+    let needs = opts.prefetch == Prefetch::Pregate
+        || opts.routing == Routing::Pregate
+        || opts.policy == PolicyKind::Lookahead;
+    if !needs {
         return Ok(None);
     }
     let Some(moe) = &c.moe else {
@@ -66,7 +69,7 @@ pub fn load_router(
         .unwrap_or_else(|| default_router_path(model_path));
     if !path.exists() {
         return Err(Error::InvalidArgument(format!(
-            "pregate routing or prefetch needs a router: {} does not exist (make one with `pregate train-router`, or pass --router)",
+            "pregate routing or prefetch, or the lookahead policy, needs a router: {} does not exist (make one with `pregate train-router`, or pass --router)",
             path.display()
         )));
     }
@@ -92,12 +95,21 @@ struct State {
 pub struct Offload {
     state: Mutex<State>,
     pub prefetch: Prefetch,
+    /// Slots per MoE layer in the memory plan (the mean when layers differ).
     pub slots: usize,
+    /// Slots of each layer: the plan's everywhere, or split by miss curves (lookahead).
+    pub layer_slots: Vec<usize>,
 }
 
 impl Offload {
-    /// The cache `plan` sized (its slots per layer, slot bytes and staging ring).
-    pub fn new(model: &Model, plan: &MemoryPlan, opts: &OffloadOptions) -> Result<Offload> {
+    /// The cache `plan` sized (its slot bytes and staging ring), with `layer_slots` slots
+    /// in each layer (as the model's pools were allocated).
+    pub fn new(
+        model: &Model,
+        plan: &MemoryPlan,
+        opts: &OffloadOptions,
+        layer_slots: Vec<usize>,
+    ) -> Result<Offload> {
         let c = &model.config;
         let Some(slots) = plan.expert_slots else {
             return Err(Error::InvalidArgument(
@@ -109,11 +121,16 @@ impl Offload {
                 "expert offload needs a mixture-of-experts model".into(),
             ));
         };
-        if slots < moe.n_used {
+        if let Some(s) = layer_slots.iter().find(|s| **s < moe.n_used) {
             return Err(Error::InvalidArgument(format!(
-                "{slots} expert slots per layer cannot hold one token's {} experts; raise --vram-budget or lower --experts-per-token",
+                "{s} expert slots in a layer cannot hold one token's {} experts; raise --vram-budget or lower --experts-per-token",
                 moe.n_used
             )));
+        }
+        if opts.policy == PolicyKind::Lookahead && model.router.is_none() {
+            return Err(Error::InvalidArgument(
+                "--policy lookahead needs a pre-gating router (see `pregate train-router`)".into(),
+            ));
         }
         if opts.prefetch == Prefetch::Pregate && model.router.is_none() {
             return Err(Error::InvalidArgument(
@@ -128,13 +145,23 @@ impl Offload {
             state: Mutex::new(State {
                 store,
                 staging: StagingRing::new(&model.gpu, plan.staging_buffers, plan.slot_bytes)?,
-                cache: ExpertCache::new(c.n_layer, moe.n_expert, slots, opts.policy)?,
+                cache: ExpertCache::new(moe.n_expert, &layer_slots, opts.policy)?,
                 bytes_uploaded: 0,
                 stall: Duration::ZERO,
             }),
             prefetch: opts.prefetch,
             slots,
+            layer_slots,
         })
+    }
+
+    /// Gives the lookahead policy each layer's predicted uses after this step, soonest
+    /// first (`future[l]`; an empty list: nothing known).
+    pub fn set_future(&self, future: &[Vec<Vec<u32>>]) {
+        let mut st = self.lock();
+        for (l, f) in future.iter().enumerate() {
+            st.cache.set_future(l, f);
+        }
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {

@@ -19,6 +19,10 @@ pub const TOPK_CAP: usize = 256;
 /// Largest number of tokens processed in one step (prefill is split into chunks of this).
 pub const DEFAULT_UBATCH: usize = 128;
 
+/// Most tokens ahead that the lookahead policy plans over (the router's CPU time is
+/// microseconds a token; beyond a few chunks the nearest uses decide anyway).
+const LOOKAHEAD_TOKENS: usize = 4096;
+
 /// Rows of logits computed at a time when scoring (perplexity): the logits buffer's rows.
 pub const SCORE_ROWS: usize = 16;
 
@@ -374,8 +378,18 @@ impl Session {
         let ub = self.bufs.ub;
         let mut result = Vec::new();
         let n_chunks = tokens.len().div_ceil(ub);
+        let predicted = self.lookahead_plan(tokens);
         for (i, chunk) in tokens.chunks(ub).enumerate() {
             let last = i + 1 == n_chunks;
+            if let (Some(off), Some(p)) = (&self.model.offload, &predicted) {
+                // What this feed still holds after the chunk, as the router predicts it.
+                let rest = &p[((i + 1) * ub).min(p.len())..];
+                let layers = self.model.config.n_layer;
+                let future: Vec<Vec<Vec<u32>>> = (0..layers)
+                    .map(|l| rest.iter().map(|t| t[l].clone()).collect())
+                    .collect();
+                off.set_future(&future);
+            }
             let out = match output {
                 Output::Nll if (i + 1) * ub <= score_from => Output::None,
                 Output::Nll => Output::Nll,
@@ -395,6 +409,30 @@ impl Session {
             }
         }
         Ok(result)
+    }
+
+    /// With `--policy lookahead`: the pre-gating router's experts for each of `tokens`
+    /// (`[token][layer]`, up to LOOKAHEAD_TOKENS of them), the future the cache plans by.
+    fn lookahead_plan(&self, tokens: &[u32]) -> Option<Vec<Vec<Vec<u32>>>> {
+        let (Some(off), Some(r), Some(moe)) = (
+            &self.model.offload,
+            &self.model.router,
+            self.model.config.moe.as_ref(),
+        ) else {
+            return None;
+        };
+        if off.policy() != crate::moe::PolicyKind::Lookahead {
+            return None;
+        }
+        let from = self.tokens.len().saturating_sub(2);
+        let history: Vec<u32> = self.tokens[from..].iter().chain(tokens).copied().collect();
+        let first = self.tokens.len() - from;
+        let n = tokens.len().min(LOOKAHEAD_TOKENS);
+        Some(
+            (first..first + n)
+                .map(|t| r.predict(&history, t, moe.n_used))
+                .collect(),
+        )
     }
 
     /// One submit: upload ids and position, replay the plan, copy the output back.

@@ -212,13 +212,13 @@ fn check_shape(t: &TensorInfo, want: &[usize]) -> Result<()> {
 impl Model {
     /// Uploads every weight of `file`, whose config the caller has read (and may have
     /// adjusted, e.g. experts per token); `progress(done, total)` is called after each
-    /// tensor. With `slots`, routed experts stay in the file and each MoE layer gets a pool
-    /// of that many expert slots instead (see [`Model::offload`]).
+    /// tensor. With `slots` (one count per layer), routed experts stay in the file and each
+    /// MoE layer gets a pool of that many expert slots instead (see [`Model::offload`]).
     pub fn load(
         gpu: Arc<Gpu>,
         file: GgufFile,
         c: ModelConfig,
-        slots: Option<usize>,
+        slots: Option<&[usize]>,
         mut progress: impl FnMut(usize, usize),
     ) -> Result<Model> {
         let _span = tracing::info_span!("load", path = %file.path.display()).entered();
@@ -243,7 +243,10 @@ impl Model {
                 ffn_norm: vector(g, f, &n("ffn_norm.weight"), d)?,
                 ffn: match &c.moe {
                     None => Ffn::Dense(mlp(g, f, l, "", c.d_ff, d)?),
-                    Some(m) => Ffn::Moe(Box::new(moe_weights(g, f, l, m, d, slots)?)),
+                    Some(m) => {
+                        let s = slots.map(|s| s.get(l).copied().unwrap_or(m.n_used));
+                        Ffn::Moe(Box::new(moe_weights(g, f, l, m, d, s)?))
+                    }
                 },
             });
             progress(l + 2, total);

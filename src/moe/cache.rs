@@ -62,6 +62,8 @@ struct LayerSlots {
     slot_of: Vec<Option<u32>>,
     /// Expert was loaded by a prefetch and not used since.
     prefetched: Vec<bool>,
+    /// Expert → index of its next use in the plan's future (lookahead; MAX: unknown).
+    next_use: Vec<usize>,
     policy: Box<dyn ReplacementPolicy + Send>,
     stats: LayerStats,
 }
@@ -82,7 +84,6 @@ pub struct Wave {
 }
 
 pub struct ExpertCache {
-    slots: usize,
     n_expert: usize,
     layers: Vec<LayerSlots>,
     clock: usize,
@@ -90,33 +91,35 @@ pub struct ExpertCache {
 }
 
 impl ExpertCache {
-    /// `slots` per layer for `n_layer` layers of `n_expert` experts each.
-    pub fn new(n_layer: usize, n_expert: usize, slots: usize, policy: PolicyKind) -> Result<Self> {
-        if matches!(policy, PolicyKind::Belady | PolicyKind::Lookahead) {
+    /// `slots[l]` slots for layer l (of `n_expert` experts each); lookahead is Belady over
+    /// the future that [`ExpertCache::set_future`] gives it.
+    pub fn new(n_expert: usize, slots: &[usize], policy: PolicyKind) -> Result<Self> {
+        if policy == PolicyKind::Belady {
+            return Err(Error::InvalidArgument(
+                "belady needs the whole future: it runs in `pregate simulate` (the runtime has lru, lfu and lookahead)".into(),
+            ));
+        }
+        if let Some(bad) = slots.iter().find(|s| **s == 0 || **s > n_expert) {
             return Err(Error::InvalidArgument(format!(
-                "{} needs the future (a plan); it runs in `pregate simulate` for now (use lru or lfu here)",
-                policy.label()
+                "{bad} expert slots in a layer: need 1..={n_expert}"
             )));
         }
-        if slots == 0 || slots > n_expert {
-            return Err(Error::InvalidArgument(format!(
-                "{slots} expert slots per layer: need 1..={n_expert}"
-            )));
-        }
-        let layers = (0..n_layer)
-            .map(|_| LayerSlots {
-                holder: vec![None; slots],
+        let layers = slots
+            .iter()
+            .map(|&s| LayerSlots {
+                holder: vec![None; s],
                 slot_of: vec![None; n_expert],
                 prefetched: vec![false; n_expert],
+                next_use: vec![usize::MAX; n_expert],
                 policy: match policy {
                     PolicyKind::Lfu => Box::new(super::policy::Lfu::default()),
+                    PolicyKind::Lookahead => Box::new(super::policy::PlannedLookahead::default()),
                     _ => Box::new(super::policy::Lru::default()),
                 },
                 stats: LayerStats::default(),
             })
             .collect();
         Ok(ExpertCache {
-            slots,
             n_expert,
             layers,
             clock: 0,
@@ -124,8 +127,25 @@ impl ExpertCache {
         })
     }
 
-    pub fn slots(&self) -> usize {
-        self.slots
+    /// Slots of each layer.
+    pub fn slots(&self) -> Vec<usize> {
+        self.layers.iter().map(|l| l.holder.len()).collect()
+    }
+
+    /// The experts of `layer`'s next uses, soonest first, as the plan predicts them:
+    /// lookahead evicts the one used furthest ahead, and a wave loads the soonest last
+    /// so that they are still resident when the next step comes.
+    pub fn set_future(&mut self, layer: usize, future: &[Vec<u32>]) {
+        let ls = &mut self.layers[layer];
+        ls.next_use.iter_mut().for_each(|n| *n = usize::MAX);
+        for (i, use_) in future.iter().enumerate().rev() {
+            for &e in use_ {
+                if let Some(n) = ls.next_use.get_mut(e as usize) {
+                    *n = i;
+                }
+            }
+        }
+        ls.policy.set_future(future);
     }
 
     /// The layer's slot table row for `wave`: each member's slot, MISSING elsewhere (so the
@@ -204,6 +224,10 @@ impl ExpertCache {
                 None => rest.push(e),
             }
         }
+        // Furthest next use first: when the slots run out, the soonest-needed experts load
+        // in the last wave and stay for the next step.
+        let next_use = &self.layers[layer].next_use;
+        rest.sort_by_key(|e| std::cmp::Reverse(next_use[*e as usize]));
         let mut left = Vec::new();
         for e in rest {
             match self.place(layer, e, &pinned) {
@@ -280,7 +304,7 @@ mod tests {
 
     #[test]
     fn a_token_reuses_resident_experts_and_loads_the_rest() {
-        let mut c = ExpertCache::new(1, 8, 2, PolicyKind::Lru).unwrap();
+        let mut c = ExpertCache::new(8, &[2], PolicyKind::Lru).unwrap();
         let w = c.next_wave(0, &mut vec![3, 5]).unwrap();
         assert_eq!(w.loads.len(), 2);
         assert_eq!(c.table_row(&w)[3], w.members[0].slot);
@@ -295,7 +319,7 @@ mod tests {
 
     #[test]
     fn more_experts_than_slots_take_several_waves_each_loaded_once() {
-        let mut c = ExpertCache::new(1, 8, 2, PolicyKind::Lru).unwrap();
+        let mut c = ExpertCache::new(8, &[2], PolicyKind::Lru).unwrap();
         let mut pending = vec![7, 1, 4, 2, 1];
         let mut loaded = Vec::new();
         let mut waves = 0;
@@ -312,7 +336,7 @@ mod tests {
 
     #[test]
     fn prefetches_count_as_hits_or_as_waste() {
-        let mut c = ExpertCache::new(1, 8, 2, PolicyKind::Lru).unwrap();
+        let mut c = ExpertCache::new(8, &[2], PolicyKind::Lru).unwrap();
         assert_eq!(c.prefetch(0, &[1, 2]).len(), 2);
         c.next_wave(0, &mut vec![1]).unwrap();
         // 2 was never used; a miss on 3 evicts it (1 was used more recently).
@@ -325,11 +349,37 @@ mod tests {
     }
 
     #[test]
+    fn lookahead_keeps_what_the_plan_needs_next() {
+        // Three experts, two slots: the soonest-needed one (1) loads in the last wave.
+        let mut c = ExpertCache::new(8, &[2], PolicyKind::Lookahead).unwrap();
+        c.set_future(0, &[vec![1]]);
+        let first = c.next_wave(0, &mut vec![1, 2, 3]).unwrap();
+        assert!(!first.members.iter().any(|m| m.expert == 1));
+        let mut pending = vec![1];
+        c.next_wave(0, &mut pending).unwrap();
+        assert!(c.next_wave(0, &mut vec![1]).unwrap().loads.is_empty());
+        // LRU loads in id order and evicts 1 on the way.
+        let mut lru = ExpertCache::new(8, &[2], PolicyKind::Lru).unwrap();
+        let mut pending = vec![1, 2, 3];
+        while !pending.is_empty() {
+            lru.next_wave(0, &mut pending).unwrap();
+        }
+        assert_eq!(lru.next_wave(0, &mut vec![1]).unwrap().loads.len(), 1);
+        // Eviction: the expert the plan does not use again leaves, however recent.
+        let mut c = ExpertCache::new(8, &[2], PolicyKind::Lookahead).unwrap();
+        c.next_wave(0, &mut vec![4]).unwrap();
+        c.next_wave(0, &mut vec![5]).unwrap();
+        c.set_future(0, &[vec![4], vec![6]]);
+        let w = c.next_wave(0, &mut vec![6]).unwrap();
+        assert_eq!(w.loads, vec![Load { expert: 6, slot: 1 }]);
+    }
+
+    #[test]
     fn bad_configurations_are_errors() {
-        assert!(ExpertCache::new(1, 8, 0, PolicyKind::Lru).is_err());
-        assert!(ExpertCache::new(1, 8, 9, PolicyKind::Lru).is_err());
-        assert!(ExpertCache::new(1, 8, 2, PolicyKind::Belady).is_err());
-        let mut c = ExpertCache::new(1, 8, 2, PolicyKind::Lru).unwrap();
+        assert!(ExpertCache::new(8, &[0], PolicyKind::Lru).is_err());
+        assert!(ExpertCache::new(8, &[9], PolicyKind::Lru).is_err());
+        assert!(ExpertCache::new(8, &[2], PolicyKind::Belady).is_err());
+        let mut c = ExpertCache::new(8, &[2], PolicyKind::Lru).unwrap();
         assert!(c.next_wave(0, &mut vec![8]).is_err());
     }
 }

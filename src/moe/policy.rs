@@ -14,6 +14,9 @@ pub trait ReplacementPolicy {
     fn access(&mut self, id: ExpertId, t: usize);
     /// Picks the expert to evict from `resident` (never empty) at step `t`.
     fn victim(&mut self, resident: &[ExpertId], t: usize) -> ExpertId;
+    /// The experts of this cache's next uses, soonest first, when a plan knows them (the
+    /// runtime's lookahead); other policies ignore it.
+    fn set_future(&mut self, _future: &[Vec<ExpertId>]) {}
 }
 
 /// Least recently used.
@@ -151,6 +154,44 @@ impl ReplacementPolicy for Lookahead {
                 (self.next_use(**id, t), std::cmp::Reverse(last))
             })
             .unwrap_or(&resident[0])
+    }
+}
+
+/// The runtime's lookahead: Belady over the uses that the pre-gating router's plan knows
+/// (the rest of a prompt or of a text being scored), set before each step by
+/// [`ReplacementPolicy::set_future`]. Experts the plan does not use go first, least
+/// recently used first; with no plan (decode) it is LRU.
+#[derive(Default)]
+pub struct PlannedLookahead {
+    /// Expert → index of its first use in the future.
+    first_use: HashMap<ExpertId, usize>,
+    last: HashMap<ExpertId, usize>,
+}
+
+impl ReplacementPolicy for PlannedLookahead {
+    fn name(&self) -> &'static str {
+        "lookahead"
+    }
+    fn access(&mut self, id: ExpertId, t: usize) {
+        self.last.insert(id, t);
+    }
+    fn victim(&mut self, resident: &[ExpertId], _t: usize) -> ExpertId {
+        *resident
+            .iter()
+            .max_by_key(|id| {
+                let next = self.first_use.get(id).copied().unwrap_or(usize::MAX);
+                let last = self.last.get(id).copied().unwrap_or(0);
+                (next, std::cmp::Reverse(last))
+            })
+            .unwrap_or(&resident[0])
+    }
+    fn set_future(&mut self, future: &[Vec<ExpertId>]) {
+        self.first_use.clear();
+        for (i, use_) in future.iter().enumerate() {
+            for &e in use_ {
+                self.first_use.entry(e).or_insert(i);
+            }
+        }
     }
 }
 

@@ -71,6 +71,54 @@ pub fn split_slots(curves: &[Vec<u64>], total: usize, min: usize) -> Option<Vec<
     Some(out)
 }
 
+/// Slots per layer for `--policy lookahead` at run time, with no recorded trace: the
+/// pre-gating router's plan of `tokens` (calibration text) stands in for one. The curves are
+/// LRU's, because in decode the plan knows no future token and lookahead falls back to
+/// LRU. `uniform` slots per MoE layer (`moe_layer[l]`) is the total to split; each layer
+/// keeps at least `k` (one token's experts). Dense layers keep `uniform` (they have no pool).
+pub fn split_by_plan(
+    router: &crate::router::PreGateRouter,
+    tokens: &[u32],
+    k: usize,
+    uniform: usize,
+    moe_layer: &[bool],
+) -> Vec<usize> {
+    let n_layer = moe_layer.len();
+    let e = router.config.n_expert;
+    let mut choices = Vec::with_capacity(tokens.len() * n_layer * k);
+    for t in 0..tokens.len() {
+        for layer in router.predict(tokens, t, k) {
+            choices.extend(layer.iter().map(|&x| x as u16));
+        }
+    }
+    let trace = ExpertTrace {
+        n_layers: n_layer as u32,
+        experts_per_layer: e as u32,
+        k: k as u32,
+        choices,
+        plan: None,
+    };
+    let curves = miss_curves(&trace, PolicyKind::Lru);
+    let moe_curves: Vec<Vec<u64>> = curves
+        .into_iter()
+        .zip(moe_layer)
+        .filter(|(_, m)| **m)
+        .map(|(c, _)| c)
+        .collect();
+    let total = uniform * moe_curves.len();
+    let Some(split) = split_slots(&moe_curves, total, k.min(e)) else {
+        return vec![uniform; n_layer];
+    };
+    let mut it = split.into_iter();
+    moe_layer
+        .iter()
+        .map(|m| match m {
+            true => it.next().unwrap_or(uniform),
+            false => uniform,
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -50,7 +50,10 @@ pub const KEEP_ALL: f32 = 2.0;
 impl LayerSensitivity {
     /// s_l: loss per unit of (1 - c)^2.
     fn sensitivity(&self, shares: &[f32]) -> f64 {
-        let m = shares.iter().map(|c| (1.0 - *c as f64).powi(2)).sum::<f64>()
+        let m = shares
+            .iter()
+            .map(|c| (1.0 - *c as f64).powi(2))
+            .sum::<f64>()
             / shares.len().max(1) as f64;
         // A layer that did not get worse without its other experts is still charged a
         // little, so that λ = 0 keeps everything.
