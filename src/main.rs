@@ -341,9 +341,21 @@ struct TrainRouterArgs {
     /// Training passes over the tokens
     #[arg(long, default_value_t = 6)]
     steps: usize,
-    /// Hash buckets per n-gram family (the router's size: 3 x buckets x experts x layers)
+    /// Hash buckets per n-gram family (ngram: 3 x buckets x experts x layers weights;
+    /// mlp: 3 x buckets x hidden)
     #[arg(long, default_value_t = 4096)]
     buckets: usize,
+    /// Router architecture: ngram (softmax regression per layer) or mlp (n-gram embeddings,
+    /// one shared hidden layer, a head per layer)
+    #[arg(long, value_enum, default_value_t = pregate::router::RouterArch::Ngram)]
+    arch: pregate::router::RouterArch,
+    /// mlp: embedding and hidden width
+    #[arg(long, default_value_t = 64)]
+    hidden: usize,
+    /// Keep the calibration trace here: reused when it exists and matches the tokens (so
+    /// trying another architecture or size needs no second pass through the model)
+    #[arg(long, value_name = "PATH")]
+    trace: Option<PathBuf>,
     /// Overwrite an existing output
     #[arg(long)]
     force: bool,
@@ -953,14 +965,49 @@ fn cmd_train_router(a: TrainRouterArgs) -> Result<()> {
         bail!("train-router needs a mixture-of-experts model (see `pregate carve`)");
     }
     let tokens = pregate::carve::calib::tokens(&engine.tokenizer, &a.calib, a.tokens)?;
-    let pb = bar(tokens.len() as u64, "tracing {bar:40} {pos}/{len} tokens");
-    let trace = pregate::moe::trace::record_tokens(&engine, &tokens, |done, _| {
-        pb.set_position(done as u64)
-    })?;
-    pb.finish_and_clear();
+    let saved = match &a.trace {
+        Some(p) if p.exists() => {
+            let t = pregate::moe::ExpertTrace::read(p)?;
+            let c = engine
+                .model
+                .config
+                .moe
+                .as_ref()
+                .map(|m| (m.n_expert, m.n_used));
+            let fits = t.n_tokens() == tokens.len()
+                && Some((t.experts_per_layer as usize, t.k as usize)) == c
+                && t.n_layers as usize == engine.model.config.n_layer;
+            if !fits {
+                bail!(
+                    "{} was recorded for other tokens or another model; delete it or pass another --trace",
+                    p.display()
+                );
+            }
+            eprintln!("reusing the trace in {}", p.display());
+            Some(t)
+        }
+        _ => None,
+    };
+    let trace = match saved {
+        Some(t) => t,
+        None => {
+            let pb = bar(tokens.len() as u64, "tracing {bar:40} {pos}/{len} tokens");
+            let t = pregate::moe::trace::record_tokens(&engine, &tokens, |done, _| {
+                pb.set_position(done as u64)
+            })?;
+            pb.finish_and_clear();
+            if let Some(p) = &a.trace {
+                t.write(p)
+                    .with_context(|| format!("writing {}", p.display()))?;
+            }
+            t
+        }
+    };
     let opts = TrainOptions {
         steps: a.steps,
         buckets: a.buckets,
+        arch: a.arch,
+        hidden: a.hidden,
         ..Default::default()
     };
     let pb = bar(
@@ -979,7 +1026,8 @@ fn cmd_train_router(a: TrainRouterArgs) -> Result<()> {
         return Ok(());
     }
     println!(
-        "router: {} layers x {} experts, top-{}; trained on {} tokens, {} held out; loss {:.4} -> {:.4}",
+        "router ({:?}): {} layers x {} experts, top-{}; trained on {} tokens, {} held out; loss {:.4} -> {:.4}",
+        report.config.arch,
         report.config.n_layer,
         report.config.n_expert,
         report.config.n_used,

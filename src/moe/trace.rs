@@ -5,7 +5,6 @@
 //! flag after n_tokens and, when it is 1, the pre-gating router's plan after the choices:
 //! as many predicted indices, in the same layout.
 
-use std::io::Write;
 use std::path::Path;
 
 use crate::error::{Error, Result};
@@ -76,14 +75,7 @@ impl ExpertTrace {
         for c in self.choices.iter().chain(self.plan.iter().flatten()) {
             bytes.extend(c.to_le_bytes());
         }
-        let tmp = path.with_extension("tmp");
-        let result = std::fs::File::create(&tmp)
-            .and_then(|mut f| f.write_all(&bytes).and_then(|_| f.sync_all()))
-            .and_then(|_| std::fs::rename(&tmp, path));
-        if result.is_err() {
-            let _ = std::fs::remove_file(&tmp);
-        }
-        result.map_err(Error::Io)
+        crate::format::write_atomic(path, &bytes)
     }
 
     pub fn read(path: &Path) -> Result<ExpertTrace> {

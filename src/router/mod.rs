@@ -2,13 +2,17 @@
 //! backbone, that predicts every MoE layer's experts as soon as a token is known, so that
 //! the runtime can load them before any layer asks.
 //!
-//! The architecture is the one design.md §4 offers as the simple-gradient alternative to
-//! Read-ME's tiny transformer: per layer, softmax regression over hashed n-gram features of
-//! the token ids (the token, the bigram and the trigram ending at it). Each feature owns a
-//! row of expert logits, so a prediction is three row lookups per layer and training is
-//! exact sparse gradient steps. `train.rs` fits it to the carved model's own routing.
+//! Both architectures read the same causal features: hashed ids of the token, the bigram
+//! and the trigram ending at it (design.md §4's simple-gradient alternative to Read-ME's
+//! tiny transformer). `ngram` is softmax regression: each feature owns a row of expert
+//! logits per layer, so a prediction is three row lookups per layer. `mlp` is a tiny
+//! neural model of Read-ME's size: each feature owns a 64-wide embedding, one hidden layer
+//! of 64 (ReLU) is shared by all layers, and each layer has its own linear head, so what
+//! one layer learns about a token helps the others. `train.rs` fits either to the carved
+//! model's own routing; BENCHMARKS.md compares them.
 
 pub mod adaptive;
+pub mod mlp;
 pub mod train;
 
 use std::collections::HashMap;
@@ -18,12 +22,25 @@ use safetensors::tensor::{Dtype, TensorView};
 
 use crate::error::{Error, Result};
 
+pub use mlp::MlpBody;
 pub use train::{train, Accuracy, TrainOptions, TrainReport};
 
 /// Feature families: the token, the bigram and the trigram ending at it.
 pub const FAMILIES: usize = 3;
 
-const KIND: &str = "ngram-softmax";
+const KIND_NGRAM: &str = "ngram-softmax";
+const KIND_MLP: &str = "ngram-mlp";
+
+/// The router's architecture (`train-router --arch`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RouterArch {
+    /// Softmax regression over hashed n-grams, per layer.
+    #[default]
+    Ngram,
+    /// n-gram embeddings → one shared hidden layer → a head per layer.
+    Mlp,
+}
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct RouterConfig {
@@ -33,13 +50,22 @@ pub struct RouterConfig {
     pub n_used: usize,
     /// Hash buckets per feature family.
     pub buckets: usize,
+    pub arch: RouterArch,
+    /// `mlp`: the embedding and hidden width (0 for `ngram`).
+    pub hidden: usize,
 }
 
-/// Per-layer softmax regression over hashed n-grams of the token ids.
+/// The parameters behind the per-layer logits.
+pub(crate) enum Body {
+    /// [n_layer][FAMILIES * buckets][n_expert] logit contributions.
+    Table(Vec<f32>),
+    Mlp(MlpBody),
+}
+
+/// The pre-gating router: per position, every layer's expert distribution.
 pub struct PreGateRouter {
     pub config: RouterConfig,
-    /// [n_layer][FAMILIES * buckets][n_expert] logit contributions.
-    pub(crate) weights: Vec<f32>,
+    pub(crate) body: Body,
     /// [n_layer][n_expert]
     pub(crate) bias: Vec<f32>,
 }
@@ -51,21 +77,35 @@ fn mix(a: u64, b: u64) -> u64 {
 }
 
 impl PreGateRouter {
-    pub fn new(config: RouterConfig) -> Result<PreGateRouter> {
+    /// A router of zeros (`ngram`) or small random weights (`mlp`, from `seed`).
+    pub fn new(config: RouterConfig, seed: u64) -> Result<PreGateRouter> {
         let RouterConfig {
             n_layer,
             n_expert,
             n_used,
             buckets,
+            arch,
+            hidden,
         } = config;
-        if n_layer == 0 || n_expert == 0 || buckets == 0 || n_used == 0 || n_used > n_expert {
+        let mlp_bad = arch == RouterArch::Mlp && !(1..=1024).contains(&hidden);
+        if n_layer == 0
+            || n_expert == 0
+            || buckets == 0
+            || n_used == 0
+            || n_used > n_expert
+            || mlp_bad
+        {
             return Err(Error::InvalidArgument(format!(
                 "router config {config:?} is empty or inconsistent"
             )));
         }
+        let body = match arch {
+            RouterArch::Ngram => Body::Table(vec![0.0; n_layer * FAMILIES * buckets * n_expert]),
+            RouterArch::Mlp => Body::Mlp(MlpBody::new(&config, seed)),
+        };
         Ok(PreGateRouter {
             config,
-            weights: vec![0.0; n_layer * FAMILIES * buckets * n_expert],
+            body,
             bias: vec![0.0; n_layer * n_expert],
         })
     }
@@ -85,16 +125,25 @@ impl PreGateRouter {
         ]
     }
 
-    /// Layer `layer`'s expert logits for a position with features `f`, into `out`.
-    pub(crate) fn logits_into(&self, layer: usize, f: &[usize; FAMILIES], out: &mut [f32]) {
-        let e = self.config.n_expert;
+    /// Every layer's expert logits for a position with features `f`: `[n_layer][n_expert]`
+    /// into `out`.
+    pub(crate) fn logits_into(&self, f: &[usize; FAMILIES], out: &mut [f32]) {
+        let (e, layers) = (self.config.n_expert, self.config.n_layer);
         let rows = FAMILIES * self.config.buckets;
-        out.copy_from_slice(&self.bias[layer * e..(layer + 1) * e]);
-        for &row in f {
-            let w = &self.weights[(layer * rows + row) * e..(layer * rows + row + 1) * e];
-            for (o, v) in out.iter_mut().zip(w) {
-                *o += v;
+        out.copy_from_slice(&self.bias);
+        match &self.body {
+            Body::Table(w) => {
+                for layer in 0..layers {
+                    let o = &mut out[layer * e..(layer + 1) * e];
+                    for &row in f {
+                        let at = (layer * rows + row) * e;
+                        for (o, v) in o.iter_mut().zip(&w[at..at + e]) {
+                            *o += v;
+                        }
+                    }
+                }
             }
+            Body::Mlp(m) => m.add_logits(f, out),
         }
     }
 
@@ -110,15 +159,17 @@ impl PreGateRouter {
     /// As [`PreGateRouter::predict`], with each expert's probability.
     pub fn predict_scored(&self, tokens: &[u32], t: usize, k: usize) -> Vec<Vec<(u32, f32)>> {
         let f = self.features(tokens, t);
-        let mut logits = vec![0f32; self.config.n_expert];
-        (0..self.config.n_layer)
+        let e = self.config.n_expert;
+        let mut logits = vec![0f32; self.config.n_layer * e];
+        self.logits_into(&f, &mut logits);
+        logits
+            .chunks_exact(e)
             .map(|l| {
-                self.logits_into(l, &f, &mut logits);
-                let mx = logits.iter().fold(f32::MIN, |a, b| a.max(*b));
-                let sum: f32 = logits.iter().map(|z| (z - mx).exp()).sum();
-                top_k(&logits, k)
+                let mx = l.iter().fold(f32::MIN, |a, b| a.max(*b));
+                let sum: f32 = l.iter().map(|z| (z - mx).exp()).sum();
+                top_k(l, k)
                     .into_iter()
-                    .map(|e| (e, (logits[e as usize] - mx).exp() / sum))
+                    .map(|i| (i, (l[i as usize] - mx).exp() / sum))
                     .collect()
             })
             .collect()
@@ -151,23 +202,37 @@ impl PreGateRouter {
     /// renamed.
     pub fn save(&self, path: &Path) -> Result<()> {
         let c = &self.config;
-        let rows = FAMILIES * c.buckets;
-        let w: Vec<u8> = bytemuck::cast_slice(&self.weights).to_vec();
-        let b: Vec<u8> = bytemuck::cast_slice(&self.bias).to_vec();
-        fn view(data: &[u8], shape: Vec<usize>) -> Result<TensorView<'_>> {
-            TensorView::new(Dtype::F32, shape, data)
-                .map_err(|e| Error::InvalidArgument(format!("router: {e}")))
-        }
-        let tensors = vec![
-            ("weights", view(&w, vec![c.n_layer, rows, c.n_expert])?),
-            ("bias", view(&b, vec![c.n_layer, c.n_expert])?),
-        ];
+        let bytes = |v: &[f32]| -> Vec<u8> { bytemuck::cast_slice(v).to_vec() };
+        let mut data: Vec<(&str, Vec<u8>, Vec<usize>)> =
+            vec![("bias", bytes(&self.bias), vec![c.n_layer, c.n_expert])];
+        let kind = match &self.body {
+            Body::Table(w) => {
+                let rows = FAMILIES * c.buckets;
+                data.push(("weights", bytes(w), vec![c.n_layer, rows, c.n_expert]));
+                KIND_NGRAM
+            }
+            Body::Mlp(m) => {
+                for (name, v, shape) in m.tensors(c) {
+                    data.push((name, bytes(v), shape));
+                }
+                KIND_MLP
+            }
+        };
+        let tensors = data
+            .iter()
+            .map(|(name, d, shape)| {
+                TensorView::new(Dtype::F32, shape.clone(), d)
+                    .map(|v| (*name, v))
+                    .map_err(|e| Error::InvalidArgument(format!("router: {e}")))
+            })
+            .collect::<Result<Vec<_>>>()?;
         let meta: HashMap<String, String> = [
-            ("pregate.router", KIND.to_string()),
+            ("pregate.router", kind.to_string()),
             ("n_layer", c.n_layer.to_string()),
             ("n_expert", c.n_expert.to_string()),
             ("n_used", c.n_used.to_string()),
             ("buckets", c.buckets.to_string()),
+            ("hidden", c.hidden.to_string()),
         ]
         .into_iter()
         .map(|(k, v)| (k.to_string(), v))
@@ -189,9 +254,11 @@ impl PreGateRouter {
         let (_, meta) =
             safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| bad(e.to_string()))?;
         let m = meta.metadata().clone().unwrap_or_default();
-        if m.get("pregate.router").map(String::as_str) != Some(KIND) {
-            return Err(bad(format!("not a pregate {KIND} router")));
-        }
+        let arch = match m.get("pregate.router").map(String::as_str) {
+            Some(KIND_NGRAM) => RouterArch::Ngram,
+            Some(KIND_MLP) => RouterArch::Mlp,
+            _ => return Err(bad("not a pregate router".into())),
+        };
         let num = |k: &str| -> Result<usize> {
             m.get(k)
                 .and_then(|v| v.parse().ok())
@@ -202,10 +269,20 @@ impl PreGateRouter {
             n_expert: num("n_expert")?,
             n_used: num("n_used")?,
             buckets: num("buckets")?,
+            arch,
+            hidden: match arch {
+                RouterArch::Ngram => 0,
+                RouterArch::Mlp => num("hidden")?,
+            },
         };
-        let mut r = PreGateRouter::new(config)?;
+        let mut r = PreGateRouter::new(config, 0)?;
         let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| bad(e.to_string()))?;
-        for (name, dst) in [("weights", &mut r.weights), ("bias", &mut r.bias)] {
+        let mut dsts: Vec<(&str, &mut Vec<f32>)> = vec![("bias", &mut r.bias)];
+        match &mut r.body {
+            Body::Table(w) => dsts.push(("weights", w)),
+            Body::Mlp(mb) => dsts.extend(mb.tensors_mut()),
+        }
+        for (name, dst) in dsts {
             let t = st.tensor(name).map_err(|e| bad(e.to_string()))?;
             if t.dtype() != Dtype::F32 || t.data().len() != 4 * dst.len() {
                 return Err(bad(format!("tensor '{name}' has the wrong type or size")));
