@@ -33,7 +33,7 @@ pub enum Error {
     MissingKey(String),
     #[error("metadata key '{key}' has the wrong type: expected {expected}")]
     WrongType { key: String, expected: &'static str },
-    #[error("unsupported architecture '{0}' (pregate runs: qwen2, qwen2moe, llama, mistral)")]
+    #[error("unsupported architecture '{0}' (pregate runs: qwen2, qwen2moe, qwen3, qwen3moe, llama, mistral)")]
     UnsupportedArch(String),
     #[error("tokenizer: {0}")]
     Tokenizer(String),

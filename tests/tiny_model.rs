@@ -112,6 +112,23 @@ fn native_qwen2moe_matches_reference() {
     check_against_reference(spec, "qwen2moe");
 }
 
+/// A native qwen3moe model: per-head q/k RMSNorm, no biases, softmax router with the
+/// top-k probabilities renormalised, no shared expert; decode and prefill.
+#[test]
+fn native_qwen3moe_matches_reference() {
+    let spec = TinySpec {
+        arch: "qwen3moe",
+        moe: Some(common::NativeMoe {
+            n_expert: 8,
+            n_used: 3,
+            expert_ff: 64,
+            shared_ff: 0,
+        }),
+        ..Default::default()
+    };
+    check_against_reference(spec, "qwen3moe");
+}
+
 #[test]
 fn streaming_generation_is_deterministic_and_stops() {
     let (engine, _) = engine_for(TinySpec::default(), 3, "gen");

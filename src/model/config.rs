@@ -10,6 +10,8 @@ pub enum Arch {
     Qwen2,
     /// Llama 2/3, Mistral: no biases, normal RoPE.
     Llama,
+    /// Qwen3 / Qwen3-MoE: no biases, per-head RMSNorm of q and k, neox RoPE.
+    Qwen3,
 }
 
 #[derive(Clone, Debug)]
@@ -88,7 +90,8 @@ impl MoeConfig {
             } else if f
                 .get(&key("expert_weights_norm"))
                 .and_then(|v| v.as_bool())
-                .unwrap_or(false)
+                // llama.cpp renormalises qwen3moe's top-k weights (norm_topk_prob).
+                .unwrap_or(arch == "qwen3moe")
             {
                 RouteWeights::Renormalised
             } else {
@@ -130,6 +133,7 @@ impl ModelConfig {
         let arch = match arch_name.as_str() {
             "qwen2" | "qwen2moe" => Arch::Qwen2,
             "llama" | "mistral" => Arch::Llama,
+            "qwen3" | "qwen3moe" => Arch::Qwen3,
             other => return Err(Error::UnsupportedArch(other.to_string())),
         };
         let key = |k: &str| format!("{arch_name}.{k}");
@@ -176,7 +180,7 @@ impl ModelConfig {
                 .and_then(|v| v.as_f64())
                 .unwrap_or(10000.0) as f32,
             rope_mode: match arch {
-                Arch::Qwen2 => RopeMode::Neox,
+                Arch::Qwen2 | Arch::Qwen3 => RopeMode::Neox,
                 Arch::Llama => RopeMode::Normal,
             },
             rms_eps: f

@@ -229,28 +229,18 @@ pub fn build(
     for (l, lw) in w.layers.iter().enumerate() {
         // Attention block.
         ops::rms_norm(&mut b, &s.x, 0, n, &lw.attn_norm, eps, &s.xn);
-        ops::matmul(
-            &mut b,
-            &lw.q,
-            &s.xn,
-            0,
-            n,
-            &s.q,
-            lw.q_bias.as_ref(),
-            Write::Store,
-            &s.dummy,
-        );
-        ops::matmul(
-            &mut b,
-            &lw.k,
-            &s.xn,
-            0,
-            n,
-            &s.k,
-            lw.k_bias.as_ref(),
-            Write::Store,
-            &s.dummy,
-        );
+        // q and k; Qwen3 normalises each head (via `attn`, free until attention runs).
+        for (m, bias, norm, out, heads) in [
+            (&lw.q, &lw.q_bias, &lw.q_norm, &s.q, c.n_head),
+            (&lw.k, &lw.k_bias, &lw.k_norm, &s.k, c.n_kv_head),
+        ] {
+            let dst = if norm.is_some() { &s.attn } else { out };
+            let store = Write::Store;
+            ops::matmul(&mut b, m, &s.xn, 0, n, dst, bias.as_ref(), store, &s.dummy);
+            if let Some(w) = norm {
+                ops::rms_norm(&mut b, &s.attn, 0, n * heads as u32, w, eps, out);
+            }
+        }
         ops::matmul(
             &mut b,
             &lw.v,

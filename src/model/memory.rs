@@ -186,6 +186,8 @@ pub fn plan(f: &GgufFile, c: &ModelConfig, ctx: usize) -> MemoryPlan {
             "attn_q.bias",
             "attn_k.bias",
             "attn_v.bias",
+            "attn_q_norm.weight",
+            "attn_k_norm.weight",
         ] {
             p.attention += gpu_bytes(f, &n(t));
         }

@@ -18,6 +18,9 @@ pub struct LayerWeights {
     pub attn_norm: Vector,      // [d_model]
     pub q: Matrix,              // [n_head * head_dim, d_model]
     pub q_bias: Option<Vector>, // [n_head * head_dim]
+    /// Qwen3: RMSNorm weights applied to each head of q and of k before RoPE.
+    pub q_norm: Option<Vector>, // [head_dim]
+    pub k_norm: Option<Vector>, // [head_dim]
     pub k: Matrix,              // [n_kv_head * head_dim, d_model]
     pub k_bias: Option<Vector>,
     pub v: Matrix, // [n_kv_head * head_dim, d_model]
@@ -235,6 +238,8 @@ impl Model {
                 attn_norm: vector(g, f, &n("attn_norm.weight"), d)?,
                 q: matrix(g, f, &n("attn_q.weight"), qd, d)?,
                 q_bias: optional_vector(g, f, &n("attn_q.bias"), qd)?,
+                q_norm: optional_vector(g, f, &n("attn_q_norm.weight"), c.head_dim)?,
+                k_norm: optional_vector(g, f, &n("attn_k_norm.weight"), c.head_dim)?,
                 k: matrix(g, f, &n("attn_k.weight"), kvd, d)?,
                 k_bias: optional_vector(g, f, &n("attn_k.bias"), kvd)?,
                 v: matrix(g, f, &n("attn_v.weight"), kvd, d)?,

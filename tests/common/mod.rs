@@ -206,6 +206,24 @@ pub fn write_tiny_model(path: &Path, spec: TinySpec, seed: u64) -> TinyWeights {
             add(&mut w, &n("attn_k.bias"), &[kvd], DType::F32, 0.1, 0.0);
             add(&mut w, &n("attn_v.bias"), &[kvd], DType::F32, 0.1, 0.0);
         }
+        if a.starts_with("qwen3") {
+            add(
+                &mut w,
+                &n("attn_q_norm.weight"),
+                &[hd],
+                DType::F32,
+                0.2,
+                1.0,
+            );
+            add(
+                &mut w,
+                &n("attn_k_norm.weight"),
+                &[hd],
+                DType::F32,
+                0.2,
+                1.0,
+            );
+        }
         add(
             &mut w,
             &n("attn_output.weight"),
@@ -250,38 +268,40 @@ pub fn write_tiny_model(path: &Path, spec: TinySpec, seed: u64) -> TinyWeights {
                 sd,
                 0.0,
             );
-            add(
-                &mut w,
-                &n("ffn_gate_inp_shexp.weight"),
-                &[d],
-                DType::F32,
-                s,
-                0.0,
-            );
-            add(
-                &mut w,
-                &n("ffn_gate_shexp.weight"),
-                &[d, sf],
-                spec.dtype,
-                s,
-                0.0,
-            );
-            add(
-                &mut w,
-                &n("ffn_up_shexp.weight"),
-                &[d, sf],
-                spec.dtype,
-                s,
-                0.0,
-            );
-            add(
-                &mut w,
-                &n("ffn_down_shexp.weight"),
-                &[sf, d],
-                spec.dtype,
-                sd,
-                0.0,
-            );
+            if sf > 0 {
+                add(
+                    &mut w,
+                    &n("ffn_gate_inp_shexp.weight"),
+                    &[d],
+                    DType::F32,
+                    s,
+                    0.0,
+                );
+                add(
+                    &mut w,
+                    &n("ffn_gate_shexp.weight"),
+                    &[d, sf],
+                    spec.dtype,
+                    s,
+                    0.0,
+                );
+                add(
+                    &mut w,
+                    &n("ffn_up_shexp.weight"),
+                    &[d, sf],
+                    spec.dtype,
+                    s,
+                    0.0,
+                );
+                add(
+                    &mut w,
+                    &n("ffn_down_shexp.weight"),
+                    &[sf, d],
+                    spec.dtype,
+                    sd,
+                    0.0,
+                );
+            }
         } else {
             add(&mut w, &n("ffn_gate.weight"), &[d, f], spec.dtype, s, 0.0);
             add(&mut w, &n("ffn_up.weight"), &[d, f], spec.dtype, s, 0.0);
@@ -368,7 +388,7 @@ pub fn reference_logits(tw: &TinyWeights, tokens: &[u32]) -> Vec<Vec<f32>> {
     let s = tw.spec;
     let t = |n: &str| tw.tensors.get(n).unwrap_or_else(|| panic!("{n}"));
     let (d, hd) = (s.d_model, s.d_model / s.n_head);
-    let neox = s.arch.starts_with("qwen2");
+    let neox = s.arch.starts_with("qwen");
     let group = s.n_head / s.n_kv_head;
     let mut kcache: Vec<Vec<Vec<Vec<f32>>>> = vec![vec![Vec::new(); s.n_kv_head]; s.n_layer];
     let mut vcache = kcache.clone();
@@ -396,6 +416,18 @@ pub fn reference_logits(tw: &TinyWeights, tokens: &[u32]) -> Vec<Vec<f32>> {
                 matvec(t(&n("attn_v.weight")), &xn, s.n_kv_head * hd),
                 "attn_v.bias",
             );
+            // Qwen3: RMSNorm of each head of q and k before RoPE.
+            for (v, name) in [
+                (&mut q, "attn_q_norm.weight"),
+                (&mut k, "attn_k_norm.weight"),
+            ] {
+                if let Some(w) = tw.tensors.get(&n(name)) {
+                    for head in v.chunks_mut(hd) {
+                        let normed = rmsnorm(head, w, 1e-6);
+                        head.copy_from_slice(&normed);
+                    }
+                }
+            }
             for h in 0..s.n_head {
                 rope(&mut q[h * hd..(h + 1) * hd], pos, 10000.0, neox);
             }
@@ -496,12 +528,14 @@ fn native_moe(tw: &TinyWeights, l: usize, xn: &[f32], shared: Vec<f32>) -> Vec<f
     let d = tw.spec.d_model;
     let n = |x: &str| format!("blk.{l}.{x}");
     let t = |name: &str| tw.tensors.get(&n(name)).unwrap_or_else(|| panic!("{name}"));
-    let gate: f32 = t("ffn_gate_inp_shexp.weight")
-        .iter()
-        .zip(xn)
-        .map(|(a, b)| a * b)
-        .sum();
-    let mut out: Vec<f32> = shared.iter().map(|v| v / (1.0 + (-gate).exp())).collect();
+    // qwen2moe's shared expert is gated; qwen3moe has none.
+    let mut out: Vec<f32> = match tw.tensors.get(&n("ffn_gate_inp_shexp.weight")) {
+        Some(g) => {
+            let gate: f32 = g.iter().zip(xn).map(|(a, b)| a * b).sum();
+            shared.iter().map(|v| v / (1.0 + (-gate).exp())).collect()
+        }
+        None => shared,
+    };
     let n_exp = t("ffn_gate_inp.weight").len() / d;
     let logits = matvec(t("ffn_gate_inp.weight"), xn, n_exp);
     let mx = logits.iter().copied().fold(f32::MIN, f32::max);
@@ -510,14 +544,22 @@ fn native_moe(tw: &TinyWeights, l: usize, xn: &[f32], shared: Vec<f32>) -> Vec<f
     let mut order: Vec<usize> = (0..n_exp).collect();
     order.sort_by(|&a, &b| p[b].total_cmp(&p[a]).then(a.cmp(&b)));
     let m = t("ffn_gate_exps.weight").len() / d / n_exp;
-    for &e in order.iter().take(tw.experts_per_token.min(n_exp)) {
+    let chosen = &order[..tw.experts_per_token.min(n_exp)];
+    // qwen3moe renormalises the chosen probabilities to sum to 1.
+    let norm = match tw.spec.arch {
+        "qwen3moe" => chosen.iter().map(|e| p[*e]).sum::<f32>(),
+        _ => 1.0,
+    };
+    for &e in chosen {
         let rows = |name: &str, per: usize, cols: usize| -> Vec<f32> {
             t(name)[e * per * cols..(e + 1) * per * cols].to_vec()
         };
         let g = matvec(&rows("ffn_gate_exps.weight", m, d), xn, m);
         let u = matvec(&rows("ffn_up_exps.weight", m, d), xn, m);
         let y = swiglu_mlp(&g, &u, &rows("ffn_down_exps.weight", d, m), d);
-        out.iter_mut().zip(&y).for_each(|(a, b)| *a += p[e] * b);
+        out.iter_mut()
+            .zip(&y)
+            .for_each(|(a, b)| *a += p[e] / norm * b);
     }
     out
 }
