@@ -308,8 +308,9 @@ pub fn next_moe_layer(model: &Model, layer: usize) -> Option<usize> {
 /// Encodes `plan` for `n` tokens into `enc`, stopping at each mark to make the layer's
 /// experts resident (see the module comment). `history` ends with this step's tokens
 /// (the pre-gating router reads them). With `decided` (`--routing pregate`), each layer's
-/// experts are already known: nothing is read back, and the step is one submit unless a
-/// layer needs waves. Returns the encoder holding the rest.
+/// experts are already known: nothing is read back; the step is one submit when every
+/// layer's experts are resident, and a layer with misses first submits the layers before
+/// it, so the GPU runs them while its experts load. Returns the encoder holding the rest.
 #[allow(clippy::too_many_arguments)]
 pub fn encode_offloaded(
     model: &Model,
@@ -360,6 +361,12 @@ pub fn encode_offloaded(
         match mark {
             Mark::Routed(layer) if decided.is_some() => {
                 pending = decided.map(|d| d[layer].clone()).unwrap_or_default();
+                // Misses: the GPU runs the layers so far while this layer's experts load.
+                if !off.lock().cache.all_resident(layer, &pending) {
+                    g.queue
+                        .submit([std::mem::replace(&mut enc, new_encoder()).finish()]);
+                    off.submitted();
+                }
                 off.demand(model, layer, &mut pending, &mut enc)?;
                 routed_at = at;
             }

@@ -270,6 +270,15 @@ impl ExpertCache {
         loads
     }
 
+    /// Whether every one of `experts` (SKIP aside) is resident in `layer`.
+    pub fn all_resident(&self, layer: usize, experts: &[u32]) -> bool {
+        let ls = &self.layers[layer];
+        experts
+            .iter()
+            .filter(|e| **e != SKIP)
+            .all(|e| ls.slot_of.get(*e as usize).is_some_and(|s| s.is_some()))
+    }
+
     /// Forgets slot `load.slot`'s content (its upload failed).
     pub fn forget(&mut self, layer: usize, load: Load) {
         let ls = &mut self.layers[layer];
