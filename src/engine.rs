@@ -188,6 +188,8 @@ impl Engine {
             plan.keep.clone()
         };
         self.model.set_adaptive_keep(&keep)?;
+        // The measurement's passes are not the run's.
+        self.model.reset_active_experts();
         Ok(self.adaptive.insert(plan))
     }
 

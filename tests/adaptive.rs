@@ -122,7 +122,7 @@ fn a_measured_profile_cuts_active_experts_within_its_budget() {
     let saved = pregate::router::adaptive::AdaptiveProfile::load(&profile).unwrap();
     assert!(saved.base_nll.is_finite() && saved.base_nll > 0.0);
     for l in &saved.layers {
-        assert!(l.delta_nll.is_finite());
+        assert!(l.delta_nll.is_finite() && l.delta_se >= 0.0);
         assert_eq!(l.top1_share.as_ref().map(Vec::len), Some(saved.tokens));
     }
     assert!(plan.predicted_cost_pct <= 20.0 + 1e-9);

@@ -6,7 +6,9 @@
 //! global knob λ then drops experts wherever `s_l (1 - c)^2 < λ`, i.e. where `c` passes the
 //! layer's threshold `1 - sqrt(λ / s_l)`. The user gives the knob as a perplexity cost in
 //! percent (`--adaptive 1`); λ is the largest whose predicted cost on the calibration
-//! tokens stays under it.
+//! tokens stays under it. A layer's loss increase is taken at its upper bound (mean plus
+//! two standard errors over the tokens): on a few hundred tokens a layer can look harmless
+//! or even helpful to cut by chance, and trusting that cut every such layer at once.
 
 use std::path::{Path, PathBuf};
 
@@ -19,6 +21,9 @@ use crate::model::Session;
 pub struct LayerSensitivity {
     /// Mean NLL increase per token (nats) when this layer keeps only its top-1 expert.
     pub delta_nll: f64,
+    /// The standard error of that mean over the calibration tokens.
+    #[serde(default)]
+    pub delta_se: f64,
     /// The calibration tokens' top-1 shares in this layer (None: a dense layer).
     pub top1_share: Option<Vec<f32>>,
 }
@@ -55,9 +60,8 @@ impl LayerSensitivity {
             .map(|c| (1.0 - *c as f64).powi(2))
             .sum::<f64>()
             / shares.len().max(1) as f64;
-        // A layer that did not get worse without its other experts is still charged a
-        // little, so that λ = 0 keeps everything.
-        self.delta_nll.max(1e-6) / m.max(1e-9)
+        // The upper bound of the loss increase; never zero, so that λ = 0 keeps everything.
+        (self.delta_nll + 2.0 * self.delta_se).max(1e-6) / m.max(1e-9)
     }
 }
 
@@ -182,16 +186,18 @@ pub fn measure(
     let (_, shares) = session.route_pass(tokens)?;
     progress(1, total);
     let (input, targets) = (&tokens[..tokens.len() - 1], &tokens[1..]);
-    let mean_nll = |session: &mut Session| -> Result<f64> {
+    let token_nll = |session: &mut Session| -> Result<Vec<f64>> {
         session.reset();
         let nll = session.nll(input, targets, 0)?;
-        Ok(nll.iter().map(|v| *v as f64).sum::<f64>() / nll.len() as f64)
+        Ok(nll.iter().map(|v| *v as f64).collect())
     };
-    let base_nll = mean_nll(session)?;
+    let base = token_nll(session)?;
+    let base_nll = base.iter().sum::<f64>() / base.len() as f64;
     progress(2, total);
     let mut layers: Vec<LayerSensitivity> = (0..n_layer)
         .map(|_| LayerSensitivity {
             delta_nll: 0.0,
+            delta_se: 0.0,
             top1_share: None,
         })
         .collect();
@@ -199,8 +205,15 @@ pub fn measure(
         for (i, &l) in moe_layers.iter().enumerate() {
             keep[l] = 0.0;
             model.set_adaptive_keep(&keep)?;
+            let diff: Vec<f64> = token_nll(session)?
+                .iter()
+                .zip(&base)
+                .map(|(a, b)| a - b)
+                .collect();
+            let (mean, se) = mean_and_se(&diff);
             layers[l] = LayerSensitivity {
-                delta_nll: mean_nll(session)? - base_nll,
+                delta_nll: mean,
+                delta_se: se,
                 top1_share: Some(shares.iter().skip(l).step_by(n_layer).copied().collect()),
             };
             keep[l] = KEEP_ALL;
@@ -217,6 +230,13 @@ pub fn measure(
         base_nll,
         layers,
     })
+}
+
+fn mean_and_se(v: &[f64]) -> (f64, f64) {
+    let n = v.len().max(1) as f64;
+    let mean = v.iter().sum::<f64>() / n;
+    let var = v.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1.0).max(1.0);
+    (mean, (var / n).sqrt())
 }
 
 /// Where a model's adaptive-gating profile is kept by default.
@@ -237,14 +257,17 @@ mod tests {
             layers: vec![
                 LayerSensitivity {
                     delta_nll: 0.2,
+                    delta_se: 0.01,
                     top1_share: Some(shares.clone()),
                 },
                 LayerSensitivity {
                     delta_nll: 0.002,
+                    delta_se: 0.0,
                     top1_share: Some(shares),
                 },
                 LayerSensitivity {
                     delta_nll: 0.0,
+                    delta_se: 0.0,
                     top1_share: None,
                 },
             ],
