@@ -352,6 +352,9 @@ struct TrainRouterArgs {
     /// mlp: embedding and hidden width
     #[arg(long, default_value_t = 64)]
     hidden: usize,
+    /// Adagrad step (default: 0.2 for ngram, 0.02 for mlp)
+    #[arg(long)]
+    learning_rate: Option<f32>,
     /// Keep the calibration trace here: reused when it exists and matches the tokens (so
     /// trying another architecture or size needs no second pass through the model)
     #[arg(long, value_name = "PATH")]
@@ -1008,6 +1011,7 @@ fn cmd_train_router(a: TrainRouterArgs) -> Result<()> {
         buckets: a.buckets,
         arch: a.arch,
         hidden: a.hidden,
+        learning_rate: a.learning_rate,
         ..Default::default()
     };
     let pb = bar(
