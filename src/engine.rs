@@ -136,8 +136,10 @@ impl Engine {
     /// Adaptive gating (AdapMoE): tokens whose router is confident use fewer experts, for a
     /// predicted perplexity cost of `quality_pct` percent (0: off, the fixed top-k). The
     /// per-layer sensitivities come from `profile` (default `MODEL.adaptive.json`); when
-    /// it does not exist they are measured on the built-in calibration corpus and saved
-    /// there (`progress(done, total)` counts the passes).
+    /// it does not exist they are measured on the built-in calibration corpus
+    /// (`progress(done, total)` counts the passes). The thresholds' real cost is then
+    /// measured on those tokens and lowered until it fits; both are saved in the profile,
+    /// so a later run with the same quality measures nothing.
     pub fn set_adaptive(
         &mut self,
         quality_pct: f64,
@@ -161,26 +163,32 @@ impl Engine {
                 tokens: 0,
                 base_nll: 0.0,
                 layers: Vec::new(),
+                validated: Vec::new(),
             }
             .plan(0.0)?
         } else {
             let path = profile
                 .map(Path::to_path_buf)
                 .unwrap_or_else(|| adaptive::default_profile_path(&self.path));
-            let prof = if path.exists() {
+            let tokens = self.adaptive_tokens()?;
+            let mut session = self.session()?;
+            let mut prof = if path.exists() {
                 AdaptiveProfile::load(&path)?
             } else {
-                let prof = self.measure_adaptive(progress)?;
+                adaptive::measure(&mut session, &tokens, progress)?
+            };
+            prof.check_fits(c.n_layer)?;
+            let known = prof.validated.len();
+            let plan = adaptive::validate(&mut session, &tokens, &mut prof, quality_pct)?;
+            if prof.validated.len() != known || !path.exists() {
                 match prof.save(&path) {
                     Ok(()) => {
                         tracing::info!("saved the adaptive-gating profile to {}", path.display())
                     }
                     Err(e) => tracing::warn!("could not save the adaptive-gating profile: {e}"),
                 }
-                prof
-            };
-            prof.check_fits(c.n_layer)?;
-            prof.plan(quality_pct)?
+            }
+            plan
         };
         let keep = if plan.keep.is_empty() {
             vec![adaptive::KEEP_ALL; c.n_layer]
@@ -193,12 +201,10 @@ impl Engine {
         Ok(self.adaptive.insert(plan))
     }
 
-    /// Sensitivities on up to 256 tokens of the built-in calibration corpus.
-    fn measure_adaptive(&self, progress: impl FnMut(usize, usize)) -> Result<AdaptiveProfile> {
+    /// Adaptive gating's calibration tokens: up to 256 of the built-in corpus.
+    fn adaptive_tokens(&self) -> Result<Vec<u32>> {
         let n = 256.min(self.ctx.saturating_sub(1));
-        let tokens = crate::carve::calib::tokens(&self.tokenizer, &[], n)?;
-        let mut session = self.session()?;
-        adaptive::measure(&mut session, &tokens, progress)
+        crate::carve::calib::tokens(&self.tokenizer, &[], n)
     }
 
     /// VRAM and expert-cache counters since load (or the last [`Engine::reset_metrics`]).

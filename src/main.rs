@@ -518,8 +518,8 @@ fn load(m: &ModelArgs) -> Result<Engine> {
             .context("adaptive gating")?;
         pb.finish_and_clear();
         eprintln!(
-            "adaptive gating: predicted {:.2}% perplexity cost, {:.0}% of token-layer pairs on their top-1 expert",
-            plan.predicted_cost_pct,
+            "adaptive gating: {:.2}% perplexity cost on the calibration tokens, about {:.0}% of token-layer pairs on their top-1 expert",
+            plan.measured_cost_pct.unwrap_or(plan.predicted_cost_pct),
             100.0 * plan.predicted_top1_share
         );
     }

@@ -126,6 +126,11 @@ fn a_measured_profile_cuts_active_experts_within_its_budget() {
         assert_eq!(l.top1_share.as_ref().map(Vec::len), Some(saved.tokens));
     }
     assert!(plan.predicted_cost_pct <= 20.0 + 1e-9);
+    // The thresholds' real cost on the calibration tokens was measured and fits.
+    let measured = plan.measured_cost_pct.expect("validated");
+    assert!(measured <= 20.0 + 1e-9, "{measured}");
+    assert_eq!(saved.validated.len(), 1);
+    assert_eq!(saved.validated[0].quality_pct, 20.0);
     assert!(plan.keep.iter().all(|k| (0.0..=1.0).contains(k)));
     engine.reset_metrics();
     run(&engine);

@@ -9,6 +9,8 @@
 //! tokens stays under it. A layer's loss increase is taken at its upper bound (mean plus
 //! two standard errors over the tokens): on a few hundred tokens a layer can look harmless
 //! or even helpful to cut by chance, and trusting that cut every such layer at once.
+//! Layer costs do not simply add up either, so [`validate`] then measures the cost of the
+//! chosen thresholds on the calibration tokens and lowers λ until it fits the budget.
 
 use std::path::{Path, PathBuf};
 
@@ -37,12 +39,27 @@ pub struct AdaptiveProfile {
     /// Their mean NLL with every layer at its full top-k.
     pub base_nll: f64,
     pub layers: Vec<LayerSensitivity>,
+    /// λ found by [`validate`] for each quality asked so far.
+    #[serde(default)]
+    pub validated: Vec<Validated>,
+}
+
+/// A quality setting whose thresholds were measured on the calibration tokens.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Validated {
+    pub quality_pct: f64,
+    pub lambda: f64,
+    pub measured_cost_pct: f64,
 }
 
 /// Per-layer keep thresholds (moe_route.wgsl's `keep`) and what the profile predicts.
 #[derive(Clone, Debug, PartialEq, serde::Serialize)]
 pub struct AdaptivePlan {
     pub keep: Vec<f32>,
+    /// The knob: drop where sensitivity * (1 - top-1 share)^2 is below it.
+    pub lambda: f64,
+    /// The cost measured on the calibration tokens (after [`validate`]).
+    pub measured_cost_pct: Option<f64>,
     /// Predicted perplexity cost in percent on the calibration tokens.
     pub predicted_cost_pct: f64,
     /// Predicted share of (token, MoE layer) pairs that keep only their top-1 expert.
@@ -76,8 +93,16 @@ impl AdaptiveProfile {
         if quality_pct == 0.0 {
             return Ok(AdaptivePlan {
                 keep: vec![KEEP_ALL; self.layers.len()],
+                lambda: 0.0,
+                measured_cost_pct: Some(0.0),
                 predicted_cost_pct: 0.0,
                 predicted_top1_share: 0.0,
+            });
+        }
+        if let Some(v) = self.validated.iter().find(|v| v.quality_pct == quality_pct) {
+            return Ok(AdaptivePlan {
+                measured_cost_pct: Some(v.measured_cost_pct),
+                ..self.plan_at(v.lambda)
             });
         }
         let budget = (1.0 + quality_pct / 100.0).ln();
@@ -91,12 +116,19 @@ impl AdaptiveProfile {
                 hi = mid;
             }
         }
-        let (cost, top1) = self.predict(lo);
-        Ok(AdaptivePlan {
-            keep: self.keep(lo),
+        Ok(self.plan_at(lo))
+    }
+
+    /// The thresholds for knob `lambda`, with what the profile predicts of them.
+    pub fn plan_at(&self, lambda: f64) -> AdaptivePlan {
+        let (cost, top1) = self.predict(lambda);
+        AdaptivePlan {
+            keep: self.keep(lambda),
+            lambda,
+            measured_cost_pct: None,
             predicted_cost_pct: (cost.exp() - 1.0) * 100.0,
             predicted_top1_share: top1,
-        })
+        }
     }
 
     fn keep(&self, lambda: f64) -> Vec<f32> {
@@ -185,14 +217,9 @@ pub fn measure(
     session.reset();
     let (_, shares) = session.route_pass(tokens)?;
     progress(1, total);
-    let (input, targets) = (&tokens[..tokens.len() - 1], &tokens[1..]);
-    let token_nll = |session: &mut Session| -> Result<Vec<f64>> {
-        session.reset();
-        let nll = session.nll(input, targets, 0)?;
-        Ok(nll.iter().map(|v| *v as f64).collect())
-    };
+    let token_nll = |session: &mut Session| token_nll(session, tokens);
     let base = token_nll(session)?;
-    let base_nll = base.iter().sum::<f64>() / base.len() as f64;
+    let base_nll = mean(&base);
     progress(2, total);
     let mut layers: Vec<LayerSensitivity> = (0..n_layer)
         .map(|_| LayerSensitivity {
@@ -229,7 +256,82 @@ pub fn measure(
         tokens: tokens.len(),
         base_nll,
         layers,
+        validated: Vec::new(),
     })
+}
+
+/// Each next-token NLL of `tokens` (one sequence) from an empty cache.
+fn token_nll(session: &mut Session, tokens: &[u32]) -> Result<Vec<f64>> {
+    session.reset();
+    let nll = session.nll(&tokens[..tokens.len() - 1], &tokens[1..], 0)?;
+    Ok(nll.iter().map(|v| *v as f64).collect())
+}
+
+/// Most calibration passes [`validate`] spends lowering λ.
+const VALIDATE_PASSES: usize = 5;
+
+/// Measures the thresholds `profile.plan(quality_pct)` chooses on `tokens` (those of the
+/// profile) and lowers λ until their real cost fits the budget (at most
+/// VALIDATE_PASSES passes; if none fits, the fixed top-k). Records the result in the
+/// profile and leaves the model at its fixed top-k.
+pub fn validate(
+    session: &mut Session,
+    tokens: &[u32],
+    profile: &mut AdaptiveProfile,
+    quality_pct: f64,
+) -> Result<AdaptivePlan> {
+    let model = session.model.clone();
+    let n_layer = model.config.n_layer;
+    let mut plan = profile.plan(quality_pct)?;
+    if plan.measured_cost_pct.is_some() {
+        return Ok(plan);
+    }
+    let budget = (1.0 + quality_pct / 100.0).ln();
+    let base = if profile.tokens == tokens.len() {
+        profile.base_nll
+    } else {
+        mean(&token_nll(session, tokens)?)
+    };
+    let mut found = None;
+    let result = (|| -> Result<()> {
+        for _ in 0..VALIDATE_PASSES {
+            model.set_adaptive_keep(&plan.keep)?;
+            let cost = mean(&token_nll(session, tokens)?) - base;
+            tracing::info!(
+                lambda = plan.lambda,
+                cost_pct = (cost.exp() - 1.0) * 100.0,
+                "adaptive gating: thresholds measured"
+            );
+            if cost <= budget {
+                found = Some((plan.lambda, cost));
+                return Ok(());
+            }
+            // Fewer drops: the cost grows about linearly with λ near the budget.
+            plan = profile.plan_at(plan.lambda * (budget / cost).clamp(0.05, 0.5));
+        }
+        Ok(())
+    })();
+    model.set_adaptive_keep(&vec![KEEP_ALL; n_layer])?;
+    session.reset();
+    result?;
+    let (lambda, cost) = found.unwrap_or_else(|| {
+        tracing::warn!("adaptive gating: no threshold fits the budget; keeping every expert");
+        (0.0, 0.0)
+    });
+    let measured_cost_pct = (cost.exp() - 1.0) * 100.0;
+    profile.validated.push(Validated {
+        quality_pct,
+        lambda,
+        measured_cost_pct,
+    });
+    Ok(AdaptivePlan {
+        measured_cost_pct: Some(measured_cost_pct),
+        ..profile.plan_at(lambda)
+    })
+}
+
+fn mean(v: &[f64]) -> f64 {
+    v.iter().sum::<f64>() / v.len().max(1) as f64
 }
 
 fn mean_and_se(v: &[f64]) -> (f64, f64) {
@@ -254,6 +356,7 @@ mod tests {
         AdaptiveProfile {
             tokens: 100,
             base_nll: 2.0,
+            validated: Vec::new(),
             layers: vec![
                 LayerSensitivity {
                     delta_nll: 0.2,
