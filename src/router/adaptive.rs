@@ -135,6 +135,8 @@ impl AdaptiveProfile {
         self.layers
             .iter()
             .map(|l| match &l.top1_share {
+                // λ = 0 is the fixed top-k exactly (a share of 1 would still drop).
+                _ if lambda <= 0.0 => KEEP_ALL,
                 None => KEEP_ALL,
                 Some(c) => (1.0 - (lambda / l.sensitivity(c)).sqrt()).max(0.0) as f32,
             })
