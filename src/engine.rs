@@ -197,7 +197,7 @@ impl Engine {
         };
         self.model.set_adaptive_keep(&keep)?;
         // The measurement's passes are not the run's.
-        self.model.reset_active_experts();
+        self.reset_metrics();
         Ok(self.adaptive.insert(plan))
     }
 

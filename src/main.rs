@@ -780,7 +780,10 @@ fn print_bench(r: &pregate::bench::BenchReport) {
         println!("active    {active:.3} experts per token and MoE layer");
     }
     if m.layer_slots.windows(2).any(|w| w[0] != w[1]) {
-        println!("slots     per layer {:?} (split by miss curves)", m.layer_slots);
+        println!(
+            "slots     per layer {:?} (split by miss curves)",
+            m.layer_slots
+        );
     }
     println!(
         "vram      peak {:.1} MiB",
@@ -805,7 +808,15 @@ fn hit_rate(m: &pregate::RunMetrics) -> String {
 fn print_bench_table(reports: &[pregate::bench::BenchReport]) {
     println!(
         "{:>10} {:>6} {:>11} {:>10} {:>9} {:>10} {:>8} {:>11} {:>7}",
-        "budget", "slots", "peak MiB", "prefill", "decode", "hit rate", "stall", "uploaded", "active"
+        "budget",
+        "slots",
+        "peak MiB",
+        "prefill",
+        "decode",
+        "hit rate",
+        "stall",
+        "uploaded",
+        "active"
     );
     for r in reports {
         let m = &r.metrics;
@@ -819,7 +830,8 @@ fn print_bench_table(reports: &[pregate::bench::BenchReport]) {
             hit_rate(m),
             100.0 * r.stall_share,
             m.bytes_uploaded as f64 / (1u64 << 20) as f64,
-            m.mean_active_experts.map_or("-".to_string(), |a| format!("{a:.2}")),
+            m.mean_active_experts
+                .map_or("-".to_string(), |a| format!("{a:.2}")),
         );
     }
 }

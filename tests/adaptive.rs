@@ -131,7 +131,10 @@ fn a_measured_profile_cuts_active_experts_within_its_budget() {
     assert!(measured <= 20.0 + 1e-9, "{measured}");
     assert_eq!(saved.validated.len(), 1);
     assert_eq!(saved.validated[0].quality_pct, 20.0);
-    assert!(plan.keep.iter().all(|k| (0.0..=1.0).contains(k) || *k == 2.0));
+    assert!(plan
+        .keep
+        .iter()
+        .all(|k| (0.0..=1.0).contains(k) || *k == 2.0));
     engine.reset_metrics();
     run(&engine);
     let active = engine.metrics().mean_active_experts.unwrap();
@@ -146,4 +149,32 @@ fn a_measured_profile_cuts_active_experts_within_its_budget() {
     let err = again.set_adaptive(20.0, None, |_, _| {}).unwrap_err();
     assert!(err.to_string().contains("adaptive"), "{err}");
     assert!(again.set_adaptive(-1.0, None, |_, _| {}).is_err());
+    drop(again);
+
+    // The CLI: eval --adaptive reports the mean active experts (the profile is found
+    // next to the model; a fresh one is measured and saved).
+    std::fs::remove_file(&profile).unwrap();
+    let dir = carved.parent().unwrap();
+    let text = common::calib_file(dir);
+    let json = common::run_cli(&[
+        "eval",
+        "-m",
+        carved.to_str().unwrap(),
+        "-f",
+        text.to_str().unwrap(),
+        "--ctx",
+        "64",
+        "--chunks",
+        "2",
+        "--adaptive",
+        "20",
+        "--json",
+    ]);
+    let v: serde_json::Value = serde_json::from_str(json.trim()).expect("json");
+    let active = v["mean_active_experts"]
+        .as_f64()
+        .expect("mean_active_experts");
+    assert!((1.0..2.0).contains(&active), "{v}");
+    assert!(v["ppl"].as_f64().unwrap().is_finite());
+    assert!(profile.exists());
 }
