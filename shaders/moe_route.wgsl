@@ -5,8 +5,9 @@
 // weights_mode 0: every weight 1 (CMoE: all experts active == the dense FFN);
 // 1: selected probabilities renormalised to sum 1; 2: raw probabilities.
 // Adaptive gating (AdapMoE): after the top-k, expert j > 0 is dropped (id SKIP, weight 0)
-// once the experts before it hold at least `keep[layer]` of the chosen probability mass;
-// keep > 1 keeps all (fixed top-k). `conf` gets each token's top-1 share of that mass, and
+// once the experts before it hold at least `keep[layer]` of the chosen experts' mass (their
+// probabilities; for carved models, whose experts all weigh 1, their raw scores); keep > 1
+// keeps all (fixed top-k). `conf` gets each token's top-1 share of that mass, and
 // with flags & 1 `n_active` counts [kept experts, routed tokens] for the run's metrics.
 // For prefill, `group` lists each expert's (token, slot) pairs so the grouped expert kernels
 // (moe.wgsl) read each expert's weights once per tile of tokens, and `combine` adds each
@@ -43,6 +44,7 @@ const SKIP: u32 = 0xffffffffu;
 
 var<workgroup> prob: array<f32, MAX_EXPERTS>;
 var<workgroup> key: array<f32, MAX_EXPERTS>;
+var<workgroup> score: array<f32, MAX_EXPERTS>;
 var<workgroup> red_v: array<f32, 64>;
 var<workgroup> red_i: array<u32, 64>;
 
@@ -111,6 +113,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
             s = abs(u[t * n + e] * s / (1.0 + exp(-s)));
         }
         prob[e] = s;
+        score[e] = max(s, 0.0);
         local_max = max(local_max, s);
     }
     let mx = reduce_max(lid, local_max);
@@ -125,7 +128,6 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     }
     workgroupBarrier();
     var picked_sum = 0.0;
-    var wts_top1 = 0.0;
     for (var j = 0u; j < p.n_used; j++) {
         var best_v = TAKEN;
         var best = 0u;
@@ -140,29 +142,35 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
             ids[t * p.n_used + j] = b;
             wts[t * p.n_used + j] = prob[b] / sum;
             picked_sum += prob[b] / sum;
-            if (j == 0u) {
-                wts_top1 = prob[b] / sum;
-            }
             key[b] = TAKEN;
         }
         workgroupBarrier();
     }
     if (lid == 0u) {
-        let mass = keep[p.layer] * picked_sum;
+        // The mass adaptive gating measures: the probabilities, or for a carved model
+        // (every expert weighted 1) the raw scores, which estimate each expert's output
+        // size (CMoE's |u·silu(g)|, the least-squares router's predicted norm).
+        var total = 0.0;
+        for (var j = 0u; j < p.n_used; j++) {
+            total += mass_of(t * p.n_used + j);
+        }
+        let adaptive = keep[p.layer] <= 1.0;
+        let enough = keep[p.layer] * total;
         var cum = 0.0;
         var kept = 0u;
         var kept_sum = 0.0;
+        let top1 = mass_of(t * p.n_used);
         for (var j = 0u; j < p.n_used; j++) {
             let o = t * p.n_used + j;
-            let pj = wts[o];
-            if (j > 0u && cum >= mass) {
+            let m = mass_of(o);
+            if (adaptive && j > 0u && cum >= enough) {
                 ids[o] = SKIP;
                 wts[o] = 0.0;
             } else {
                 kept++;
-                kept_sum += pj;
+                kept_sum += wts[o];
             }
-            cum += pj;
+            cum += m;
         }
         for (var j = 0u; j < p.n_used; j++) {
             let o = t * p.n_used + j;
@@ -175,12 +183,20 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
                 wts[o] = wts[o] / kept_sum;
             }
         }
-        conf[t] = wts_top1 / picked_sum;
+        conf[t] = select(1.0, top1 / total, total > 0.0);
         if ((p.flags & 1u) != 0u) {
             atomicAdd(&n_active[0], kept);
             atomicAdd(&n_active[1], 1u);
         }
     }
+}
+
+// Slot o's share in adaptive gating (before the weights are rewritten).
+fn mass_of(o: u32) -> f32 {
+    if (p.weights_mode == 0u) {
+        return score[ids[o]];
+    }
+    return wts[o];
 }
 
 // Slot t * n_used + j (token t's j-th expert) goes to the list of expert ids[slot], in

@@ -160,6 +160,7 @@ impl Engine {
         }
         let plan = if quality_pct == 0.0 {
             AdaptiveProfile {
+                version: adaptive::PROFILE_VERSION,
                 tokens: 0,
                 base_nll: 0.0,
                 layers: Vec::new(),
@@ -172,15 +173,22 @@ impl Engine {
                 .unwrap_or_else(|| adaptive::default_profile_path(&self.path));
             let tokens = self.adaptive_tokens()?;
             let mut session = self.session()?;
-            let mut prof = if path.exists() {
-                AdaptiveProfile::load(&path)?
-            } else {
-                adaptive::measure(&mut session, &tokens, progress)?
+            let mut measured = false;
+            let old = match path.exists() {
+                true => Some(AdaptiveProfile::load(&path)?),
+                false => None,
+            };
+            let mut prof = match old {
+                Some(p) if p.version == adaptive::PROFILE_VERSION => p,
+                _ => {
+                    measured = true;
+                    adaptive::measure(&mut session, &tokens, progress)?
+                }
             };
             prof.check_fits(c.n_layer)?;
             let known = prof.validated.len();
             let plan = adaptive::validate(&mut session, &tokens, &mut prof, quality_pct)?;
-            if prof.validated.len() != known || !path.exists() {
+            if prof.validated.len() != known || measured {
                 match prof.save(&path) {
                     Ok(()) => {
                         tracing::info!("saved the adaptive-gating profile to {}", path.display())

@@ -34,6 +34,9 @@ pub struct LayerSensitivity {
 /// model (`MODEL.adaptive.json`) so it is measured once.
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct AdaptiveProfile {
+    /// [`PROFILE_VERSION`] when measured; an older profile is measured again.
+    #[serde(default)]
+    pub version: u32,
     /// Calibration tokens scored.
     pub tokens: usize,
     /// Their mean NLL with every layer at its full top-k.
@@ -65,6 +68,10 @@ pub struct AdaptivePlan {
     /// Predicted share of (token, MoE layer) pairs that keep only their top-1 expert.
     pub predicted_top1_share: f64,
 }
+
+/// What a profile's top-1 shares mean: 2 = shares of the kernel's adaptive mass (raw
+/// scores for carved models), 0 = an older profile (softmax shares).
+pub const PROFILE_VERSION: u32 = 2;
 
 /// The keep threshold that leaves every expert (above any share).
 pub const KEEP_ALL: f32 = 2.0;
@@ -255,6 +262,7 @@ pub fn measure(
     session.reset();
     result?;
     Ok(AdaptiveProfile {
+        version: PROFILE_VERSION,
         tokens: tokens.len(),
         base_nll,
         layers,
@@ -356,6 +364,7 @@ mod tests {
         // Layer 0 is sensitive, layer 1 barely; both have the same spread of confidence.
         let shares: Vec<f32> = (0..100).map(|i| 0.5 + i as f32 / 200.0).collect();
         AdaptiveProfile {
+            version: PROFILE_VERSION,
             tokens: 100,
             base_nll: 2.0,
             validated: Vec::new(),
