@@ -302,7 +302,9 @@ pub fn validate(
     } else {
         mean(&token_nll(session, tokens)?)
     };
-    let mut found = None;
+    // The best λ that fits, and the smallest that did not: bisect between them.
+    let mut found: Option<(f64, f64)> = None;
+    let mut too_far = f64::INFINITY;
     let result = (|| -> Result<()> {
         for _ in 0..VALIDATE_PASSES {
             model.set_adaptive_keep(&plan.keep)?;
@@ -314,10 +316,19 @@ pub fn validate(
             );
             if cost <= budget {
                 found = Some((plan.lambda, cost));
-                return Ok(());
+                if too_far.is_infinite() {
+                    // The profile's own choice fits.
+                    return Ok(());
+                }
+            } else {
+                too_far = plan.lambda;
             }
-            // Fewer drops: the cost grows about linearly with λ near the budget.
-            plan = profile.plan_at(plan.lambda * (budget / cost).clamp(0.05, 0.5));
+            let next = match found {
+                Some((fits, _)) => (fits + too_far) / 2.0,
+                // The cost grows about linearly with λ near the budget.
+                None => plan.lambda * (budget / cost.max(1e-12)).clamp(0.05, 0.8),
+            };
+            plan = profile.plan_at(next);
         }
         Ok(())
     })();
