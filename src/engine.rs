@@ -146,6 +146,7 @@ impl Engine {
         profile: Option<&Path>,
         progress: impl FnMut(usize, usize),
     ) -> Result<&AdaptivePlan> {
+        adaptive::check_quality(quality_pct)?;
         let c = &self.model.config;
         if quality_pct != 0.0 && c.moe.is_none() {
             return Err(Error::InvalidArgument(
@@ -159,51 +160,43 @@ impl Engine {
             ));
         }
         let plan = if quality_pct == 0.0 {
-            AdaptiveProfile {
-                version: adaptive::PROFILE_VERSION,
-                tokens: 0,
-                base_nll: 0.0,
-                layers: Vec::new(),
-                validated: Vec::new(),
-            }
-            .plan(0.0)?
+            AdaptivePlan::off(c.n_layer)
         } else {
             let path = profile
                 .map(Path::to_path_buf)
                 .unwrap_or_else(|| adaptive::default_profile_path(&self.path));
-            let tokens = self.adaptive_tokens()?;
-            let mut session = self.session()?;
-            let mut measured = false;
-            let old = match path.exists() {
-                true => Some(AdaptiveProfile::load(&path)?),
+            let saved = match path.exists() {
+                true => Some(AdaptiveProfile::load(&path)?)
+                    .filter(|p| p.version == adaptive::PROFILE_VERSION),
                 false => None,
             };
-            let mut prof = match old {
-                Some(p) if p.version == adaptive::PROFILE_VERSION => p,
+            if let Some(p) = &saved {
+                p.check_fits(c.n_layer)?;
+            }
+            match saved.as_ref().map(|p| p.plan(quality_pct)).transpose()? {
+                // This quality was measured before: nothing to run.
+                Some(plan) if plan.measured_cost_pct.is_some() => plan,
                 _ => {
-                    measured = true;
-                    adaptive::measure(&mut session, &tokens, progress)?
-                }
-            };
-            prof.check_fits(c.n_layer)?;
-            let known = prof.validated.len();
-            let plan = adaptive::validate(&mut session, &tokens, &mut prof, quality_pct)?;
-            if prof.validated.len() != known || measured {
-                match prof.save(&path) {
-                    Ok(()) => {
-                        tracing::info!("saved the adaptive-gating profile to {}", path.display())
+                    let tokens = self.adaptive_tokens()?;
+                    let mut session = self.session()?;
+                    let mut prof = match saved {
+                        Some(p) => p,
+                        None => adaptive::measure(&mut session, &tokens, progress)?,
+                    };
+                    prof.check_fits(c.n_layer)?;
+                    let plan = adaptive::validate(&mut session, &tokens, &mut prof, quality_pct)?;
+                    match prof.save(&path) {
+                        Ok(()) => tracing::info!(
+                            "saved the adaptive-gating profile to {}",
+                            path.display()
+                        ),
+                        Err(e) => tracing::warn!("could not save the adaptive-gating profile: {e}"),
                     }
-                    Err(e) => tracing::warn!("could not save the adaptive-gating profile: {e}"),
+                    plan
                 }
             }
-            plan
         };
-        let keep = if plan.keep.is_empty() {
-            vec![adaptive::KEEP_ALL; c.n_layer]
-        } else {
-            plan.keep.clone()
-        };
-        self.model.set_adaptive_keep(&keep)?;
+        self.model.set_adaptive_keep(&plan.keep)?;
         // The measurement's passes are not the run's.
         self.reset_metrics();
         Ok(self.adaptive.insert(plan))

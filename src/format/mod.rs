@@ -22,3 +22,11 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> crate::error::Result<()> {
         cause,
     })
 }
+
+/// Reads a whole file; a failure names it.
+pub fn read_all(path: &Path) -> crate::error::Result<Vec<u8>> {
+    std::fs::read(path).map_err(|cause| crate::error::Error::Open {
+        path: path.to_path_buf(),
+        cause,
+    })
+}

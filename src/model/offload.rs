@@ -155,12 +155,12 @@ impl Offload {
         })
     }
 
-    /// Gives the lookahead policy each layer's predicted uses after this step, soonest
-    /// first (`future[l]`; an empty list: nothing known).
-    pub fn set_future(&self, future: &[Vec<Vec<u32>>]) {
+    /// Gives the lookahead policy each layer's predicted uses from use `from` on, soonest
+    /// first (`plan[l]`, one entry a token; past its end: nothing known).
+    pub fn set_future(&self, plan: &[Vec<Vec<u32>>], from: usize) {
         let mut st = self.lock();
-        for (l, f) in future.iter().enumerate() {
-            st.cache.set_future(l, f);
+        for (l, uses) in plan.iter().enumerate() {
+            st.cache.set_future(l, &uses[from.min(uses.len())..]);
         }
     }
 

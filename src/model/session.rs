@@ -320,8 +320,9 @@ impl Session {
         Ok(self.route_pass(tokens)?.0)
     }
 
-    /// [`Session::route_trace`]'s ids, and each token's top-1 share of its experts'
-    /// probability mass per layer (`[token][layer]`), which adaptive gating thresholds.
+    /// [`Session::route_trace`]'s ids, and each token's top-1 share of the mass adaptive
+    /// gating thresholds (probabilities, or raw scores for carved models) per layer
+    /// (`[token][layer]`).
     pub fn route_pass(&mut self, tokens: &[u32]) -> Result<(Vec<u32>, Vec<f32>)> {
         let c = self.model.config.clone();
         let Some(moe) = &c.moe else {
@@ -383,12 +384,7 @@ impl Session {
             let last = i + 1 == n_chunks;
             if let (Some(off), Some(p)) = (&self.model.offload, &predicted) {
                 // What this feed still holds after the chunk, as the router predicts it.
-                let rest = &p[((i + 1) * ub).min(p.len())..];
-                let layers = self.model.config.n_layer;
-                let future: Vec<Vec<Vec<u32>>> = (0..layers)
-                    .map(|l| rest.iter().map(|t| t[l].clone()).collect())
-                    .collect();
-                off.set_future(&future);
+                off.set_future(p, (i + 1) * ub);
             }
             let out = match output {
                 Output::Nll if (i + 1) * ub <= score_from => Output::None,
@@ -412,7 +408,7 @@ impl Session {
     }
 
     /// With `--policy lookahead`: the pre-gating router's experts for each of `tokens`
-    /// (`[token][layer]`, up to LOOKAHEAD_TOKENS of them), the future the cache plans by.
+    /// (`[layer][token]`, up to LOOKAHEAD_TOKENS of them), the future the cache plans by.
     fn lookahead_plan(&self, tokens: &[u32]) -> Option<Vec<Vec<Vec<u32>>>> {
         let (Some(off), Some(r), Some(moe)) = (
             &self.model.offload,
@@ -428,11 +424,13 @@ impl Session {
         let history: Vec<u32> = self.tokens[from..].iter().chain(tokens).copied().collect();
         let first = self.tokens.len() - from;
         let n = tokens.len().min(LOOKAHEAD_TOKENS);
-        Some(
-            (first..first + n)
-                .map(|t| r.predict(&history, t, moe.n_used))
-                .collect(),
-        )
+        let mut per_layer = vec![Vec::with_capacity(n); self.model.config.n_layer];
+        for t in first..first + n {
+            for (l, experts) in r.predict(&history, t, moe.n_used).into_iter().enumerate() {
+                per_layer[l].push(experts);
+            }
+        }
+        Some(per_layer)
     }
 
     /// One submit: upload ids and position, replay the plan, copy the output back.

@@ -127,11 +127,6 @@ impl ExpertCache {
         })
     }
 
-    /// Slots of each layer.
-    pub fn slots(&self) -> Vec<usize> {
-        self.layers.iter().map(|l| l.holder.len()).collect()
-    }
-
     /// The experts of `layer`'s next uses, soonest first, as the plan predicts them:
     /// lookahead evicts the one used furthest ahead, and a wave loads the soonest last
     /// so that they are still resident when the next step comes.
@@ -145,7 +140,7 @@ impl ExpertCache {
                 }
             }
         }
-        ls.policy.set_future(future);
+        ls.policy.set_next_use(&ls.next_use);
     }
 
     /// The layer's slot table row for `wave`: each member's slot, MISSING elsewhere (so the

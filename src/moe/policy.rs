@@ -14,9 +14,9 @@ pub trait ReplacementPolicy {
     fn access(&mut self, id: ExpertId, t: usize);
     /// Picks the expert to evict from `resident` (never empty) at step `t`.
     fn victim(&mut self, resident: &[ExpertId], t: usize) -> ExpertId;
-    /// The experts of this cache's next uses, soonest first, when a plan knows them (the
-    /// runtime's lookahead); other policies ignore it.
-    fn set_future(&mut self, _future: &[Vec<ExpertId>]) {}
+    /// Each expert's next use in the plan (`next_use[id]`, usize::MAX: none known), when a
+    /// plan knows them (the runtime's lookahead); other policies ignore it.
+    fn set_next_use(&mut self, _next_use: &[usize]) {}
 }
 
 /// Least recently used.
@@ -159,12 +159,12 @@ impl ReplacementPolicy for Lookahead {
 
 /// The runtime's lookahead: Belady over the uses that the pre-gating router's plan knows
 /// (the rest of a prompt or of a text being scored), set before each step by
-/// [`ReplacementPolicy::set_future`]. Experts the plan does not use go first, least
+/// [`ReplacementPolicy::set_next_use`]. Experts the plan does not use go first, least
 /// recently used first; with no plan (decode) it is LRU.
 #[derive(Default)]
 pub struct PlannedLookahead {
-    /// Expert → index of its first use in the future.
-    first_use: HashMap<ExpertId, usize>,
+    /// Expert → index of its next use in the plan.
+    next_use: Vec<usize>,
     last: HashMap<ExpertId, usize>,
 }
 
@@ -179,19 +179,19 @@ impl ReplacementPolicy for PlannedLookahead {
         *resident
             .iter()
             .max_by_key(|id| {
-                let next = self.first_use.get(id).copied().unwrap_or(usize::MAX);
+                let next = self
+                    .next_use
+                    .get(**id as usize)
+                    .copied()
+                    .unwrap_or(usize::MAX);
                 let last = self.last.get(id).copied().unwrap_or(0);
                 (next, std::cmp::Reverse(last))
             })
             .unwrap_or(&resident[0])
     }
-    fn set_future(&mut self, future: &[Vec<ExpertId>]) {
-        self.first_use.clear();
-        for (i, use_) in future.iter().enumerate() {
-            for &e in use_ {
-                self.first_use.entry(e).or_insert(i);
-            }
-        }
+    fn set_next_use(&mut self, next_use: &[usize]) {
+        self.next_use.clear();
+        self.next_use.extend_from_slice(next_use);
     }
 }
 

@@ -85,17 +85,11 @@ pub fn split_by_plan(
 ) -> Vec<usize> {
     let n_layer = moe_layer.len();
     let e = router.config.n_expert;
-    let mut choices = Vec::with_capacity(tokens.len() * n_layer * k);
-    for t in 0..tokens.len() {
-        for layer in router.predict(tokens, t, k) {
-            choices.extend(layer.iter().map(|&x| x as u16));
-        }
-    }
     let trace = ExpertTrace {
         n_layers: n_layer as u32,
         experts_per_layer: e as u32,
         k: k as u32,
-        choices,
+        choices: router.plan_top(tokens, k),
         plan: None,
     };
     let curves = miss_curves(&trace, PolicyKind::Lru);

@@ -79,10 +79,7 @@ impl ExpertTrace {
     }
 
     pub fn read(path: &Path) -> Result<ExpertTrace> {
-        let bytes = std::fs::read(path).map_err(|source| Error::Open {
-            path: path.to_path_buf(),
-            cause: source,
-        })?;
+        let bytes = crate::format::read_all(path)?;
         let bad = |why: String| Error::Malformed {
             what: format!("trace {}", path.display()),
             why,

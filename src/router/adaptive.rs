@@ -69,6 +69,29 @@ pub struct AdaptivePlan {
     pub predicted_top1_share: f64,
 }
 
+impl AdaptivePlan {
+    /// Adaptive gating off: every layer keeps its fixed top-k.
+    pub fn off(n_layer: usize) -> AdaptivePlan {
+        AdaptivePlan {
+            keep: vec![KEEP_ALL; n_layer],
+            lambda: 0.0,
+            measured_cost_pct: Some(0.0),
+            predicted_cost_pct: 0.0,
+            predicted_top1_share: 0.0,
+        }
+    }
+}
+
+/// A quality knob must be a finite, non-negative percentage.
+pub fn check_quality(quality_pct: f64) -> Result<()> {
+    if !quality_pct.is_finite() || quality_pct < 0.0 {
+        return Err(Error::InvalidArgument(format!(
+            "--adaptive {quality_pct}: give a perplexity cost in percent (0 = off)"
+        )));
+    }
+    Ok(())
+}
+
 /// What a profile's top-1 shares mean: 2 = shares of the kernel's adaptive mass (raw
 /// scores for carved models), 0 = an older profile (softmax shares).
 pub const PROFILE_VERSION: u32 = 2;
@@ -92,19 +115,9 @@ impl LayerSensitivity {
 impl AdaptiveProfile {
     /// Thresholds for a perplexity cost of `quality_pct` percent (0: off, every expert kept).
     pub fn plan(&self, quality_pct: f64) -> Result<AdaptivePlan> {
-        if !quality_pct.is_finite() || quality_pct < 0.0 {
-            return Err(Error::InvalidArgument(format!(
-                "--adaptive {quality_pct}: give a perplexity cost in percent (0 = off)"
-            )));
-        }
+        check_quality(quality_pct)?;
         if quality_pct == 0.0 {
-            return Ok(AdaptivePlan {
-                keep: vec![KEEP_ALL; self.layers.len()],
-                lambda: 0.0,
-                measured_cost_pct: Some(0.0),
-                predicted_cost_pct: 0.0,
-                predicted_top1_share: 0.0,
-            });
+            return Ok(AdaptivePlan::off(self.layers.len()));
         }
         if let Some(v) = self.validated.iter().find(|v| v.quality_pct == quality_pct) {
             return Ok(AdaptivePlan {
@@ -178,10 +191,7 @@ impl AdaptiveProfile {
     }
 
     pub fn load(path: &Path) -> Result<AdaptiveProfile> {
-        let bytes = std::fs::read(path).map_err(|cause| Error::Open {
-            path: path.to_path_buf(),
-            cause,
-        })?;
+        let bytes = crate::format::read_all(path)?;
         serde_json::from_slice(&bytes).map_err(|e| {
             Error::InvalidArgument(format!(
                 "{} is not an adaptive-gating profile ({e}); delete it to measure again",
@@ -357,9 +367,9 @@ fn mean(v: &[f64]) -> f64 {
 
 fn mean_and_se(v: &[f64]) -> (f64, f64) {
     let n = v.len().max(1) as f64;
-    let mean = v.iter().sum::<f64>() / n;
-    let var = v.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1.0).max(1.0);
-    (mean, (var / n).sqrt())
+    let m = mean(v);
+    let var = v.iter().map(|x| (x - m).powi(2)).sum::<f64>() / (n - 1.0).max(1.0);
+    (m, (var / n).sqrt())
 }
 
 /// Where a model's adaptive-gating profile is kept by default.

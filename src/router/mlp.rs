@@ -58,10 +58,12 @@ impl MlpBody {
         Forward { x, h: hid }
     }
 
-    /// Adds every layer's W2_l h to `out` ([n_layer * n_expert], holding the bias).
-    pub fn add_logits(&self, f: &[usize; FAMILIES], out: &mut [f32]) {
+    /// Adds every layer's W2_l h to `out` ([n_layer * n_expert], holding the bias) and
+    /// returns the activations (training steps from them).
+    pub fn add_logits(&self, f: &[usize; FAMILIES], out: &mut [f32]) -> Forward {
         let fw = self.forward(f);
         self.add_head(&fw.h, out);
+        fw
     }
 
     fn add_head(&self, h: &[f32], out: &mut [f32]) {

@@ -126,8 +126,12 @@ impl PreGateRouter {
     }
 
     /// Every layer's expert logits for a position with features `f`: `[n_layer][n_expert]`
-    /// into `out`.
-    pub(crate) fn logits_into(&self, f: &[usize; FAMILIES], out: &mut [f32]) {
+    /// into `out`; for `mlp`, also the activations a training step needs.
+    pub(crate) fn logits_into(
+        &self,
+        f: &[usize; FAMILIES],
+        out: &mut [f32],
+    ) -> Option<mlp::Forward> {
         let (e, layers) = (self.config.n_expert, self.config.n_layer);
         let rows = FAMILIES * self.config.buckets;
         out.copy_from_slice(&self.bias);
@@ -142,8 +146,9 @@ impl PreGateRouter {
                         }
                     }
                 }
+                None
             }
-            Body::Mlp(m) => m.add_logits(f, out),
+            Body::Mlp(m) => Some(m.add_logits(f, out)),
         }
     }
 
@@ -178,7 +183,11 @@ impl PreGateRouter {
     /// The plan for a whole text: `[token][layer][n_used]` predicted experts, flattened
     /// as an expert trace lays out its choices.
     pub fn plan(&self, tokens: &[u32]) -> Vec<u16> {
-        let k = self.config.n_used;
+        self.plan_top(tokens, self.config.n_used)
+    }
+
+    /// As [`PreGateRouter::plan`], with `k` experts a token and layer.
+    pub fn plan_top(&self, tokens: &[u32], k: usize) -> Vec<u16> {
         (0..tokens.len())
             .flat_map(|t| self.predict(tokens, t, k))
             .flat_map(|layer| layer.into_iter().map(|e| e as u16))
@@ -243,10 +252,7 @@ impl PreGateRouter {
     }
 
     pub fn load(path: &Path) -> Result<PreGateRouter> {
-        let bytes = std::fs::read(path).map_err(|cause| Error::Open {
-            path: path.to_path_buf(),
-            cause,
-        })?;
+        let bytes = crate::format::read_all(path)?;
         let bad = |why: String| Error::Malformed {
             what: format!("router {}", path.display()),
             why,

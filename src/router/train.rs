@@ -192,7 +192,7 @@ pub fn train(
         let mut loss_sum = 0f64;
         for &t in &order {
             let f = r.features(tokens, t);
-            r.logits_into(&f, &mut grad);
+            let fw = r.logits_into(&f, &mut grad);
             for l in 0..layers {
                 let c = chosen(trace, t, l);
                 loss_sum +=
@@ -214,9 +214,8 @@ pub fn train(
                     }
                 }
                 Body::Mlp(m) => {
-                    if let Some(acc) = acc_mlp.as_mut() {
-                        let fw = m.forward(&f);
-                        m.step(&f, &fw, &grad, acc, lr);
+                    if let (Some(acc), Some(fw)) = (acc_mlp.as_mut(), &fw) {
+                        m.step(&f, fw, &grad, acc, lr);
                     }
                 }
             }
