@@ -2,7 +2,7 @@
 //! stdout carries only the output (generated text, JSON); logs and progress go to stderr.
 
 use std::io::{BufRead, Write};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
@@ -232,6 +232,9 @@ struct EvalArgs {
 enum CarveMethod {
     /// CMoE: shared experts by activation rate, routed experts by co-activation
     Cmoe,
+    /// Read-ME: one expert per token cluster (one cluster per --calib file, else k-means on
+    /// activation patterns); the shared expert is what every cluster keeps
+    Readme,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -250,15 +253,22 @@ struct CarveArgs {
     output: PathBuf,
     #[arg(long, value_enum, default_value = "cmoe")]
     method: CarveMethod,
-    /// Experts per layer in all, shared ones included
-    #[arg(long, default_value_t = 16)]
-    experts: usize,
-    /// Shared (always active) experts
-    #[arg(long, default_value_t = 2)]
-    shared: usize,
-    /// Routed experts each token uses
-    #[arg(long, default_value_t = 2)]
-    active: usize,
+    /// cmoe: experts per layer in all, shared ones included [default: 16]. readme: clusters,
+    /// one routed expert each [default: the number of --calib files if several, else 8]
+    #[arg(long)]
+    experts: Option<usize>,
+    /// cmoe: shared (always active) experts [default: 2]
+    #[arg(long)]
+    shared: Option<usize>,
+    /// Routed experts each token uses [default: cmoe 2, readme 1]
+    #[arg(long)]
+    active: Option<usize>,
+    /// readme: share of each layer's FFN neurons a cluster keeps
+    #[arg(long, default_value_t = 0.5)]
+    remain_rate: f64,
+    /// readme: seed of the k-means clustering
+    #[arg(long, default_value_t = 7)]
+    seed: u64,
     /// Neurons each calibration token marks active (K_a)
     #[arg(long, default_value_t = 10)]
     k_act: usize,
@@ -359,6 +369,11 @@ struct TrainRouterArgs {
     /// trying another architecture or size needs no second pass through the model)
     #[arg(long, value_name = "PATH")]
     trace: Option<PathBuf>,
+    /// Read-ME carving's cluster labels (default: MODEL.labels.json, written by `carve
+    /// --method readme`). With them the router learns the clusters (one decision for every
+    /// layer) on the labelled calibration tokens; --calib and --tokens are not used
+    #[arg(long, value_name = "PATH")]
+    labels: Option<PathBuf>,
     /// Overwrite an existing output
     #[arg(long)]
     force: bool,
@@ -846,13 +861,31 @@ fn cmd_inspect(spec: &str, list_tensors: bool) -> Result<()> {
 fn cmd_carve(a: CarveArgs) -> Result<()> {
     use pregate::carve::{self, CarveEvent, CarveOptions, Method};
     let input = resolve(&a.model)?;
+    let method = match a.method {
+        CarveMethod::Cmoe => Method::Cmoe,
+        CarveMethod::Readme => Method::Readme,
+    };
+    let (experts, shared, active) = match method {
+        Method::Cmoe => (
+            a.experts.unwrap_or(16),
+            a.shared.unwrap_or(2),
+            a.active.unwrap_or(2),
+        ),
+        Method::Readme => {
+            if a.shared.is_some() {
+                bail!("--shared is for cmoe; readme's shared expert is what every cluster keeps");
+            }
+            let clusters = if a.calib.len() > 1 { a.calib.len() } else { 8 };
+            (a.experts.unwrap_or(clusters), 0, a.active.unwrap_or(1))
+        }
+    };
     let opts = CarveOptions {
-        method: match a.method {
-            CarveMethod::Cmoe => Method::Cmoe,
-        },
-        n_experts: a.experts,
-        n_shared: a.shared,
-        n_active: a.active,
+        method,
+        n_experts: experts,
+        n_shared: shared,
+        n_active: active,
+        remain_rate: a.remain_rate,
+        seed: a.seed,
         k_act: a.k_act,
         calib: a.calib,
         calib_tokens: a.calib_tokens,
@@ -902,13 +935,17 @@ fn cmd_carve(a: CarveArgs) -> Result<()> {
         println!("{}", serde_json::to_string(&summary)?);
     } else {
         eprintln!(
-            "carved {} layers in {:.1} s from {} calibration tokens: S{}A{}E{}, {} neurons per expert{}, {:.1}% of FFN neurons active, {:.2} MiB per expert, wrote {} ({:.1} MiB)",
+            "carved {} layers in {:.1} s from {} calibration tokens: {}, {} neurons per expert{}, {:.1}% of FFN neurons active ({} computed per layer), {:.2} MiB per expert, wrote {} ({:.1} MiB)",
             summary.layers,
             summary.seconds,
             summary.calib_tokens,
-            a.shared,
-            a.active,
-            a.experts,
+            match method {
+                Method::Cmoe => format!("S{shared}A{active}E{experts}"),
+                Method::Readme => format!(
+                    "{experts} clusters of {:?} tokens, a shared expert of {} neurons, {active} active",
+                    summary.cluster_tokens, summary.shared_neurons
+                ),
+            },
             summary.neurons_per_expert,
             if summary.padding_neurons > 0 {
                 format!(" ({} zero padding neurons)", summary.padding_neurons)
@@ -916,10 +953,17 @@ fn cmd_carve(a: CarveArgs) -> Result<()> {
                 String::new()
             },
             100.0 * summary.active_fraction,
+            summary.computed_neurons,
             summary.bytes_per_expert as f64 / (1u64 << 20) as f64,
             a.output.display(),
             summary.output_bytes as f64 / (1u64 << 20) as f64,
         );
+        if let Some(p) = &summary.labels_path {
+            eprintln!(
+                "cluster labels of the calibration tokens: {} (train-router fits to them)",
+                p.display()
+            );
+        }
     }
     Ok(())
 }
@@ -971,18 +1015,47 @@ fn cmd_trace(a: TraceArgs) -> Result<()> {
     Ok(())
 }
 
-fn cmd_train_router(a: TrainRouterArgs) -> Result<()> {
-    use pregate::router::{self, TrainOptions};
-    if a.output.exists() && !a.force {
+/// Read-ME's cluster labels for a model carved with `--method readme`: from `path`, else
+/// next to the model when they exist there.
+fn cluster_labels(
+    engine: &Engine,
+    path: Option<&Path>,
+) -> Result<Option<(PathBuf, pregate::carve::ClusterLabels)>> {
+    use pregate::carve::ClusterLabels;
+    let path = match path {
+        Some(p) => p.to_path_buf(),
+        None => {
+            let p = ClusterLabels::path_for(&engine.path);
+            let readme = engine
+                .model
+                .file
+                .get("pregate.moe.method")
+                .and_then(|v| v.as_str())
+                == Some("readme");
+            if !readme || !p.exists() {
+                return Ok(None);
+            }
+            p
+        }
+    };
+    let labels = ClusterLabels::load(&path)?;
+    let n_expert = engine.model.config.moe.as_ref().map_or(0, |m| m.n_expert);
+    if labels.clusters != n_expert {
         bail!(
-            "{} exists; pass --force to overwrite it",
-            a.output.display()
+            "{} holds {} clusters, but the model has {n_expert} experts per layer",
+            path.display(),
+            labels.clusters
         );
     }
-    let engine = load(&a.model)?;
-    if engine.model.config.moe.is_none() {
-        bail!("train-router needs a mixture-of-experts model (see `pregate carve`)");
-    }
+    Ok(Some((path, labels)))
+}
+
+/// The calibration tokens and the experts the model's own routers chose for them (reusing
+/// `--trace` when it matches).
+fn routing_trace(
+    engine: &Engine,
+    a: &TrainRouterArgs,
+) -> Result<(Vec<u32>, pregate::moe::ExpertTrace)> {
     let tokens = pregate::carve::calib::tokens(&engine.tokenizer, &a.calib, a.tokens)?;
     let saved = match &a.trace {
         Some(p) if p.exists() => {
@@ -1011,7 +1084,7 @@ fn cmd_train_router(a: TrainRouterArgs) -> Result<()> {
         Some(t) => t,
         None => {
             let pb = bar(tokens.len() as u64, "tracing {bar:40} {pos}/{len} tokens");
-            let t = pregate::moe::trace::record_tokens(&engine, &tokens, |done, _| {
+            let t = pregate::moe::trace::record_tokens(engine, &tokens, |done, _| {
                 pb.set_position(done as u64)
             })?;
             pb.finish_and_clear();
@@ -1021,6 +1094,34 @@ fn cmd_train_router(a: TrainRouterArgs) -> Result<()> {
             }
             t
         }
+    };
+    Ok((tokens, trace))
+}
+
+fn cmd_train_router(a: TrainRouterArgs) -> Result<()> {
+    use pregate::router::{self, TrainOptions};
+    if a.output.exists() && !a.force {
+        bail!(
+            "{} exists; pass --force to overwrite it",
+            a.output.display()
+        );
+    }
+    let engine = load(&a.model)?;
+    if engine.model.config.moe.is_none() {
+        bail!("train-router needs a mixture-of-experts model (see `pregate carve`)");
+    }
+    let (tokens, trace) = match cluster_labels(&engine, a.labels.as_deref())? {
+        Some((path, labels)) => {
+            eprintln!(
+                "fitting the {} clusters of {} ({} labelled tokens)",
+                labels.clusters,
+                path.display(),
+                labels.tokens.len()
+            );
+            let trace = labels.as_trace(engine.model.config.n_layer);
+            (labels.tokens, trace)
+        }
+        None => routing_trace(&engine, &a)?,
     };
     let opts = TrainOptions {
         steps: a.steps,

@@ -282,3 +282,149 @@ fn the_default_least_squares_router_runs_like_the_reference() {
     let cpu = reference_logits(&load_weights(&out, TinySpec::default(), 2), &TOKENS);
     assert!(max_abs_diff(&got[3], &cpu[TOKENS.len() - 1]) < 2e-3);
 }
+
+/// Text of another domain than `calib_file`'s code, for Read-ME's per-file clusters.
+fn prose_file(dir: &Path) -> std::path::PathBuf {
+    let text: String = (0..300)
+        .map(|i| format!("The {i}th quiet river runs past a green hill, and birds sing.\n"))
+        .collect();
+    let p = dir.join("prose.txt");
+    std::fs::write(&p, text).expect("write prose");
+    p
+}
+
+/// Rows of a GGUF tensor as raw bytes.
+fn rows(f: &pregate::format::GgufFile, name: &str, row_bytes: usize) -> Vec<Vec<u8>> {
+    let t = f.require(name).expect(name);
+    f.bytes(t).chunks(row_bytes).map(<[u8]>::to_vec).collect()
+}
+
+#[test]
+fn readme_carving_gives_each_file_its_expert_and_runs_like_the_reference() {
+    let dir = common::tmp_dir("carve_readme");
+    let dense = dir.join("dense.gguf");
+    let spec = TinySpec::default();
+    write_tiny_model(&dense, spec, 21);
+    let out = dir.join("readme.gguf");
+    let opts = CarveOptions {
+        method: carve::Method::Readme,
+        n_experts: 2,
+        n_active: 1,
+        calib: vec![calib_file(&dir), prose_file(&dir)],
+        calib_tokens: 400,
+        seq_len: 200,
+        ..Default::default()
+    };
+    let s = carve::carve(&dense, &out, &opts, |_| {}).expect("carve");
+    assert_eq!(s.cluster_tokens, vec![200, 200]);
+    let labels = carve::ClusterLabels::load(&carve::ClusterLabels::path_for(&out)).expect("labels");
+    assert_eq!(labels.source, carve::ClusterSource::Domains);
+    assert!(labels.labels[..200].iter().all(|&c| c == 0));
+    assert!(labels.labels[200..].iter().all(|&c| c == 1));
+
+    // Per layer, the shared expert plus expert c holds exactly half of the dense gate rows
+    // (cluster c's set), with no row twice; padding rows are zero.
+    let d = pregate::format::GgufFile::open(&dense).expect("dense");
+    let m = pregate::format::GgufFile::open(&out).expect("carved");
+    let gate = d.require("blk.0.ffn_gate.weight").expect("gate");
+    let row = gate.dtype.bytes_for(spec.d_model as u64).expect("row") as usize;
+    let zero = pregate::quant::quantize(gate.dtype, &vec![0.0; spec.d_model]).expect("zero");
+    for l in 0..spec.n_layer {
+        let dense_rows = rows(&d, &format!("blk.{l}.ffn_gate.weight"), row);
+        let shared = rows(&m, &format!("blk.{l}.ffn_gate_shexp.weight"), row);
+        let experts = rows(&m, &format!("blk.{l}.ffn_gate_exps.weight"), row);
+        let per = experts.len() / 2;
+        for c in 0..2 {
+            let set: Vec<&Vec<u8>> = shared
+                .iter()
+                .chain(&experts[c * per..(c + 1) * per])
+                .filter(|r| **r != zero)
+                .collect();
+            assert_eq!(set.len(), spec.d_ff / 2, "layer {l} cluster {c}");
+            for r in &set {
+                assert_eq!(set.iter().filter(|o| o == &r).count(), 1);
+                assert!(
+                    dense_rows.contains(r),
+                    "a row that is not the dense model's"
+                );
+            }
+        }
+    }
+
+    // The GPU runs it like the CPU reference, with one expert and with both.
+    for k in [1usize, 2] {
+        let got = logits(&out, Some(k), &TOKENS);
+        let cpu = reference_logits(&load_weights(&out, spec, k), &TOKENS);
+        let last = &cpu[TOKENS.len() - 1];
+        let diff = max_abs_diff(last, got.last().expect("logits"));
+        assert!(diff < 2e-3, "k {k}: {diff}");
+    }
+
+    // One file: k-means on activation patterns makes the clusters.
+    let km = dir.join("kmeans.gguf");
+    let one = CarveOptions {
+        calib: vec![calib_file(&dir)],
+        ..opts.clone()
+    };
+    let s = carve::carve(&dense, &km, &one, |_| {}).expect("carve k-means");
+    assert!(
+        s.cluster_tokens.iter().all(|&n| n > 0),
+        "{:?}",
+        s.cluster_tokens
+    );
+    let l = carve::ClusterLabels::load(&carve::ClusterLabels::path_for(&km)).expect("labels");
+    assert_eq!(l.source, carve::ClusterSource::Kmeans);
+
+    // train-router fits the clusters: one decision that every layer shares.
+    let router = dir.join("readme.router.safetensors");
+    let m = out.to_str().expect("path");
+    common::run_cli(&[
+        "train-router",
+        "-m",
+        m,
+        "-o",
+        router.to_str().expect("path"),
+        "--steps",
+        "4",
+    ]);
+    let r = pregate::router::PreGateRouter::load(&router).expect("router");
+    let mut right = 0;
+    for t in 0..labels.tokens.len() {
+        let p = r.predict(&labels.tokens, t, 1);
+        assert!(p.iter().all(|l| l == &p[0]), "layers disagree at {t}");
+        right += usize::from(p[0][0] == labels.labels[t]);
+    }
+    assert!(
+        right * 10 > labels.tokens.len() * 9,
+        "{right} of {}",
+        labels.tokens.len()
+    );
+}
+
+#[test]
+fn readme_carving_rejects_a_cluster_count_unlike_the_files() {
+    let dir = common::tmp_dir("carve_readme_bad");
+    let dense = dir.join("dense.gguf");
+    write_tiny_model(&dense, TinySpec::default(), 21);
+    let out = dir.join("out.gguf");
+    let base = CarveOptions {
+        method: carve::Method::Readme,
+        n_experts: 3,
+        n_active: 1,
+        calib: vec![calib_file(&dir), prose_file(&dir)],
+        ..Default::default()
+    };
+    let err = carve::carve(&dense, &out, &base, |_| {}).expect_err("3 clusters, 2 files");
+    assert!(
+        err.to_string().contains("one cluster per calibration file"),
+        "{err}"
+    );
+    let half = CarveOptions {
+        n_experts: 2,
+        remain_rate: 1.0,
+        ..base
+    };
+    let err = carve::carve(&dense, &out, &half, |_| {}).expect_err("remain 1");
+    assert!(err.to_string().contains("--remain-rate"), "{err}");
+    assert!(!out.exists());
+}

@@ -39,6 +39,28 @@ pub fn tokens(tok: &Tokenizer, files: &[PathBuf], max: usize) -> Result<Vec<u32>
     Ok(out)
 }
 
+/// Up to `max` tokens split evenly between the calibration `files`, each labelled with its
+/// file's index (Read-ME's data domains). Every file must yield a token.
+pub fn tokens_by_file(
+    tok: &Tokenizer,
+    files: &[PathBuf],
+    max: usize,
+) -> Result<(Vec<u32>, Vec<u32>)> {
+    let per_file = max / files.len().max(1);
+    let (mut all, mut labels) = (Vec::new(), Vec::new());
+    for (i, path) in files.iter().enumerate() {
+        let mut t =
+            tokens(tok, std::slice::from_ref(path), per_file.max(1)).map_err(|e| match e {
+                Error::Carve(_) => Error::Carve(format!("{} has no tokens", path.display())),
+                e => e,
+            })?;
+        t.truncate(per_file.max(1));
+        labels.extend(std::iter::repeat_n(i as u32, t.len()));
+        all.extend(t);
+    }
+    Ok((all, labels))
+}
+
 /// One layer's calibration result.
 pub struct LayerCalibration {
     /// Which neurons each token marked active.
@@ -80,7 +102,9 @@ pub fn profile(
             hidden: Vec::new(),
         })
         .collect();
-    let keep_hidden = opts.router_fit != super::RouterFit::Representative || opts.refit_shared;
+    let keep_hidden = opts.router_fit != super::RouterFit::Representative
+        || opts.refit_shared
+        || opts.method == super::Method::Readme;
     let mut session = engine.session()?;
     let mut scores = vec![0f32; ff];
     let mut scratch = Vec::new();

@@ -4,10 +4,13 @@
 //! gate/up pre-activations are captured. Per layer, each token marks its K_a neurons of
 //! largest normalised activation; neurons are split into shared experts (highest rates) and
 //! equal routed experts (balanced assignment on marker columns), and a training-free router
-//! is built from one representative neuron per expert. The result is written as a GGUF.
+//! is built from one representative neuron per expert. Read-ME's variant (`readme.rs`)
+//! clusters the tokens instead and gives each cluster its own expert. The result is
+//! written as a GGUF.
 
 pub mod calib;
 pub mod partition;
+pub mod readme;
 pub mod recover;
 pub mod router;
 mod tensors;
@@ -21,20 +24,35 @@ use crate::gpu::GpuOptions;
 use crate::quant::DType;
 
 pub use partition::{partition_neurons, NeuronProfile, Partition};
+pub use readme::{ClusterLabels, ClusterSource};
 pub use recover::RouterFit;
-use tensors::Router;
+use tensors::{MoeShape, Router};
 
-/// Carving method. Only CMoE exists so far; Read-ME clustering is tracked in the carve issue.
+/// Carving method.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Method {
+    /// Shared experts by activation rate, routed experts by co-activation (CMoE).
     Cmoe,
+    /// One expert per token cluster, the shared expert their intersection (Read-ME).
+    Readme,
+}
+
+impl Method {
+    pub fn name(self) -> &'static str {
+        match self {
+            Method::Cmoe => "cmoe",
+            Method::Readme => "readme",
+        }
+    }
 }
 
 #[derive(Clone, Debug)]
 pub struct CarveOptions {
     pub method: Method,
-    /// Experts in all, shared included (CMoE's E).
+    /// `cmoe`: experts in all, shared included (CMoE's E). `readme`: clusters, one routed
+    /// expert each (the shared expert comes on top).
     pub n_experts: usize,
+    /// `cmoe` only: shared experts (`readme`'s shared expert is the clusters' intersection).
     pub n_shared: usize,
     /// Routed experts each token uses.
     pub n_active: usize,
@@ -52,6 +70,10 @@ pub struct CarveOptions {
     pub refit_shared: bool,
     /// Tune the representative router's selection bias for even expert load.
     pub balance: bool,
+    /// `readme`: share of the FFN neurons each cluster keeps per layer.
+    pub remain_rate: f64,
+    /// `readme`: seeds k-means.
+    pub seed: u64,
     /// Replace an existing output file.
     pub overwrite: bool,
     pub gpu: GpuOptions,
@@ -73,6 +95,8 @@ impl Default for CarveOptions {
             router_fit: RouterFit::LeastSquares,
             refit_shared: false,
             balance: true,
+            remain_rate: 0.5,
+            seed: 7,
             overwrite: false,
             gpu: GpuOptions::default(),
         }
@@ -102,13 +126,29 @@ pub struct CarveSummary {
     pub layers: usize,
     pub calib_tokens: usize,
     pub neurons_per_expert: usize,
-    /// Zero neurons added so the experts are equal and block-aligned.
+    /// Neurons of the shared expert (padding included).
+    pub shared_neurons: usize,
+    /// Zero neurons added per layer so the experts are equal and block-aligned (`readme`:
+    /// the mean over layers).
     pub padding_neurons: usize,
-    /// Fraction of FFN neurons a token uses (shared + active routed).
+    /// Fraction of the dense FFN's neurons a token uses (shared + active routed; `readme`:
+    /// its cluster's share).
     pub active_fraction: f64,
+    /// Neurons a token computes per layer, zero padding included.
+    pub computed_neurons: usize,
     /// Bytes of one routed expert (gate + up + down) in one layer.
     pub bytes_per_expert: u64,
     pub output_bytes: u64,
+    /// `readme`: the clusters' sizes in calibration tokens, and where their labels went.
+    pub cluster_tokens: Vec<usize>,
+    pub labels_path: Option<PathBuf>,
+}
+
+/// The carved experts of every layer.
+struct Layout {
+    parts: Vec<Partition>,
+    shape: MoeShape,
+    labels: Option<ClusterLabels>,
 }
 
 /// Carves the dense GGUF at `input` into an MoE GGUF at `output` (written to a temporary
@@ -150,24 +190,31 @@ pub fn carve(
     )?;
     let c = config;
     let f = &engine.model.file;
-    let tokens = calib::tokens(&engine.tokenizer, &opts.calib, opts.calib_tokens)?;
-    let size = expert_size(c.d_ff, opts.n_experts, opts.down_type);
-    let padding = size * opts.n_experts - c.d_ff;
-    if padding > 0 {
-        tracing::warn!(
-            "{} experts do not divide {} FFN neurons: padding with {padding} zero neurons ({size} per expert)",
-            opts.n_experts,
-            c.d_ff
-        );
-    }
-
+    let (tokens, domains) = if opts.method == Method::Readme && opts.calib.len() > 1 {
+        let (t, l) = calib::tokens_by_file(&engine.tokenizer, &opts.calib, opts.calib_tokens)?;
+        (t, Some(l))
+    } else {
+        let t = calib::tokens(&engine.tokenizer, &opts.calib, opts.calib_tokens)?;
+        (t, None)
+    };
     let profiles = calib::profile(&engine, &tokens, opts, &mut progress)?;
     tracing::info!(seconds = t0.elapsed().as_secs_f64(), "calibration done");
-    let mut writer = tensors::ExpertWriter::new(f, opts, size, padding)?;
-    for (l, layer) in profiles.into_iter().enumerate() {
-        let part = partition_neurons(&layer.markers, opts.n_experts, opts.n_shared, size);
+    let layout = match opts.method {
+        Method::Cmoe => cmoe_layout(&profiles, c.d_ff, opts),
+        Method::Readme => readme_layout(&profiles, c.d_ff, &tokens, domains, opts)?,
+    };
+    let shape = layout.shape;
+    if shape.padding > 0 {
+        tracing::warn!(
+            "experts padded with {} zero neurons per layer ({} per expert)",
+            shape.padding,
+            shape.expert_ff
+        );
+    }
+    let mut writer = tensors::ExpertWriter::new(f, opts, shape)?;
+    for (l, (layer, part)) in profiles.into_iter().zip(&layout.parts).enumerate() {
         let down = writer.dense_down(l)?;
-        let mut router = writer.representative_router(l, &part, &layer.inputs)?;
+        let mut router = writer.representative_router(l, part, &layer.inputs)?;
         let mut shared_down = None;
         if opts.router_fit != RouterFit::Representative || opts.refit_shared {
             let Router::Representative { rg, ru, bias } = &router else {
@@ -182,7 +229,7 @@ pub fn carve(
             };
             let r = recover::recover(
                 &data,
-                &part,
+                part,
                 (rg, ru, bias),
                 opts.n_active,
                 opts.router_fit,
@@ -193,7 +240,7 @@ pub fn carve(
                 router = Router::Linear(w);
             }
         }
-        writer.add_layer(l, &part, &down, &router, shared_down.as_deref())?;
+        writer.add_layer(l, part, &down, &router, shared_down.as_deref())?;
         progress(CarveEvent::Carving {
             done: l + 1,
             total: c.n_layer,
@@ -204,16 +251,127 @@ pub fn carve(
     let bytes_per_expert = writer.bytes_per_expert();
     writer.write(output)?;
     let output_bytes = std::fs::metadata(output).map(|m| m.len()).unwrap_or(0);
+    let (mut cluster_tokens, mut labels_path) = (Vec::new(), None);
+    if let Some(labels) = &layout.labels {
+        cluster_tokens = vec![0; labels.clusters];
+        labels
+            .labels
+            .iter()
+            .for_each(|&c| cluster_tokens[c as usize] += 1);
+        let p = ClusterLabels::path_for(output);
+        labels.save(&p)?;
+        labels_path = Some(p);
+    }
     Ok(CarveSummary {
         seconds: t0.elapsed().as_secs_f64(),
         layers: c.n_layer,
         calib_tokens: tokens.len(),
-        neurons_per_expert: size,
-        padding_neurons: padding,
-        active_fraction: ((opts.n_shared + opts.n_active) * size) as f64
-            / (opts.n_experts * size) as f64,
+        neurons_per_expert: shape.expert_ff,
+        shared_neurons: shape.shared_ff,
+        padding_neurons: shape.padding,
+        active_fraction: match opts.method {
+            Method::Cmoe => (opts.n_shared + opts.n_active) as f64 / opts.n_experts as f64,
+            Method::Readme => opts.remain_rate,
+        },
+        computed_neurons: shape.shared_ff + opts.n_active * shape.expert_ff,
         bytes_per_expert,
         output_bytes,
+        cluster_tokens,
+        labels_path,
+    })
+}
+
+/// CMoE: per layer, shared experts by activation rate and routed experts by co-activation.
+fn cmoe_layout(profiles: &[calib::LayerCalibration], d_ff: usize, opts: &CarveOptions) -> Layout {
+    let size = expert_size(d_ff, opts.n_experts, opts.down_type);
+    let parts = profiles
+        .iter()
+        .map(|l| partition_neurons(&l.markers, opts.n_experts, opts.n_shared, size))
+        .collect();
+    Layout {
+        parts,
+        shape: MoeShape {
+            method: Method::Cmoe,
+            n_routed: opts.n_experts - opts.n_shared,
+            n_active: opts.n_active,
+            expert_ff: size,
+            shared_ff: opts.n_shared * size,
+            padding: size * opts.n_experts - d_ff,
+            experts_total: opts.n_experts,
+            shared_experts: opts.n_shared,
+        },
+        labels: None,
+    }
+}
+
+/// Read-ME: cluster the tokens (by file when there are several, else k-means), then per
+/// layer give each cluster its top neurons. Sizes are padded to the largest layer's, so
+/// every layer has the same shape.
+fn readme_layout(
+    profiles: &[calib::LayerCalibration],
+    d_ff: usize,
+    tokens: &[u32],
+    domains: Option<Vec<u32>>,
+    opts: &CarveOptions,
+) -> Result<Layout> {
+    let k = opts.n_experts;
+    let (labels, source) = match domains {
+        Some(l) => (l, ClusterSource::Domains),
+        None => {
+            let hidden: Vec<&[half::f16]> = profiles.iter().map(|p| &p.hidden[..]).collect();
+            let l = readme::kmeans_labels(&hidden, d_ff, tokens.len(), k, opts.seed)?;
+            (l, ClusterSource::Kmeans)
+        }
+    };
+    let keep = ((opts.remain_rate * d_ff as f64).round() as usize).clamp(1, d_ff);
+    let sets: Vec<readme::ClusterSets> = profiles
+        .iter()
+        .map(|p| readme::cluster_sets(&p.hidden, d_ff, &labels, k, keep))
+        .collect();
+    let block = opts.down_type.block_len();
+    let round = |n: usize| n.div_ceil(block) * block;
+    let largest = sets.iter().flat_map(|s| s.experts.iter().map(Vec::len));
+    let expert_ff = round(largest.max().unwrap_or(0)).max(block);
+    let shared_ff = round(sets.iter().map(|s| s.shared.len()).max().unwrap_or(0));
+    let pad = |v: &[usize], n: usize| -> Vec<usize> {
+        v.iter()
+            .copied()
+            .chain(std::iter::repeat(d_ff))
+            .take(n)
+            .collect()
+    };
+    let mut padding = 0;
+    let parts: Vec<Partition> = sets
+        .iter()
+        .map(|s| {
+            let real = s.shared.len() + s.experts.iter().map(Vec::len).sum::<usize>();
+            padding += shared_ff + k * expert_ff - real;
+            let experts: Vec<Vec<usize>> = s.experts.iter().map(|e| pad(e, expert_ff)).collect();
+            Partition {
+                shared: pad(&s.shared, shared_ff),
+                representatives: experts.iter().map(|e| e[0]).collect(),
+                experts,
+            }
+        })
+        .collect();
+    Ok(Layout {
+        parts,
+        shape: MoeShape {
+            method: Method::Readme,
+            n_routed: k,
+            n_active: opts.n_active,
+            expert_ff,
+            shared_ff,
+            padding: padding / profiles.len().max(1),
+            experts_total: k + usize::from(shared_ff > 0),
+            shared_experts: usize::from(shared_ff > 0),
+        },
+        labels: Some(ClusterLabels {
+            clusters: k,
+            source,
+            tokens: tokens.to_vec(),
+            labels,
+        }),
     })
 }
 
@@ -229,13 +387,31 @@ fn check_options(input: &Path, output: &Path, o: &CarveOptions) -> Result<()> {
     if o.n_experts < 2 {
         return bad(format!("--experts {} must be at least 2", o.n_experts));
     }
-    if o.n_shared >= o.n_experts {
-        return bad(format!(
-            "--shared {} leaves no routed experts out of {}",
-            o.n_shared, o.n_experts
-        ));
-    }
-    let routed = o.n_experts - o.n_shared;
+    let routed = match o.method {
+        Method::Cmoe if o.n_shared >= o.n_experts => {
+            return bad(format!(
+                "--shared {} leaves no routed experts out of {}",
+                o.n_shared, o.n_experts
+            ))
+        }
+        Method::Cmoe => o.n_experts - o.n_shared,
+        Method::Readme => {
+            if o.calib.len() > 1 && o.calib.len() != o.n_experts {
+                return bad(format!(
+                    "--method readme makes one cluster per calibration file: {} files, but --experts {}",
+                    o.calib.len(),
+                    o.n_experts
+                ));
+            }
+            if !(o.remain_rate > 0.0 && o.remain_rate < 1.0) {
+                return bad(format!(
+                    "--remain-rate {} must lie strictly between 0 and 1",
+                    o.remain_rate
+                ));
+            }
+            o.n_experts
+        }
+    };
     if o.n_active == 0 || o.n_active > routed {
         return bad(format!(
             "--active {} must be between 1 and the {routed} routed experts",

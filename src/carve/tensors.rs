@@ -9,7 +9,7 @@ use crate::quant::{dequantize, quantize, DType};
 
 use super::partition::Partition;
 use super::recover::RouterFit;
-use super::CarveOptions;
+use super::{CarveOptions, Method};
 
 /// Tensors start on 4 KiB boundaries so that a loader can read them page-aligned.
 const ALIGNMENT: u64 = 4096;
@@ -24,6 +24,23 @@ pub enum Router {
     },
     /// Least squares: rows [n_expert, d] whose dot with x predicts each expert's output norm.
     Linear(Vec<f32>),
+}
+
+/// The carved MoE's shape, the same in every layer.
+#[derive(Clone, Copy, Debug)]
+pub struct MoeShape {
+    pub method: Method,
+    pub n_routed: usize,
+    pub n_active: usize,
+    /// Neurons per routed expert, padding included.
+    pub expert_ff: usize,
+    /// Neurons of the shared expert (0: none), padding included.
+    pub shared_ff: usize,
+    /// Zero neurons per layer.
+    pub padding: usize,
+    /// Experts in all, counting the shared ones (`pregate.moe.experts_total`).
+    pub experts_total: usize,
+    pub shared_experts: usize,
 }
 
 pub struct ExpertWriter<'a> {
@@ -46,12 +63,7 @@ fn is_dense_ffn(name: &str) -> bool {
 impl<'a> ExpertWriter<'a> {
     /// Starts the output: the dense model's metadata plus the MoE keys, and every tensor
     /// except the dense FFN weights, copied unchanged.
-    pub fn new(
-        file: &'a GgufFile,
-        opts: &'a CarveOptions,
-        size: usize,
-        padding: usize,
-    ) -> Result<Self> {
+    pub fn new(file: &'a GgufFile, opts: &'a CarveOptions, shape: MoeShape) -> Result<Self> {
         let arch = file.architecture()?.to_string();
         let d = file.get_u64(&format!("{arch}.embedding_length"))? as usize;
         let d_ff = file.get_u64(&format!("{arch}.feed_forward_length"))? as usize;
@@ -61,16 +73,21 @@ impl<'a> ExpertWriter<'a> {
                 out.meta(k, v.clone());
             }
         }
-        let routed = opts.n_experts - opts.n_shared;
         let u32v = |v: usize| MetaValue::U32(v as u32);
-        out.meta(&format!("{arch}.expert_count"), u32v(routed))
-            .meta(&format!("{arch}.expert_used_count"), u32v(opts.n_active))
-            .meta(&format!("{arch}.expert_feed_forward_length"), u32v(size))
+        out.meta(&format!("{arch}.expert_count"), u32v(shape.n_routed))
+            .meta(&format!("{arch}.expert_used_count"), u32v(shape.n_active))
+            .meta(
+                &format!("{arch}.expert_feed_forward_length"),
+                u32v(shape.expert_ff),
+            )
             .meta(
                 &format!("{arch}.expert_shared_feed_forward_length"),
-                u32v(opts.n_shared * size),
+                u32v(shape.shared_ff),
             )
-            .meta("pregate.moe.method", MetaValue::String("cmoe".into()))
+            .meta(
+                "pregate.moe.method",
+                MetaValue::String(shape.method.name().into()),
+            )
             .meta(
                 "pregate.moe.router",
                 MetaValue::String(
@@ -85,10 +102,20 @@ impl<'a> ExpertWriter<'a> {
                 "pregate.moe.refit_shared",
                 MetaValue::Bool(opts.refit_shared),
             )
-            .meta("pregate.moe.experts_total", u32v(opts.n_experts))
-            .meta("pregate.moe.shared_experts", u32v(opts.n_shared))
-            .meta("pregate.moe.padding_neurons", u32v(padding))
-            .meta("pregate.moe.k_act", u32v(opts.k_act));
+            .meta("pregate.moe.experts_total", u32v(shape.experts_total))
+            .meta("pregate.moe.shared_experts", u32v(shape.shared_experts))
+            .meta("pregate.moe.padding_neurons", u32v(shape.padding));
+        match shape.method {
+            Method::Cmoe => {
+                out.meta("pregate.moe.k_act", u32v(opts.k_act));
+            }
+            Method::Readme => {
+                out.meta(
+                    "pregate.moe.remain_rate",
+                    MetaValue::F32(opts.remain_rate as f32),
+                );
+            }
+        }
         for t in &file.tensors {
             if !is_dense_ffn(&t.name) {
                 out.tensor(&t.name, t.dtype, &t.dims, file.bytes(t).to_vec())?;
@@ -97,7 +124,7 @@ impl<'a> ExpertWriter<'a> {
         Ok(ExpertWriter {
             file,
             opts,
-            size,
+            size: shape.expert_ff,
             d,
             d_ff,
             out,
