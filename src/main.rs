@@ -269,6 +269,10 @@ struct CarveArgs {
     /// readme: seed of the k-means clustering
     #[arg(long, default_value_t = 7)]
     seed: u64,
+    /// cmoe: carve the layers in order, calibrating each on the output of the carved layers
+    /// before it (CMoE's sequential calibration; the residual stream runs on the CPU)
+    #[arg(long)]
+    sequential: bool,
     /// Neurons each calibration token marks active (K_a)
     #[arg(long, default_value_t = 10)]
     k_act: usize,
@@ -886,6 +890,7 @@ fn cmd_carve(a: CarveArgs) -> Result<()> {
         n_active: active,
         remain_rate: a.remain_rate,
         seed: a.seed,
+        sequential: a.sequential,
         k_act: a.k_act,
         calib: a.calib,
         calib_tokens: a.calib_tokens,

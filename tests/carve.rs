@@ -428,3 +428,87 @@ fn readme_carving_rejects_a_cluster_count_unlike_the_files() {
     assert!(err.to_string().contains("--remain-rate"), "{err}");
     assert!(!out.exists());
 }
+
+#[test]
+fn the_cpu_residual_stream_matches_the_gpu_forward() {
+    use pregate::carve::{calib::dense_matrix, sequential};
+    let dir = common::tmp_dir("carve_stream");
+    let dense = dir.join("dense.gguf");
+    let spec = TinySpec::default();
+    write_tiny_model(&dense, spec, 21);
+    let opts = EngineOptions {
+        ctx: 64,
+        ..Default::default()
+    };
+    let engine = Engine::load(&dense, &opts).expect("load");
+    // Two sequences of 6: positions restart, and no token attends across them.
+    let mut gpu_xn = vec![Vec::new(); spec.n_layer];
+    let mut s = engine.session().expect("session");
+    for seq in TOKENS.chunks(6) {
+        s.capture_ffn(seq, |l, _, xn, _, _| gpu_xn[l].extend_from_slice(xn))
+            .expect("capture");
+    }
+    let (f, c) = (&engine.model.file, &engine.model.config);
+    let mut stream = sequential::ResidualStream::new(f, c, &TOKENS, 6).expect("stream");
+    for (l, want) in gpu_xn.iter().enumerate() {
+        let xn = stream.attention(l).expect("attention");
+        let diff = max_abs_diff(want, &xn);
+        assert!(diff < 2e-3, "layer {l}: {diff}");
+        // The dense FFN, so that the next layer's input is the dense model's.
+        let w = |t: &str| dense_matrix(f, &format!("blk.{l}.ffn_{t}.weight")).expect(t);
+        let gate = sequential::matmul_t(&xn, &w("gate"), spec.d_model);
+        let up = sequential::matmul_t(&xn, &w("up"), spec.d_model);
+        let h: Vec<f32> = gate
+            .iter()
+            .zip(&up)
+            .map(|(g, u)| carve::router::silu(*g) * u)
+            .collect();
+        stream.add(&sequential::matmul_t(&h, &w("down"), spec.d_ff));
+    }
+}
+
+#[test]
+fn sequential_carving_keeps_the_invariant_and_runs_like_the_reference() {
+    let dir = common::tmp_dir("carve_sequential");
+    let dense = dir.join("dense.gguf");
+    let spec = TinySpec::default();
+    write_tiny_model(&dense, spec, 21);
+    let out = dir.join("seq.gguf");
+    let opts = CarveOptions {
+        n_experts: 8,
+        n_shared: 1,
+        n_active: 2,
+        calib: vec![calib_file(&dir)],
+        calib_tokens: 600,
+        seq_len: 200,
+        sequential: true,
+        ..Default::default()
+    };
+    carve::carve(&dense, &out, &opts, |_| {}).expect("carve");
+    let want = logits(&dense, None, &TOKENS);
+    let all = logits(&out, Some(usize::MAX), &TOKENS);
+    for (w, g) in want.iter().zip(&all) {
+        let scale = w.iter().fold(0f32, |m, v| m.max(v.abs()));
+        assert!(max_abs_diff(w, g) < 0.01 * scale, "{}", max_abs_diff(w, g));
+    }
+    let got = logits(&out, Some(2), &TOKENS);
+    let cpu = reference_logits(&load_weights(&out, spec, 2), &TOKENS);
+    let diff = max_abs_diff(&cpu[TOKENS.len() - 1], got.last().expect("logits"));
+    assert!(diff < 2e-3, "{diff}");
+    // The calibration differs from the dense one: some layer past the first is carved
+    // differently.
+    let plain = dir.join("plain.gguf");
+    let p = CarveOptions {
+        sequential: false,
+        ..opts
+    };
+    carve::carve(&dense, &plain, &p, |_| {}).expect("carve");
+    let a = pregate::format::GgufFile::open(&out).expect("open");
+    let b = pregate::format::GgufFile::open(&plain).expect("open");
+    let name = "blk.1.ffn_gate_exps.weight";
+    let (ta, tb) = (a.require(name).expect("a"), b.require(name).expect("b"));
+    assert_ne!(a.bytes(ta), b.bytes(tb));
+    let name = "blk.0.ffn_gate_exps.weight";
+    let (ta, tb) = (a.require(name).expect("a"), b.require(name).expect("b"));
+    assert_eq!(a.bytes(ta), b.bytes(tb), "layer 0 sees the same inputs either way");
+}

@@ -13,6 +13,7 @@ pub mod partition;
 pub mod readme;
 pub mod recover;
 pub mod router;
+pub mod sequential;
 mod tensors;
 
 use std::path::{Path, PathBuf};
@@ -74,6 +75,9 @@ pub struct CarveOptions {
     pub remain_rate: f64,
     /// `readme`: seeds k-means.
     pub seed: u64,
+    /// `cmoe`: calibrate each layer on the output of the carved layers before it (on the
+    /// CPU), not on the dense model's.
+    pub sequential: bool,
     /// Replace an existing output file.
     pub overwrite: bool,
     pub gpu: GpuOptions,
@@ -97,6 +101,7 @@ impl Default for CarveOptions {
             balance: true,
             remain_rate: 0.5,
             seed: 7,
+            sequential: false,
             overwrite: false,
             gpu: GpuOptions::default(),
         }
@@ -197,55 +202,28 @@ pub fn carve(
         let t = calib::tokens(&engine.tokenizer, &opts.calib, opts.calib_tokens)?;
         (t, None)
     };
-    let profiles = calib::profile(&engine, &tokens, opts, &mut progress)?;
-    tracing::info!(seconds = t0.elapsed().as_secs_f64(), "calibration done");
-    let layout = match opts.method {
-        Method::Cmoe => cmoe_layout(&profiles, c.d_ff, opts),
-        Method::Readme => readme_layout(&profiles, c.d_ff, &tokens, domains, opts)?,
+    let (layout, writer) = if opts.sequential {
+        sequential_carve(f, &c, &tokens, opts, &mut progress)?
+    } else {
+        let profiles = calib::profile(&engine, &tokens, opts, &mut progress)?;
+        tracing::info!(seconds = t0.elapsed().as_secs_f64(), "calibration done");
+        let layout = match opts.method {
+            Method::Cmoe => cmoe_layout(&profiles, c.d_ff, opts),
+            Method::Readme => readme_layout(&profiles, c.d_ff, &tokens, domains, opts)?,
+        };
+        warn_padding(&layout.shape);
+        let mut writer = tensors::ExpertWriter::new(f, opts, layout.shape)?;
+        for (l, (layer, part)) in profiles.iter().zip(&layout.parts).enumerate() {
+            let down = writer.dense_down(l)?;
+            carve_layer(&mut writer, l, layer, part, &down, opts)?;
+            progress(CarveEvent::Carving {
+                done: l + 1,
+                total: c.n_layer,
+            });
+        }
+        (layout, writer)
     };
     let shape = layout.shape;
-    if shape.padding > 0 {
-        tracing::warn!(
-            "experts padded with {} zero neurons per layer ({} per expert)",
-            shape.padding,
-            shape.expert_ff
-        );
-    }
-    let mut writer = tensors::ExpertWriter::new(f, opts, shape)?;
-    for (l, (layer, part)) in profiles.into_iter().zip(&layout.parts).enumerate() {
-        let down = writer.dense_down(l)?;
-        let mut router = writer.representative_router(l, part, &layer.inputs)?;
-        let mut shared_down = None;
-        if opts.router_fit != RouterFit::Representative || opts.refit_shared {
-            let Router::Representative { rg, ru, bias } = &router else {
-                unreachable!("representative_router returns the representative router")
-            };
-            let data = recover::LayerData {
-                inputs: &layer.inputs,
-                hidden: &layer.hidden,
-                down: &down,
-                d: c.d_model,
-                d_ff: c.d_ff,
-            };
-            let r = recover::recover(
-                &data,
-                part,
-                (rg, ru, bias),
-                opts.n_active,
-                opts.router_fit,
-                opts.refit_shared,
-            );
-            shared_down = r.shared_down;
-            if let Some(w) = r.router {
-                router = Router::Linear(w);
-            }
-        }
-        writer.add_layer(l, part, &down, &router, shared_down.as_deref())?;
-        progress(CarveEvent::Carving {
-            done: l + 1,
-            total: c.n_layer,
-        });
-    }
     tracing::info!(seconds = t0.elapsed().as_secs_f64(), "layers carved");
     progress(CarveEvent::Writing);
     let bytes_per_expert = writer.bytes_per_expert();
@@ -281,25 +259,126 @@ pub fn carve(
     })
 }
 
+fn warn_padding(shape: &MoeShape) {
+    if shape.padding > 0 {
+        tracing::warn!(
+            "experts padded with {} zero neurons per layer ({} per expert)",
+            shape.padding,
+            shape.expert_ff
+        );
+    }
+}
+
+/// Carves layer `l` from its calibration into `writer`: the router (least squares or
+/// CMoE's representatives, with the optional shared refit) and the experts of `part`.
+fn carve_layer(
+    writer: &mut tensors::ExpertWriter,
+    l: usize,
+    layer: &calib::LayerCalibration,
+    part: &Partition,
+    down: &[f32],
+    opts: &CarveOptions,
+) -> Result<Router> {
+    let mut router = writer.representative_router(l, part, &layer.inputs)?;
+    let mut shared_down = None;
+    if opts.router_fit != RouterFit::Representative || opts.refit_shared {
+        let Router::Representative { rg, ru, bias } = &router else {
+            unreachable!("representative_router returns the representative router")
+        };
+        let d_ff = down.len() / writer.d_model();
+        let data = recover::LayerData {
+            inputs: &layer.inputs,
+            hidden: &layer.hidden,
+            down,
+            d: writer.d_model(),
+            d_ff,
+        };
+        let r = recover::recover(
+            &data,
+            part,
+            (rg, ru, bias),
+            opts.n_active,
+            opts.router_fit,
+            opts.refit_shared,
+        );
+        shared_down = r.shared_down;
+        if let Some(w) = r.router {
+            router = Router::Linear(w);
+        }
+    }
+    writer.add_layer(l, part, down, &router, shared_down.as_deref())?;
+    Ok(router)
+}
+
+/// CMoE carved layer by layer, each calibrated on the output of the carved layers before
+/// it: the residual stream runs on the CPU (`sequential.rs`).
+fn sequential_carve<'a>(
+    f: &'a crate::format::GgufFile,
+    c: &crate::model::ModelConfig,
+    tokens: &[u32],
+    opts: &'a CarveOptions,
+    progress: &mut impl FnMut(CarveEvent),
+) -> Result<(Layout, tensors::ExpertWriter<'a>)> {
+    let (d, ff) = (c.d_model, c.d_ff);
+    let shape = cmoe_shape(ff, opts);
+    warn_padding(&shape);
+    let mut writer = tensors::ExpertWriter::new(f, opts, shape)?;
+    let mut stream = sequential::ResidualStream::new(f, c, tokens, opts.seq_len)?;
+    let mut scratch = Vec::new();
+    for l in 0..c.n_layer {
+        let xn = stream.attention(l)?;
+        let gate_w = calib::dense_matrix(f, &format!("blk.{l}.ffn_gate.weight"))?;
+        let up_w = calib::dense_matrix(f, &format!("blk.{l}.ffn_up.weight"))?;
+        let gate = sequential::matmul_t(&xn, &gate_w, d);
+        let up = sequential::matmul_t(&xn, &up_w, d);
+        let norms = (calib::unit_norms(&gate_w, d), calib::unit_norms(&up_w, d));
+        let mut layer = calib::LayerCalibration::new(ff, tokens.len(), d);
+        let n = (&norms.0[..], &norms.1[..]);
+        calib::add_tokens(&mut layer, 0, &xn, &gate, &up, n, opts, &mut scratch);
+        let part = partition_neurons(&layer.markers, opts.n_experts, opts.n_shared, shape.expert_ff);
+        let down = writer.dense_down(l)?;
+        let router = carve_layer(&mut writer, l, &layer, &part, &down, opts)?;
+        let h: Vec<f32> = gate.iter().zip(&up).map(|(g, u)| router::silu(*g) * u).collect();
+        let y = sequential::carved_ffn(&h, &xn, d, &part, &router, opts.n_active, &down);
+        stream.add(&y);
+        progress(CarveEvent::Carving {
+            done: l + 1,
+            total: c.n_layer,
+        });
+    }
+    let layout = Layout {
+        parts: Vec::new(),
+        shape,
+        labels: None,
+    };
+    Ok((layout, writer))
+}
+
+/// CMoE's shape: `n_experts` equal experts, block-aligned, `n_shared` of them shared.
+fn cmoe_shape(d_ff: usize, opts: &CarveOptions) -> MoeShape {
+    let size = expert_size(d_ff, opts.n_experts, opts.down_type);
+    MoeShape {
+        method: Method::Cmoe,
+        n_routed: opts.n_experts - opts.n_shared,
+        n_active: opts.n_active,
+        expert_ff: size,
+        shared_ff: opts.n_shared * size,
+        padding: size * opts.n_experts - d_ff,
+        experts_total: opts.n_experts,
+        shared_experts: opts.n_shared,
+    }
+}
+
 /// CMoE: per layer, shared experts by activation rate and routed experts by co-activation.
 fn cmoe_layout(profiles: &[calib::LayerCalibration], d_ff: usize, opts: &CarveOptions) -> Layout {
-    let size = expert_size(d_ff, opts.n_experts, opts.down_type);
+    let shape = cmoe_shape(d_ff, opts);
     let parts = profiles
         .iter()
-        .map(|l| partition_neurons(&l.markers, opts.n_experts, opts.n_shared, size))
+        .map(|l| partition_neurons(&l.markers, opts.n_experts, opts.n_shared, shape.expert_ff))
         .collect();
     Layout {
         parts,
-        shape: MoeShape {
-            method: Method::Cmoe,
-            n_routed: opts.n_experts - opts.n_shared,
-            n_active: opts.n_active,
-            expert_ff: size,
-            shared_ff: opts.n_shared * size,
-            padding: size * opts.n_experts - d_ff,
-            experts_total: opts.n_experts,
-            shared_experts: opts.n_shared,
-        },
+        shape,
         labels: None,
     }
 }
@@ -396,6 +475,12 @@ fn check_options(input: &Path, output: &Path, o: &CarveOptions) -> Result<()> {
         }
         Method::Cmoe => o.n_experts - o.n_shared,
         Method::Readme => {
+            if o.sequential {
+                return bad(
+                    "--sequential is for cmoe: readme clusters tokens on every layer's dense activations"
+                        .into(),
+                );
+            }
             if o.calib.len() > 1 && o.calib.len() != o.n_experts {
                 return bad(format!(
                     "--method readme makes one cluster per calibration file: {} files, but --experts {}",

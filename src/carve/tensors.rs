@@ -43,6 +43,18 @@ pub struct MoeShape {
     pub shared_experts: usize,
 }
 
+impl Router {
+    /// The `k` experts this router picks for the FFN input `x`, as the runtime does.
+    pub fn select(&self, x: &[f32], k: usize) -> Vec<usize> {
+        match self {
+            Router::Representative { rg, ru, bias } => {
+                super::router::select(&super::router::probabilities(x, rg, ru), bias, k)
+            }
+            Router::Linear(w) => super::recover::top_k_linear(x, w, k),
+        }
+    }
+}
+
 pub struct ExpertWriter<'a> {
     file: &'a GgufFile,
     opts: &'a CarveOptions,
@@ -130,6 +142,10 @@ impl<'a> ExpertWriter<'a> {
             out,
             bytes_per_expert: 0,
         })
+    }
+
+    pub fn d_model(&self) -> usize {
+        self.d
     }
 
     /// Layer `l`'s dense down-projection [d_model, d_ff], row-major f32.
