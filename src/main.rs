@@ -269,10 +269,11 @@ struct CarveArgs {
     /// readme: seed of the k-means clustering
     #[arg(long, default_value_t = 7)]
     seed: u64,
-    /// cmoe: carve the layers in order, calibrating each on the output of the carved layers
-    /// before it (CMoE's sequential calibration; the residual stream runs on the CPU)
+    /// cmoe: profile every layer on the dense model's activations in one GPU pass, instead
+    /// of carving the layers in order, each on the output of the carved layers before it
+    /// (CMoE's sequential calibration, the default; its residual stream runs on the CPU)
     #[arg(long)]
-    sequential: bool,
+    dense_calibration: bool,
     /// Neurons each calibration token marks active (K_a)
     #[arg(long, default_value_t = 10)]
     k_act: usize,
@@ -280,7 +281,7 @@ struct CarveArgs {
     #[arg(long, num_args = 1..)]
     calib: Vec<PathBuf>,
     /// Calibration tokens to profile
-    #[arg(long, default_value_t = 2048)]
+    #[arg(long, default_value_t = 4096)]
     calib_tokens: usize,
     /// Tokens per calibration sequence
     #[arg(long, default_value_t = 1024)]
@@ -890,7 +891,7 @@ fn cmd_carve(a: CarveArgs) -> Result<()> {
         n_active: active,
         remain_rate: a.remain_rate,
         seed: a.seed,
-        sequential: a.sequential,
+        sequential: !a.dense_calibration,
         k_act: a.k_act,
         calib: a.calib,
         calib_tokens: a.calib_tokens,

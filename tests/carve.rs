@@ -510,5 +510,9 @@ fn sequential_carving_keeps_the_invariant_and_runs_like_the_reference() {
     assert_ne!(a.bytes(ta), b.bytes(tb));
     let name = "blk.0.ffn_gate_exps.weight";
     let (ta, tb) = (a.require(name).expect("a"), b.require(name).expect("b"));
-    assert_eq!(a.bytes(ta), b.bytes(tb), "layer 0 sees the same inputs either way");
+    assert_eq!(
+        a.bytes(ta),
+        b.bytes(tb),
+        "layer 0 sees the same inputs either way"
+    );
 }

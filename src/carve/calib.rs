@@ -92,7 +92,10 @@ pub fn keeps_hidden(opts: &CarveOptions) -> bool {
 /// Layer `l`'s L2 norms of the gate and up rows: CMoE's scores use normalised rows.
 pub fn row_norms(f: &GgufFile, l: usize, d: usize) -> Result<(Vec<f32>, Vec<f32>)> {
     let norms = |name: &str| -> Result<Vec<f32>> {
-        Ok(unit_norms(&dense_matrix(f, &format!("blk.{l}.{name}.weight"))?, d))
+        Ok(unit_norms(
+            &dense_matrix(f, &format!("blk.{l}.{name}.weight"))?,
+            d,
+        ))
     };
     Ok((norms("ffn_gate")?, norms("ffn_up")?))
 }
@@ -178,7 +181,16 @@ pub fn profile(
         session.capture_ffn(seq, |l, n, xn, gate, up| {
             let (gn, un) = &norms[l];
             let first = done + seen[l];
-            add_tokens(&mut layers[l], first, xn, gate, up, (gn, un), opts, &mut scratch);
+            add_tokens(
+                &mut layers[l],
+                first,
+                xn,
+                gate,
+                up,
+                (gn, un),
+                opts,
+                &mut scratch,
+            );
             seen[l] += n;
         })?;
         done += seq.len();

@@ -100,7 +100,9 @@ impl<'a> ResidualStream<'a> {
         for (&id, out) in tokens.iter().zip(x.chunks_exact_mut(d)) {
             let at = id as usize * row;
             let src = bytes.get(at..at + row).ok_or_else(|| {
-                crate::error::Error::InvalidArgument(format!("token {id} is outside the vocabulary"))
+                crate::error::Error::InvalidArgument(format!(
+                    "token {id} is outside the vocabulary"
+                ))
             })?;
             dequantize(t.dtype, src, out)?;
         }
@@ -138,7 +140,11 @@ impl<'a> ResidualStream<'a> {
             c.rms_eps,
         );
         let proj = |w: &str, heads: usize| -> Result<Vec<f32>> {
-            let mut y = matmul_t(&xa, &dense_matrix(self.file, &name(&format!("{w}.weight")))?, d);
+            let mut y = matmul_t(
+                &xa,
+                &dense_matrix(self.file, &name(&format!("{w}.weight")))?,
+                d,
+            );
             if let Some(b) = self.vector(&name(&format!("{w}.bias")))? {
                 for row in y.chunks_exact_mut(b.len()) {
                     row.iter_mut().zip(&b).for_each(|(v, b)| *v += b);
