@@ -56,7 +56,7 @@ enum Command {
         #[arg(long)]
         tensors: bool,
     },
-    /// Turn a dense model into a mixture of experts without training (CMoE)
+    /// Turn a dense model into a mixture of experts without training (CMoE or Read-ME)
     Carve(CarveArgs),
     /// Record which experts every token uses in every layer of an MoE model
     Trace(TraceArgs),
