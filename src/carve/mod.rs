@@ -205,13 +205,13 @@ pub fn carve(
         (t, None)
     };
     let (layout, writer) = if opts.sequential && opts.method == Method::Cmoe {
-        sequential_carve(f, &c, &tokens, opts, &mut progress)?
+        sequential::carve_in_order(f, &c, &tokens, opts, &mut progress)?
     } else {
         let profiles = calib::profile(&engine, &tokens, opts, &mut progress)?;
         tracing::info!(seconds = t0.elapsed().as_secs_f64(), "calibration done");
         let layout = match opts.method {
             Method::Cmoe => cmoe_layout(&profiles, c.d_ff, opts),
-            Method::Readme => readme_layout(&profiles, c.d_ff, &tokens, domains, opts)?,
+            Method::Readme => readme::layout(&profiles, c.d_ff, &tokens, domains, opts)?,
         };
         warn_padding(&layout.shape);
         let mut writer = tensors::ExpertWriter::new(f, opts, layout.shape)?;
@@ -312,59 +312,6 @@ fn carve_layer(
     Ok(router)
 }
 
-/// CMoE carved layer by layer, each calibrated on the output of the carved layers before
-/// it: the residual stream runs on the CPU (`sequential.rs`).
-fn sequential_carve<'a>(
-    f: &'a crate::format::GgufFile,
-    c: &crate::model::ModelConfig,
-    tokens: &[u32],
-    opts: &'a CarveOptions,
-    progress: &mut impl FnMut(CarveEvent),
-) -> Result<(Layout, tensors::ExpertWriter<'a>)> {
-    let (d, ff) = (c.d_model, c.d_ff);
-    let shape = cmoe_shape(ff, opts);
-    warn_padding(&shape);
-    let mut writer = tensors::ExpertWriter::new(f, opts, shape)?;
-    let mut stream = sequential::ResidualStream::new(f, c, tokens, opts.seq_len)?;
-    let mut scratch = Vec::new();
-    for l in 0..c.n_layer {
-        let xn = stream.attention(l)?;
-        let gate_w = calib::dense_matrix(f, &format!("blk.{l}.ffn_gate.weight"))?;
-        let up_w = calib::dense_matrix(f, &format!("blk.{l}.ffn_up.weight"))?;
-        let gate = sequential::matmul_t(&xn, &gate_w, d);
-        let up = sequential::matmul_t(&xn, &up_w, d);
-        let norms = (calib::unit_norms(&gate_w, d), calib::unit_norms(&up_w, d));
-        let mut layer = calib::LayerCalibration::new(ff, tokens.len(), d);
-        let n = (&norms.0[..], &norms.1[..]);
-        calib::add_tokens(&mut layer, 0, &xn, &gate, &up, n, opts, &mut scratch);
-        let part = partition_neurons(
-            &layer.markers,
-            opts.n_experts,
-            opts.n_shared,
-            shape.expert_ff,
-        );
-        let down = writer.dense_down(l)?;
-        let router = carve_layer(&mut writer, l, &layer, &part, &down, opts)?;
-        let h: Vec<f32> = gate
-            .iter()
-            .zip(&up)
-            .map(|(g, u)| router::silu(*g) * u)
-            .collect();
-        let y = sequential::carved_ffn(&h, &xn, d, &part, &router, opts.n_active, &down);
-        stream.add(&y);
-        progress(CarveEvent::Carving {
-            done: l + 1,
-            total: c.n_layer,
-        });
-    }
-    let layout = Layout {
-        parts: Vec::new(),
-        shape,
-        labels: None,
-    };
-    Ok((layout, writer))
-}
-
 /// CMoE's shape: `n_experts` equal experts, block-aligned, `n_shared` of them shared.
 fn cmoe_shape(d_ff: usize, opts: &CarveOptions) -> MoeShape {
     let size = expert_size(d_ff, opts.n_experts, opts.down_type);
@@ -392,77 +339,6 @@ fn cmoe_layout(profiles: &[calib::LayerCalibration], d_ff: usize, opts: &CarveOp
         shape,
         labels: None,
     }
-}
-
-/// Read-ME: cluster the tokens (by file when there are several, else k-means), then per
-/// layer give each cluster its top neurons. Sizes are padded to the largest layer's, so
-/// every layer has the same shape.
-fn readme_layout(
-    profiles: &[calib::LayerCalibration],
-    d_ff: usize,
-    tokens: &[u32],
-    domains: Option<Vec<u32>>,
-    opts: &CarveOptions,
-) -> Result<Layout> {
-    let k = opts.n_experts;
-    let (labels, source) = match domains {
-        Some(l) => (l, ClusterSource::Domains),
-        None => {
-            let hidden: Vec<&[half::f16]> = profiles.iter().map(|p| &p.hidden[..]).collect();
-            let l = readme::kmeans_labels(&hidden, d_ff, tokens.len(), k, opts.seed)?;
-            (l, ClusterSource::Kmeans)
-        }
-    };
-    let keep = ((opts.remain_rate * d_ff as f64).round() as usize).clamp(1, d_ff);
-    let sets: Vec<readme::ClusterSets> = profiles
-        .iter()
-        .map(|p| readme::cluster_sets(&p.hidden, d_ff, &labels, k, keep))
-        .collect();
-    let block = opts.down_type.block_len();
-    let round = |n: usize| n.div_ceil(block) * block;
-    let largest = sets.iter().flat_map(|s| s.experts.iter().map(Vec::len));
-    let expert_ff = round(largest.max().unwrap_or(0)).max(block);
-    let shared_ff = round(sets.iter().map(|s| s.shared.len()).max().unwrap_or(0));
-    let pad = |v: &[usize], n: usize| -> Vec<usize> {
-        v.iter()
-            .copied()
-            .chain(std::iter::repeat(d_ff))
-            .take(n)
-            .collect()
-    };
-    let mut padding = 0;
-    let parts: Vec<Partition> = sets
-        .iter()
-        .map(|s| {
-            let real = s.shared.len() + s.experts.iter().map(Vec::len).sum::<usize>();
-            padding += shared_ff + k * expert_ff - real;
-            let experts: Vec<Vec<usize>> = s.experts.iter().map(|e| pad(e, expert_ff)).collect();
-            Partition {
-                shared: pad(&s.shared, shared_ff),
-                representatives: experts.iter().map(|e| e[0]).collect(),
-                experts,
-            }
-        })
-        .collect();
-    Ok(Layout {
-        parts,
-        shape: MoeShape {
-            method: Method::Readme,
-            n_routed: k,
-            n_active: opts.n_active,
-            expert_ff,
-            shared_ff,
-            padding: padding / profiles.len().max(1),
-            experts_total: k + usize::from(shared_ff > 0),
-            shared_experts: usize::from(shared_ff > 0),
-        },
-        labels: Some(ClusterLabels {
-            clusters: k,
-            source,
-            tokens: tokens.to_vec(),
-            labels,
-        }),
-    })
 }
 
 /// Neurons per expert: d_ff / n_experts rounded up to the down type's block, so the

@@ -14,6 +14,11 @@ use rand::{Rng, SeedableRng};
 use crate::error::{Error, Result};
 use crate::moe::ExpertTrace;
 
+use super::calib::LayerCalibration;
+use super::partition::Partition;
+use super::tensors::MoeShape;
+use super::{CarveOptions, Layout, Method};
+
 /// How the calibration tokens were clustered.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -314,6 +319,77 @@ pub fn kmeans_labels(
         }
     }
     Ok(labels)
+}
+
+/// Read-ME: cluster the tokens (by file when there are several, else k-means), then per
+/// layer give each cluster its top neurons. Sizes are padded to the largest layer's, so
+/// every layer has the same shape.
+pub(super) fn layout(
+    profiles: &[LayerCalibration],
+    d_ff: usize,
+    tokens: &[u32],
+    domains: Option<Vec<u32>>,
+    opts: &CarveOptions,
+) -> Result<Layout> {
+    let k = opts.n_experts;
+    let (labels, source) = match domains {
+        Some(l) => (l, ClusterSource::Domains),
+        None => {
+            let hidden: Vec<&[half::f16]> = profiles.iter().map(|p| &p.hidden[..]).collect();
+            let l = kmeans_labels(&hidden, d_ff, tokens.len(), k, opts.seed)?;
+            (l, ClusterSource::Kmeans)
+        }
+    };
+    let keep = ((opts.remain_rate * d_ff as f64).round() as usize).clamp(1, d_ff);
+    let sets: Vec<ClusterSets> = profiles
+        .iter()
+        .map(|p| cluster_sets(&p.hidden, d_ff, &labels, k, keep))
+        .collect();
+    let block = opts.down_type.block_len();
+    let round = |n: usize| n.div_ceil(block) * block;
+    let largest = sets.iter().flat_map(|s| s.experts.iter().map(Vec::len));
+    let expert_ff = round(largest.max().unwrap_or(0)).max(block);
+    let shared_ff = round(sets.iter().map(|s| s.shared.len()).max().unwrap_or(0));
+    let pad = |v: &[usize], n: usize| -> Vec<usize> {
+        v.iter()
+            .copied()
+            .chain(std::iter::repeat(d_ff))
+            .take(n)
+            .collect()
+    };
+    let mut padding = 0;
+    let parts: Vec<Partition> = sets
+        .iter()
+        .map(|s| {
+            let real = s.shared.len() + s.experts.iter().map(Vec::len).sum::<usize>();
+            padding += shared_ff + k * expert_ff - real;
+            let experts: Vec<Vec<usize>> = s.experts.iter().map(|e| pad(e, expert_ff)).collect();
+            Partition {
+                shared: pad(&s.shared, shared_ff),
+                representatives: experts.iter().map(|e| e[0]).collect(),
+                experts,
+            }
+        })
+        .collect();
+    Ok(Layout {
+        parts,
+        shape: MoeShape {
+            method: Method::Readme,
+            n_routed: k,
+            n_active: opts.n_active,
+            expert_ff,
+            shared_ff,
+            padding: padding / profiles.len().max(1),
+            experts_total: k + usize::from(shared_ff > 0),
+            shared_experts: usize::from(shared_ff > 0),
+        },
+        labels: Some(ClusterLabels {
+            clusters: k,
+            source,
+            tokens: tokens.to_vec(),
+            labels,
+        }),
+    })
 }
 
 #[cfg(test)]

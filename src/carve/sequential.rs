@@ -15,9 +15,11 @@ use crate::gpu::ops::RopeMode;
 use crate::model::ModelConfig;
 use crate::quant::dequantize;
 
-use super::calib::dense_matrix;
-use super::partition::Partition;
-use super::tensors::Router;
+use super::calib::{add_tokens, dense_matrix, unit_norms, LayerCalibration};
+use super::partition::{partition_neurons, Partition};
+use super::router::silu;
+use super::tensors::{ExpertWriter, Router};
+use super::{carve_layer, cmoe_shape, warn_padding, CarveEvent, CarveOptions, Layout};
 
 /// `x` [n, k] times `w`ᵀ, `w` [m, k], both row-major: [n, m] row-major.
 pub fn matmul_t(x: &[f32], w: &[f32], k: usize) -> Vec<f32> {
@@ -244,6 +246,55 @@ pub fn carved_ffn(
         }
     }
     matmul_t(&kept, down, d_ff)
+}
+
+/// CMoE carved layer by layer, each calibrated on the output of the carved layers before
+/// it: the residual stream runs on the CPU (`sequential.rs`).
+pub(super) fn carve_in_order<'a>(
+    f: &'a crate::format::GgufFile,
+    c: &crate::model::ModelConfig,
+    tokens: &[u32],
+    opts: &'a CarveOptions,
+    progress: &mut impl FnMut(CarveEvent),
+) -> Result<(Layout, ExpertWriter<'a>)> {
+    let (d, ff) = (c.d_model, c.d_ff);
+    let shape = cmoe_shape(ff, opts);
+    warn_padding(&shape);
+    let mut writer = ExpertWriter::new(f, opts, shape)?;
+    let mut stream = ResidualStream::new(f, c, tokens, opts.seq_len)?;
+    let mut scratch = Vec::new();
+    for l in 0..c.n_layer {
+        let xn = stream.attention(l)?;
+        let gate_w = dense_matrix(f, &format!("blk.{l}.ffn_gate.weight"))?;
+        let up_w = dense_matrix(f, &format!("blk.{l}.ffn_up.weight"))?;
+        let gate = matmul_t(&xn, &gate_w, d);
+        let up = matmul_t(&xn, &up_w, d);
+        let norms = (unit_norms(&gate_w, d), unit_norms(&up_w, d));
+        let mut layer = LayerCalibration::new(ff, tokens.len(), d);
+        let n = (&norms.0[..], &norms.1[..]);
+        add_tokens(&mut layer, 0, &xn, &gate, &up, n, opts, &mut scratch);
+        let part = partition_neurons(
+            &layer.markers,
+            opts.n_experts,
+            opts.n_shared,
+            shape.expert_ff,
+        );
+        let down = writer.dense_down(l)?;
+        let router = carve_layer(&mut writer, l, &layer, &part, &down, opts)?;
+        let h: Vec<f32> = gate.iter().zip(&up).map(|(g, u)| silu(*g) * u).collect();
+        let y = carved_ffn(&h, &xn, d, &part, &router, opts.n_active, &down);
+        stream.add(&y);
+        progress(CarveEvent::Carving {
+            done: l + 1,
+            total: c.n_layer,
+        });
+    }
+    let layout = Layout {
+        parts: Vec::new(),
+        shape,
+        labels: None,
+    };
+    Ok((layout, writer))
 }
 
 #[cfg(test)]
