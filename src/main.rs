@@ -1037,7 +1037,7 @@ fn cluster_labels(
                 .file
                 .get("pregate.moe.method")
                 .and_then(|v| v.as_str())
-                == Some("readme");
+                == Some(pregate::carve::Method::Readme.name());
             if !readme || !p.exists() {
                 return Ok(None);
             }

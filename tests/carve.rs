@@ -7,8 +7,7 @@ mod common;
 use std::path::Path;
 
 use common::{
-    calib_file, carve_tiny, carve_tiny_with, load_weights, max_abs_diff, reference_logits,
-    write_tiny_model, TinySpec,
+    calib_file, carve_tiny, carve_tiny_with, load_weights, max_abs_diff, reference_logits, TinySpec,
 };
 use pregate::carve::{self, CarveOptions, RouterFit};
 use pregate::gpu::KernelLayout;
@@ -93,9 +92,7 @@ fn carved_model_on_the_gpu_matches_the_cpu_reference() {
 
 #[test]
 fn carve_rejects_bad_input_and_writes_nothing() {
-    let dir = common::tmp_dir("carve_bad");
-    let dense = dir.join("dense.gguf");
-    write_tiny_model(&dense, TinySpec::default(), 3);
+    let (dir, dense) = common::tiny_dense("carve_bad", 3);
     let calib = calib_file(&dir);
     let empty = dir.join("empty.txt");
     std::fs::write(&empty, "").expect("write");
@@ -264,9 +261,7 @@ fn recovery_fits_run_like_the_reference_and_refit_fits_calibration_like_text() {
 
 #[test]
 fn the_default_least_squares_router_runs_like_the_reference() {
-    let dir = common::tmp_dir("carve_default");
-    let dense = dir.join("dense.gguf");
-    write_tiny_model(&dense, TinySpec::default(), 21);
+    let (dir, dense) = common::tiny_dense("carve_default", 21);
     let out = dir.join("carved.gguf");
     let opts = CarveOptions {
         n_experts: 8,
@@ -301,10 +296,8 @@ fn rows(f: &pregate::format::GgufFile, name: &str, row_bytes: usize) -> Vec<Vec<
 
 #[test]
 fn readme_carving_gives_each_file_its_expert_and_runs_like_the_reference() {
-    let dir = common::tmp_dir("carve_readme");
-    let dense = dir.join("dense.gguf");
+    let (dir, dense) = common::tiny_dense("carve_readme", 21);
     let spec = TinySpec::default();
-    write_tiny_model(&dense, spec, 21);
     let out = dir.join("readme.gguf");
     let opts = CarveOptions {
         method: carve::Method::Readme,
@@ -403,9 +396,7 @@ fn readme_carving_gives_each_file_its_expert_and_runs_like_the_reference() {
 
 #[test]
 fn readme_carving_rejects_a_cluster_count_unlike_the_files() {
-    let dir = common::tmp_dir("carve_readme_bad");
-    let dense = dir.join("dense.gguf");
-    write_tiny_model(&dense, TinySpec::default(), 21);
+    let (dir, dense) = common::tiny_dense("carve_readme_bad", 21);
     let out = dir.join("out.gguf");
     let base = CarveOptions {
         method: carve::Method::Readme,
@@ -432,10 +423,8 @@ fn readme_carving_rejects_a_cluster_count_unlike_the_files() {
 #[test]
 fn the_cpu_residual_stream_matches_the_gpu_forward() {
     use pregate::carve::{calib::dense_matrix, sequential};
-    let dir = common::tmp_dir("carve_stream");
-    let dense = dir.join("dense.gguf");
+    let (_, dense) = common::tiny_dense("carve_stream", 21);
     let spec = TinySpec::default();
-    write_tiny_model(&dense, spec, 21);
     let opts = EngineOptions {
         ctx: 64,
         ..Default::default()
@@ -469,10 +458,8 @@ fn the_cpu_residual_stream_matches_the_gpu_forward() {
 
 #[test]
 fn sequential_carving_keeps_the_invariant_and_runs_like_the_reference() {
-    let dir = common::tmp_dir("carve_sequential");
-    let dense = dir.join("dense.gguf");
+    let (dir, dense) = common::tiny_dense("carve_sequential", 21);
     let spec = TinySpec::default();
-    write_tiny_model(&dense, spec, 21);
     let out = dir.join("seq.gguf");
     let opts = CarveOptions {
         n_experts: 8,

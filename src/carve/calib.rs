@@ -50,12 +50,10 @@ pub fn tokens_by_file(
     let per_file = max / files.len().max(1);
     let (mut all, mut labels) = (Vec::new(), Vec::new());
     for (i, path) in files.iter().enumerate() {
-        let mut t =
-            tokens(tok, std::slice::from_ref(path), per_file.max(1)).map_err(|e| match e {
-                Error::Carve(_) => Error::Carve(format!("{} has no tokens", path.display())),
-                e => e,
-            })?;
-        t.truncate(per_file.max(1));
+        let t = tokens(tok, std::slice::from_ref(path), per_file.max(1)).map_err(|e| match e {
+            Error::Carve(_) => Error::Carve(format!("{} has no tokens", path.display())),
+            e => e,
+        })?;
         labels.extend(std::iter::repeat_n(i as u32, t.len()));
         all.extend(t);
     }

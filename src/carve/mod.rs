@@ -204,8 +204,9 @@ pub fn carve(
         let t = calib::tokens(&engine.tokenizer, &opts.calib, opts.calib_tokens)?;
         (t, None)
     };
-    let (layout, writer) = if opts.sequential && opts.method == Method::Cmoe {
-        sequential::carve_in_order(f, &c, &tokens, opts, &mut progress)?
+    let (shape, labels, writer) = if opts.sequential && opts.method == Method::Cmoe {
+        let (shape, writer) = sequential::carve_in_order(f, &c, &tokens, opts, &mut progress)?;
+        (shape, None, writer)
     } else {
         let profiles = calib::profile(&engine, &tokens, opts, &mut progress)?;
         tracing::info!(seconds = t0.elapsed().as_secs_f64(), "calibration done");
@@ -223,16 +224,15 @@ pub fn carve(
                 total: c.n_layer,
             });
         }
-        (layout, writer)
+        (layout.shape, layout.labels, writer)
     };
-    let shape = layout.shape;
     tracing::info!(seconds = t0.elapsed().as_secs_f64(), "layers carved");
     progress(CarveEvent::Writing);
     let bytes_per_expert = writer.bytes_per_expert();
     writer.write(output)?;
     let output_bytes = std::fs::metadata(output).map(|m| m.len()).unwrap_or(0);
     let (mut cluster_tokens, mut labels_path) = (Vec::new(), None);
-    if let Some(labels) = &layout.labels {
+    if let Some(labels) = &labels {
         cluster_tokens = vec![0; labels.clusters];
         labels
             .labels

@@ -18,8 +18,8 @@ use crate::quant::dequantize;
 use super::calib::{add_tokens, dense_matrix, unit_norms, LayerCalibration};
 use super::partition::{partition_neurons, Partition};
 use super::router::silu;
-use super::tensors::{ExpertWriter, Router};
-use super::{carve_layer, cmoe_shape, warn_padding, CarveEvent, CarveOptions, Layout};
+use super::tensors::{ExpertWriter, MoeShape, Router};
+use super::{carve_layer, cmoe_shape, warn_padding, CarveEvent, CarveOptions};
 
 /// `x` [n, k] times `w`ᵀ, `w` [m, k], both row-major: [n, m] row-major.
 pub fn matmul_t(x: &[f32], w: &[f32], k: usize) -> Vec<f32> {
@@ -256,7 +256,7 @@ pub(super) fn carve_in_order<'a>(
     tokens: &[u32],
     opts: &'a CarveOptions,
     progress: &mut impl FnMut(CarveEvent),
-) -> Result<(Layout, ExpertWriter<'a>)> {
+) -> Result<(MoeShape, ExpertWriter<'a>)> {
     let (d, ff) = (c.d_model, c.d_ff);
     let shape = cmoe_shape(ff, opts);
     warn_padding(&shape);
@@ -289,12 +289,7 @@ pub(super) fn carve_in_order<'a>(
             total: c.n_layer,
         });
     }
-    let layout = Layout {
-        parts: Vec::new(),
-        shape,
-        labels: None,
-    };
-    Ok((layout, writer))
+    Ok((shape, writer))
 }
 
 #[cfg(test)]

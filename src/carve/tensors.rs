@@ -150,10 +150,7 @@ impl<'a> ExpertWriter<'a> {
 
     /// Layer `l`'s dense down-projection [d_model, d_ff], row-major f32.
     pub fn dense_down(&self, l: usize) -> Result<Vec<f32>> {
-        let down = self.file.require(&format!("blk.{l}.ffn_down.weight"))?;
-        let mut out = vec![0f32; self.d * self.d_ff];
-        dequantize(down.dtype, self.file.bytes(down), &mut out)?;
-        Ok(out)
+        super::calib::dense_matrix(self.file, &format!("blk.{l}.ffn_down.weight"))
     }
 
     /// CMoE's router: the representatives' gate and up rows, and a selection-only bias

@@ -621,6 +621,15 @@ pub fn carve_tiny(tag: &str, experts: usize, shared: usize, active: usize) -> (P
     )
 }
 
+/// A fresh test directory named `tag` holding the default tiny dense model (`seed`):
+/// (directory, model path).
+pub fn tiny_dense(tag: &str, seed: u64) -> (PathBuf, PathBuf) {
+    let dir = tmp_dir(tag);
+    let dense = dir.join("dense.gguf");
+    write_tiny_model(&dense, TinySpec::default(), seed);
+    (dir, dense)
+}
+
 pub fn carve_tiny_with(
     tag: &str,
     experts: usize,
@@ -629,9 +638,7 @@ pub fn carve_tiny_with(
     router_fit: pregate::carve::RouterFit,
     refit_shared: bool,
 ) -> (PathBuf, PathBuf) {
-    let dir = tmp_dir(tag);
-    let dense = dir.join("dense.gguf");
-    write_tiny_model(&dense, TinySpec::default(), 21);
+    let (dir, dense) = tiny_dense(tag, 21);
     let out = dir.join("carved.gguf");
     let opts = pregate::carve::CarveOptions {
         n_experts: experts,
