@@ -1,25 +1,41 @@
 // Shared by the decode mat-vec and the expert kernels; expects bindings `w` (raw blocks)
 // and `x` (vec4 activations), and the per-type chunk_scale/chunk_q.
 
-// The dot product of chunk c (32 weights) of the row starting at row_base with x.
-fn chunk_dot(row_base: u32, c: u32, x0: u32) -> f32 {
+// The 32 activations of one chunk, with the sums of each half (for the offsets).
+struct XChunk {
+    a: vec4<f32>, b: vec4<f32>, c: vec4<f32>, d: vec4<f32>,
+    e: vec4<f32>, f: vec4<f32>, g: vec4<f32>, h: vec4<f32>,
+    s0: f32, s1: f32,
+}
+
+fn x_chunk(x0: u32, c: u32) -> XChunk {
+    let xb = x0 + c * 8u;
+    var v: XChunk;
+    v.a = x[xb];
+    v.b = x[xb + 1u];
+    v.c = x[xb + 2u];
+    v.d = x[xb + 3u];
+    v.e = x[xb + 4u];
+    v.f = x[xb + 5u];
+    v.g = x[xb + 6u];
+    v.h = x[xb + 7u];
+    v.s0 = dot(v.a + v.b + v.c + v.d, ONES);
+    v.s1 = dot(v.e + v.f + v.g + v.h, ONES);
+    return v;
+}
+
+// The dot product of chunk c (32 weights) of the row starting at row_base with xc.
+fn chunk_dot_x(row_base: u32, c: u32, xc: XChunk) -> f32 {
     let blk = row_base + (c / CHUNKS_PER_BLOCK) * BLOCK_WORDS;
     let cc = c % CHUNKS_PER_BLOCK;
     let s = chunk_scale(blk, cc);
-    let xb = x0 + c * 8u;
-    let xa = x[xb];
-    let xb1 = x[xb + 1u];
-    let xc = x[xb + 2u];
-    let xd = x[xb + 3u];
-    let xe = x[xb + 4u];
-    let xf = x[xb + 5u];
-    let xg = x[xb + 6u];
-    let xh = x[xb + 7u];
-    let d0 = dot(chunk_q(blk, cc, 0u), xa) + dot(chunk_q(blk, cc, 1u), xb1)
-           + dot(chunk_q(blk, cc, 2u), xc) + dot(chunk_q(blk, cc, 3u), xd);
-    let d1 = dot(chunk_q(blk, cc, 4u), xe) + dot(chunk_q(blk, cc, 5u), xf)
-           + dot(chunk_q(blk, cc, 6u), xg) + dot(chunk_q(blk, cc, 7u), xh);
-    let sx0 = dot(xa + xb1 + xc + xd, ONES);
-    let sx1 = dot(xe + xf + xg + xh, ONES);
-    return s.x * d0 + s.y * sx0 + s.z * d1 + s.w * sx1;
+    let d0 = dot(chunk_q(blk, cc, 0u), xc.a) + dot(chunk_q(blk, cc, 1u), xc.b)
+           + dot(chunk_q(blk, cc, 2u), xc.c) + dot(chunk_q(blk, cc, 3u), xc.d);
+    let d1 = dot(chunk_q(blk, cc, 4u), xc.e) + dot(chunk_q(blk, cc, 5u), xc.f)
+           + dot(chunk_q(blk, cc, 6u), xc.g) + dot(chunk_q(blk, cc, 7u), xc.h);
+    return s.x * d0 + s.y * xc.s0 + s.z * d1 + s.w * xc.s1;
+}
+
+fn chunk_dot(row_base: u32, c: u32, x0: u32) -> f32 {
+    return chunk_dot_x(row_base, c, x_chunk(x0, c));
 }

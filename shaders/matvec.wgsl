@@ -1,6 +1,6 @@
 // Decode mat-vec: y[row_offset + r] (+)= sum_k W[r, k] * x[k] (+ bias[r]).
 // Two layouts of threads, one per kind of device:
-// - `main`, one thread per row (CPU adapters): x is bound as a uniform buffer when it fits
+// - `main`, RPT rows per thread (CPU adapters): x is bound as a uniform buffer when it fits
 //   (the host picks the declaration): every thread reads the same x, and drivers serve
 //   uniform reads from one scalar load where storage reads cost a gather per thread on CPU
 //   Vulkan (lavapipe).
@@ -27,20 +27,32 @@ fn store(r: u32, acc_in: f32) {
     }
 }
 
+// Rows per thread of `main`: every x load (a gather on lavapipe) serves RPT rows.
+const RPT: u32 = {{RPT}}u;
+
 @compute @workgroup_size(64)
 fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
-    let r = gid.x;
-    if (r >= p.n_rows) {
+    let r0 = gid.x * RPT;
+    if (r0 >= p.n_rows) {
         return;
     }
     let n_chunks = p.k / 32u;
-    let row_base = r * (n_chunks / CHUNKS_PER_BLOCK) * BLOCK_WORDS;
+    let row_words = (n_chunks / CHUNKS_PER_BLOCK) * BLOCK_WORDS;
+    // The last thread repeats the last row rather than read past the shard.
+    let last = p.n_rows - 1u;
     let x0 = {{X_ROW0}};
-    var acc = 0.0;
+    var acc: array<f32, RPT>;
     for (var c = 0u; c < n_chunks; c++) {
-        acc += chunk_dot(row_base, c, x0);
+        let xc = x_chunk(x0, c);
+        for (var i = 0u; i < RPT; i++) {
+            acc[i] += chunk_dot_x(min(r0 + i, last) * row_words, c, xc);
+        }
     }
-    store(r, acc);
+    for (var i = 0u; i < RPT; i++) {
+        if (r0 + i < p.n_rows) {
+            store(r0 + i, acc[i]);
+        }
+    }
 }
 
 var<workgroup> partial: array<f32, 64>;

@@ -37,6 +37,8 @@ fn quant_source(dtype: DType) -> &'static str {
 pub const MATMUL_ROWS: u32 = 2;
 /// Threads per row of the split decode mat-vec (a power of two dividing 64).
 pub const MATVEC_TPR: u32 = 16;
+/// Rows per thread of the one-thread-per-row decode mat-vec (CPU adapters).
+pub const MATVEC_RPT: u32 = 8;
 
 /// The attention kernels (attention.wgsl).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -192,6 +194,7 @@ impl Kernel {
                 let body = format!("{MATMUL_COMMON}\n{body}")
                     .replace("{{TB}}", &tokens.to_string())
                     .replace("{{TPR}}", &MATVEC_TPR.to_string())
+                    .replace("{{RPT}}", &MATVEC_RPT.to_string())
                     .replace("{{X_DECL}}", &decl)
                     .replace("{{X_ROW0}}", row0);
                 format!("{QUANT_COMMON}\n{}\n{body}", quant_source(dtype))

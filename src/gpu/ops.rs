@@ -124,7 +124,7 @@ pub fn matmul(
                     s.n_rows.div_ceil(if kernel.is_split_matvec() {
                         64 / super::kernels::MATVEC_TPR
                     } else if tile == 1 {
-                        64
+                        64 * super::kernels::MATVEC_RPT
                     } else {
                         64 * super::kernels::MATMUL_ROWS
                     }),
