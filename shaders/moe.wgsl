@@ -111,47 +111,66 @@ fn down_split(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_i
     }
 }
 
-fn row_dot(e: u32, r: u32, x0: u32) -> f32 {
+// Rows per thread of `rows` and `down` (CPU adapters): each x chunk they load (a gather
+// there) serves RPT rows of one expert, as in matvec.wgsl's `main`.
+const RPT: u32 = {{RPT}}u;
+
+// acc[i] += row (r0 + i, clamped to the expert) of expert slot e · x from x0, times scale.
+fn rows_dot(e: u32, r0: u32, x0: u32, scale: f32, acc: ptr<function, array<f32, RPT>>) {
     let n_chunks = p.k / 32u;
-    let row_base = (e * p.m + r) * (n_chunks / CHUNKS_PER_BLOCK) * BLOCK_WORDS;
-    var acc = 0.0;
+    let row_words = (n_chunks / CHUNKS_PER_BLOCK) * BLOCK_WORDS;
+    let last = p.m - 1u;
     for (var c = 0u; c < n_chunks; c++) {
-        acc += chunk_dot(row_base, c, x0);
+        let xc = x_chunk(x0, c);
+        for (var i = 0u; i < RPT; i++) {
+            (*acc)[i] += scale * chunk_dot_x((e * p.m + min(r0 + i, last)) * row_words, c, xc);
+        }
     }
-    return acc;
 }
 
+// Thread (j, g) computes rows g*RPT .. of token t's j-th expert.
 @compute @workgroup_size(64)
 fn rows(@builtin(global_invocation_id) gid: vec3<u32>) {
-    let i = gid.x;
+    let groups = (p.m + RPT - 1u) / RPT;
+    let j = gid.x / groups;
+    let r0 = (gid.x % groups) * RPT;
     let t = gid.y;
-    if (i >= p.n_used * p.m || t >= p.n_tokens) {
+    if (j >= p.n_used || t >= p.n_tokens) {
         return;
     }
-    let id = ids[t * p.n_used + i / p.m];
-    if (id == SKIP) {
-        y[t * p.y_stride + i] = 0.0;
-        return;
+    var acc: array<f32, RPT>;
+    let id = ids[t * p.n_used + j];
+    if (id != SKIP) {
+        rows_dot(slot_of[p.table_off + id], r0, t * p.x_stride / 4u, 1.0, &acc);
     }
-    y[t * p.y_stride + i] = row_dot(slot_of[p.table_off + id], i % p.m, t * p.x_stride / 4u);
+    for (var i = 0u; i < RPT; i++) {
+        if (r0 + i < p.m) {
+            y[t * p.y_stride + j * p.m + r0 + i] = acc[i];
+        }
+    }
 }
 
 @compute @workgroup_size(64)
 fn down(@builtin(global_invocation_id) gid: vec3<u32>) {
-    let r = gid.x;
+    let r0 = gid.x * RPT;
     let t = gid.y;
-    if (r >= p.m || t >= p.n_tokens) {
+    if (r0 >= p.m || t >= p.n_tokens) {
         return;
     }
-    var total = 0.0;
+    var acc: array<f32, RPT>;
     for (var j = 0u; j < p.n_used; j++) {
         let id = ids[t * p.n_used + j];
         if (id == SKIP) {
             continue;
         }
-        total += wts[t * p.n_used + j] * row_dot(slot_of[p.table_off + id], r, (t * p.x_stride + j * p.k) / 4u);
+        let x0 = (t * p.x_stride + j * p.k) / 4u;
+        rows_dot(slot_of[p.table_off + id], r0, x0, wts[t * p.n_used + j], &acc);
     }
-    y[t * p.y_stride + r] += total;
+    for (var i = 0u; i < RPT; i++) {
+        if (r0 + i < p.m) {
+            y[t * p.y_stride + r0 + i] += acc[i];
+        }
+    }
 }
 
 const TB: u32 = 8u;

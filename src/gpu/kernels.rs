@@ -217,6 +217,7 @@ impl Kernel {
                 "{QUANT_COMMON}\n{}\n{CHUNK_DOT}\n{}",
                 quant_source(dtype),
                 MOE.replace("{{TPR}}", &MATVEC_TPR.to_string())
+                    .replace("{{RPT}}", &MATVEC_RPT.to_string())
             ),
             Kernel::MoeRoute | Kernel::MoeGroup | Kernel::MoeCombine => MOE_ROUTE.to_string(),
             Kernel::Argmax | Kernel::Softmax | Kernel::Nll | Kernel::TopK => SAMPLING.to_string(),

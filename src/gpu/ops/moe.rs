@@ -4,7 +4,7 @@
 use bytemuck::{Pod, Zeroable};
 
 use crate::gpu::dispatch::{Bind, DispatchBuilder};
-use crate::gpu::kernels::{Kernel, MATVEC_TPR};
+use crate::gpu::kernels::{Kernel, MATVEC_RPT, MATVEC_TPR};
 use crate::gpu::tensor::Matrix;
 
 /// How the router turns its outputs into expert choices (moe_route.wgsl).
@@ -178,8 +178,13 @@ fn expert_matvec(
     } else {
         Kernel::MoeRows { dtype, split }
     };
-    let rows = if down { m } else { n_used * m };
-    let per_group = if split { 64 / MATVEC_TPR } else { 64 };
+    // Threads: TPR per row (split), else one per RPT rows of one expert.
+    let threads = match (split, down) {
+        (true, true) => m * MATVEC_TPR,
+        (true, false) => n_used * m * MATVEC_TPR,
+        (false, true) => m.div_ceil(MATVEC_RPT),
+        (false, false) => n_used * m.div_ceil(MATVEC_RPT),
+    };
     let mut binds = vec![
         Bind::whole(1, &w.shards[0].buffer),
         Bind::whole(2, io.x),
@@ -190,7 +195,7 @@ fn expert_matvec(
     if down {
         binds.push(Bind::whole(5, io.wts));
     }
-    b.push(kernel, &p, binds, [rows.div_ceil(per_group), n_tokens, 1]);
+    b.push(kernel, &p, binds, [threads.div_ceil(64), n_tokens, 1]);
 }
 
 /// The per-expert token lists of a prefill chunk: which slots (t * n_used + j) chose each
