@@ -1,5 +1,5 @@
 // Shared by the decode mat-vec and the expert kernels; expects bindings `w` (raw blocks)
-// and `x` (vec4 activations), and the per-type chunk_scale/chunk_q.
+// and `x` (vec4 activations), and the per-type load_chunk/chunk_scale/chunk_q.
 
 // The 32 activations of one chunk, with the sums of each half (for the offsets).
 struct XChunk {
@@ -28,11 +28,12 @@ fn x_chunk(x0: u32, c: u32) -> XChunk {
 fn chunk_dot_x(row_base: u32, c: u32, xc: XChunk) -> f32 {
     let blk = row_base + (c / CHUNKS_PER_BLOCK) * BLOCK_WORDS;
     let cc = c % CHUNKS_PER_BLOCK;
-    let s = chunk_scale(blk, cc);
-    let d0 = dot(chunk_q(blk, cc, 0u), xc.a) + dot(chunk_q(blk, cc, 1u), xc.b)
-           + dot(chunk_q(blk, cc, 2u), xc.c) + dot(chunk_q(blk, cc, 3u), xc.d);
-    let d1 = dot(chunk_q(blk, cc, 4u), xc.e) + dot(chunk_q(blk, cc, 5u), xc.f)
-           + dot(chunk_q(blk, cc, 6u), xc.g) + dot(chunk_q(blk, cc, 7u), xc.h);
+    let ch = load_chunk(blk, cc);
+    let s = chunk_scale(ch);
+    let d0 = dot(chunk_q(ch, 0u), xc.a) + dot(chunk_q(ch, 1u), xc.b)
+           + dot(chunk_q(ch, 2u), xc.c) + dot(chunk_q(ch, 3u), xc.d);
+    let d1 = dot(chunk_q(ch, 4u), xc.e) + dot(chunk_q(ch, 5u), xc.f)
+           + dot(chunk_q(ch, 6u), xc.g) + dot(chunk_q(ch, 7u), xc.h);
     return s.x * d0 + s.y * xc.s0 + s.z * d1 + s.w * xc.s1;
 }
 

@@ -9,7 +9,7 @@ struct Params {
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
-@group(0) @binding(1) var<storage, read> w: array<u32>;
+@group(0) @binding(1) var<storage, read> w: array<vec4<u32>>;
 @group(0) @binding(2) var<storage, read> ids: array<u32>;
 @group(0) @binding(3) var<storage, read_write> y: array<vec4<f32>>;
 
@@ -29,7 +29,8 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
     let row_base = r * (n_chunks / CHUNKS_PER_BLOCK) * BLOCK_WORDS;
     let blk = row_base + (c / CHUNKS_PER_BLOCK) * BLOCK_WORDS;
     let o = (t * p.k + c * 32u) / 4u;
+    let ch = load_chunk(blk, c % CHUNKS_PER_BLOCK);
     for (var i = 0u; i < 8u; i++) {
-        y[o + i] = dequant4(blk, c % CHUNKS_PER_BLOCK, i);
+        y[o + i] = dequant4(ch, i);
     }
 }

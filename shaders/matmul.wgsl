@@ -29,16 +29,18 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
         let cc = c % CHUNKS_PER_BLOCK;
         let ba = r0 * row_words + cb;
         let bb = r1 * row_words + cb;
-        let sa = chunk_scale(ba, cc);
-        let sb = chunk_scale(bb, cc);
-        let a0 = chunk_q(ba, cc, 0u); let a1 = chunk_q(ba, cc, 1u);
-        let a2 = chunk_q(ba, cc, 2u); let a3 = chunk_q(ba, cc, 3u);
-        let a4 = chunk_q(ba, cc, 4u); let a5 = chunk_q(ba, cc, 5u);
-        let a6 = chunk_q(ba, cc, 6u); let a7 = chunk_q(ba, cc, 7u);
-        let b0 = chunk_q(bb, cc, 0u); let b1 = chunk_q(bb, cc, 1u);
-        let b2 = chunk_q(bb, cc, 2u); let b3 = chunk_q(bb, cc, 3u);
-        let b4 = chunk_q(bb, cc, 4u); let b5 = chunk_q(bb, cc, 5u);
-        let b6 = chunk_q(bb, cc, 6u); let b7 = chunk_q(bb, cc, 7u);
+        let cha = load_chunk(ba, cc);
+        let chb = load_chunk(bb, cc);
+        let sa = chunk_scale(cha);
+        let sb = chunk_scale(chb);
+        let a0 = chunk_q(cha, 0u); let a1 = chunk_q(cha, 1u);
+        let a2 = chunk_q(cha, 2u); let a3 = chunk_q(cha, 3u);
+        let a4 = chunk_q(cha, 4u); let a5 = chunk_q(cha, 5u);
+        let a6 = chunk_q(cha, 6u); let a7 = chunk_q(cha, 7u);
+        let b0 = chunk_q(chb, 0u); let b1 = chunk_q(chb, 1u);
+        let b2 = chunk_q(chb, 2u); let b3 = chunk_q(chb, 3u);
+        let b4 = chunk_q(chb, 4u); let b5 = chunk_q(chb, 5u);
+        let b6 = chunk_q(chb, 6u); let b7 = chunk_q(chb, 7u);
         for (var t = 0u; t < nt; t++) {
             let xb = x0 + t * xs + c * 8u;
             let x0v = x[xb];

@@ -7,7 +7,7 @@
 // - `split`, TPR threads per row (GPUs): neighbouring threads read neighbouring 32-element
 //   chunks of one row, so loads coalesce; with one thread per row they are a row apart and
 //   an H100 reached 130-290 GB/s of 3000.
-// The per-type `chunk_scale`/`chunk_q` and `chunk_dot` (chunk_dot.wgsl) are prepended by
+// The per-type `load_chunk`/`chunk_scale`/`chunk_q` and `chunk_dot` (chunk_dot.wgsl) are prepended by
 // the host.
 
 // Params and bindings: matmul_common.wgsl, prepended by the host.

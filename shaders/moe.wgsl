@@ -12,7 +12,7 @@
 // Experts live in slots: `slot_of[table_off + e]` is where expert e's rows sit in W. With
 // every expert resident the table is the identity; with an expert cache (moe/cache.rs) the
 // host fills it before the kernels run, and `grouped` skips experts marked MISSING.
-// The per-type `chunk_scale`/`chunk_q` and `chunk_dot` are prepended by the host.
+// The per-type `load_chunk`/`chunk_scale`/`chunk_q` and `chunk_dot` are prepended by the host.
 
 struct Params {
     k: u32,         // input row length (weights per row)
@@ -26,7 +26,7 @@ struct Params {
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
-@group(0) @binding(1) var<storage, read> w: array<u32>;
+@group(0) @binding(1) var<storage, read> w: array<vec4<u32>>;
 @group(0) @binding(2) var<storage, read> x: array<vec4<f32>>;
 @group(0) @binding(3) var<storage, read_write> y: array<f32>;
 @group(0) @binding(4) var<storage, read> ids: array<u32>;
@@ -192,11 +192,12 @@ fn grouped(@builtin(global_invocation_id) gid: vec3<u32>) {
         for (var c = 0u; c < n_chunks; c++) {
             let blk = row_base + (c / CHUNKS_PER_BLOCK) * BLOCK_WORDS;
             let cc = c % CHUNKS_PER_BLOCK;
-            let sc = chunk_scale(blk, cc);
-            let a0 = chunk_q(blk, cc, 0u); let a1 = chunk_q(blk, cc, 1u);
-            let a2 = chunk_q(blk, cc, 2u); let a3 = chunk_q(blk, cc, 3u);
-            let a4 = chunk_q(blk, cc, 4u); let a5 = chunk_q(blk, cc, 5u);
-            let a6 = chunk_q(blk, cc, 6u); let a7 = chunk_q(blk, cc, 7u);
+            let ch = load_chunk(blk, cc);
+            let sc = chunk_scale(ch);
+            let a0 = chunk_q(ch, 0u); let a1 = chunk_q(ch, 1u);
+            let a2 = chunk_q(ch, 2u); let a3 = chunk_q(ch, 3u);
+            let a4 = chunk_q(ch, 4u); let a5 = chunk_q(ch, 5u);
+            let a6 = chunk_q(ch, 6u); let a7 = chunk_q(ch, 7u);
             for (var tt = 0u; tt < nt; tt++) {
                 let slot = lists[e * p.n_tokens + i0 + tt];
                 let row = select(slot / p.n_used, slot, p.down == 1u);

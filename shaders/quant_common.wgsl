@@ -1,17 +1,26 @@
-// Shared helpers for reading quantized blocks from a u32 weight buffer `w`.
+// Shared helpers for reading quantized blocks from the weight buffer `w`, which every kernel
+// binds as array<vec4<u32>>: one load brings 16 bytes. On CPU Vulkan (lavapipe) a storage
+// load costs per instruction, not per byte (it loops over the SIMD lanes), and on GPUs wide
+// loads coalesce better. Weight buffers are padded to 16 bytes (Gpu::storage*).
 // Every per-type file in quant/ defines:
 //   const CHUNKS_PER_BLOCK: u32;  // 32-element chunks per block (8 for K-quants)
 //   const BLOCK_WORDS: u32;       // u32 words per block in the GPU layout
-//   fn chunk_scale(base: u32, c: u32) -> vec4<f32>;
-//       (scale, offset) of elements 0..15 of chunk c in .xy, of elements 16..31 in .zw
-//   fn chunk_q(base: u32, c: u32, i: u32) -> vec4<f32>;
-//       raw quant values of elements 4i..4i+3 of chunk c
+//   struct Chunk;                 // the words of one chunk, loaded once
+//   fn load_chunk(base: u32, c: u32) -> Chunk;  // chunk c of the block at word `base`
+//   fn chunk_scale(ch: Chunk) -> vec4<f32>;
+//       (scale, offset) of elements 0..15 of the chunk in .xy, of elements 16..31 in .zw
+//   fn chunk_q(ch: Chunk, i: u32) -> vec4<f32>;
+//       raw quant values of elements 4i..4i+3
 // so that element value = q * scale + offset. Kernels fold the offset in through sum(x),
 // as llama.cpp does for the K-quant mins.
 
-// Byte `i` of the block starting at word `base`.
-fn byte_at(base: u32, i: u32) -> u32 {
-    return (w[base + (i >> 2u)] >> ((i & 3u) * 8u)) & 0xFFu;
+// Words s..s+3 of a ++ b, for s in 0..=4: blocks that are not 16-byte aligned (Q4_0, Q8_0)
+// load the vec4s around them and pick their words out with selects.
+fn shift4(a: vec4<u32>, b: vec4<u32>, s: u32) -> vec4<u32> {
+    var v = select(a, vec4<u32>(a.yzw, b.x), s == 1u);
+    v = select(v, vec4<u32>(a.zw, b.xy), s == 2u);
+    v = select(v, vec4<u32>(a.w, b.xyz), s == 3u);
+    return select(v, b, s == 4u);
 }
 
 // The four bytes of a word as floats (unsigned).
@@ -29,21 +38,32 @@ fn f16_lo(v: u32) -> f32 {
     return unpack2x16float(v).x;
 }
 
-// K-quants (Q4_K, Q5_K): // The 6-bit scale and min of sub-block j (scales start at byte 4 of the block).
-fn scale_min_k4(base: u32, j: u32) -> vec2<f32> {
-    if (j < 4u) {
-        return vec2<f32>(f32(byte_at(base, 4u + j) & 63u), f32(byte_at(base, 8u + j) & 63u));
-    }
-    let a = byte_at(base, 8u + j);
-    let s = (a & 0xFu) | ((byte_at(base, j) >> 6u) << 4u);
-    let m = (a >> 4u) | ((byte_at(base, 4u + j) >> 6u) << 4u);
-    return vec2<f32>(f32(s), f32(m));
+// Word i of vec4 q (i in 0..8 over the pair lo, hi).
+fn word8(lo: vec4<u32>, hi: vec4<u32>, i: u32) -> u32 {
+    return select(lo, hi, i >= 4u)[i & 3u];
 }
 
-// Dequantized elements 4i..4i+3 of chunk c (for embedding rows and tests).
-fn dequant4(base: u32, c: u32, i: u32) -> vec4<f32> {
-    let s = chunk_scale(base, c);
-    let q = chunk_q(base, c, i);
+// K-quants (Q4_K, Q5_K): the 6-bit scale and min of sub-block j from the 12 scale bytes
+// (words 1..3 of the block).
+fn scale_byte(sc: vec3<u32>, k: u32) -> u32 {
+    return (sc[k >> 2u] >> ((k & 3u) * 8u)) & 0xFFu;
+}
+
+fn scale_min_k4(sc: vec3<u32>, j: u32) -> vec2<f32> {
+    let low = vec2<u32>(scale_byte(sc, j) & 63u, scale_byte(sc, j + 4u) & 63u);
+    // For j >= 4 (j ^ 4 == j - 4 there; below 4 the value is unused but in range).
+    let a = scale_byte(sc, j + 4u);
+    let high = vec2<u32>(
+        (a & 0xFu) | ((scale_byte(sc, j ^ 4u) >> 6u) << 4u),
+        (a >> 4u) | ((scale_byte(sc, j) >> 6u) << 4u),
+    );
+    return vec2<f32>(select(high, low, j < 4u));
+}
+
+// Dequantized elements 4i..4i+3 of a chunk (for embedding rows).
+fn dequant4(ch: Chunk, i: u32) -> vec4<f32> {
+    let s = chunk_scale(ch);
+    let q = chunk_q(ch, i);
     if (i < 4u) {
         return q * s.x + s.y;
     }

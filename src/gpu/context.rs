@@ -232,15 +232,17 @@ impl Gpu {
             | wgpu::BufferUsages::UNIFORM
             | wgpu::BufferUsages::COPY_DST
             | wgpu::BufferUsages::COPY_SRC;
-        self.charged(label, bytes, usage, false)
+        // Whole 16-byte units: weight kernels read buffers as array<vec4<u32>>.
+        self.charged(label, bytes.next_multiple_of(16), usage, false)
     }
 
     /// A storage buffer initialised with `data`, charged to the arena.
     pub fn storage_init(&self, label: &str, data: &[u8]) -> Result<GpuBuffer> {
+        // Whole 16-byte units: weight kernels read buffers as array<vec4<u32>>.
         let mut padded;
-        let contents = if data.len() < 16 || !data.len().is_multiple_of(4) {
+        let contents = if data.len() < 16 || !data.len().is_multiple_of(16) {
             padded = data.to_vec();
-            padded.resize(data.len().max(16).next_multiple_of(4), 0);
+            padded.resize(data.len().max(16).next_multiple_of(16), 0);
             &padded[..]
         } else {
             data

@@ -157,7 +157,7 @@ impl DType {
             DType::Q8_0 => 9,
             DType::Q4K => 36,
             DType::Q5K => 44,
-            DType::Q6K => 53,
+            DType::Q6K => 56,
         }
     }
 
@@ -228,18 +228,13 @@ pub fn quantize(dtype: DType, src: &[f32]) -> Result<Vec<u8>> {
 
 /// Repacks ggml blocks into the u32-aligned layout the WGSL kernels read. Only formats whose
 /// block size is not a multiple of 4 bytes change: the f16 scale is widened to a whole word
-/// (Q4_0, Q5_0, Q8_0) or padded (Q6_K). Values are untouched, so this is not a dequantized copy.
+/// (Q4_0, Q5_0, Q8_0), or Q6_K's 210 bytes are padded to 224 so that its blocks stay
+/// 16-byte aligned for vec4 loads. Values are untouched, so this is not a dequantized copy.
 pub fn repack_for_gpu(dtype: DType, src: &[u8]) -> Vec<u32> {
     let words = |b: &[u8]| -> Vec<u32> {
         b.chunks_exact(4)
             .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
             .collect()
-    };
-    let pad2 = |b: &[u8]| -> Vec<u8> {
-        let mut v = Vec::with_capacity(b.len() + 2);
-        v.extend_from_slice(b);
-        v.extend_from_slice(&[0, 0]);
-        v
     };
     match dtype {
         DType::F32 | DType::Q4K | DType::Q5K => words(src),
@@ -251,26 +246,25 @@ pub fn repack_for_gpu(dtype: DType, src: &[u8]) -> Vec<u32> {
             let mut out = Vec::with_capacity(src.len() / bb * dtype.gpu_block_words());
             for blk in src.chunks_exact(bb) {
                 out.push(u16::from_le_bytes([blk[0], blk[1]]) as u32);
-                out.extend(words(&pad_to_4(&blk[2..])));
+                out.extend(words(&pad_to(&blk[2..], (bb - 2).next_multiple_of(4))));
             }
             out
         }
-        // [ql:128][qh:64][scales:16][d:f16] -> same, d padded to a word.
+        // [ql:128][qh:64][scales:16][d:f16] -> same, then zeros to 224 bytes (56 words).
         DType::Q6K => {
-            let mut out = Vec::with_capacity(src.len() / 210 * 53);
+            let mut out = Vec::with_capacity(src.len() / 210 * 56);
             for blk in src.chunks_exact(210) {
-                out.extend(words(&pad2(blk)));
+                out.extend(words(&pad_to(blk, 224)));
             }
             out
         }
     }
 }
 
-fn pad_to_4(b: &[u8]) -> Vec<u8> {
+/// `b` followed by zeros up to `len` bytes.
+fn pad_to(b: &[u8], len: usize) -> Vec<u8> {
     let mut v = b.to_vec();
-    while !v.len().is_multiple_of(4) {
-        v.push(0);
-    }
+    v.resize(len, 0);
     v
 }
 
