@@ -24,6 +24,8 @@ pub struct BenchReport {
     pub backend: String,
     /// Per-kernel GPU time of one decode step (empty without timestamp queries).
     pub kernels: Vec<KernelTime>,
+    /// Per-kernel GPU time per token of one prefill chunk of up to `DEFAULT_UBATCH` tokens.
+    pub prefill_kernels: Vec<KernelTime>,
     /// `--vram-budget` as given.
     pub budget: String,
     /// Expert counters cover the decode of the last repetition.
@@ -75,7 +77,10 @@ pub fn run(
         }
     }
     let metrics = engine.metrics();
-    let kernels = session.profile_decode()?;
+    let kernels = session.profile_step(1)?;
+    session.reset();
+    let chunk = prompt_tokens.clamp(1, crate::model::session::DEFAULT_UBATCH) as u32;
+    let prefill_kernels = session.profile_step(chunk)?;
     Ok(BenchReport {
         prefill_tok_s: best_prefill,
         decode_tok_s: best_decode,
@@ -84,6 +89,7 @@ pub fn run(
         adapter: engine.gpu().adapter_name(),
         backend: engine.gpu().backend_name(),
         kernels,
+        prefill_kernels,
         budget: budget.to_string(),
         stall_share: metrics.stall_ms / 1e3 / last_decode_s.max(1e-9),
         expert_share: match (metrics.expert_slots, engine.model.config.moe.as_ref()) {
@@ -232,6 +238,7 @@ mod tests {
             adapter: "test".into(),
             backend: "none".into(),
             kernels: Vec::new(),
+            prefill_kernels: Vec::new(),
             budget: format!("{:.0}%", share * 100.0),
             metrics: RunMetrics {
                 expert_slots: (share < 1.0).then_some(4),

@@ -809,11 +809,16 @@ fn print_bench(r: &pregate::bench::BenchReport) {
         "vram      peak {:.1} MiB",
         m.peak_vram_bytes as f64 / (1u64 << 20) as f64
     );
-    for k in &r.kernels {
-        println!(
-            "  {:12} {:8.3} ms/token  {:5.1}%",
-            k.kernel, k.ms_per_token, k.percent
-        );
+    for (title, kernels) in [("decode", &r.kernels), ("prefill", &r.prefill_kernels)] {
+        if !kernels.is_empty() {
+            println!("kernels   {title}, GPU time per token");
+        }
+        for k in kernels {
+            println!(
+                "  {:12} {:8.3} ms/token  {:5.1}%",
+                k.kernel, k.ms_per_token, k.percent
+            );
+        }
     }
 }
 

@@ -561,20 +561,24 @@ impl Session {
         Ok(Some(union))
     }
 
-    /// GPU time per kernel of one decode step, from timestamp queries (one compute pass per
-    /// dispatch, so pass boundaries add a little). Empty when the adapter has no timestamps.
-    pub fn profile_decode(&mut self) -> Result<Vec<crate::bench::KernelTime>> {
+    /// GPU time per kernel of one step over `n_tokens` tokens (1: a decode step; more: a
+    /// prefill chunk), per token, from timestamp queries (one compute pass per dispatch, so
+    /// pass boundaries add a little). The step reads whatever ids are in the buffer and
+    /// writes nothing the session keeps. Empty when the adapter has no timestamps.
+    pub fn profile_step(&mut self, n_tokens: u32) -> Result<Vec<crate::bench::KernelTime>> {
         let g = self.model.gpu.clone();
         // An offloaded step is cut into segments with loads between them; not profiled.
         if !g.features.contains(wgpu::Features::TIMESTAMP_QUERY)
             || self.model.offload.is_some()
-            || self.tokens.len() + 1 > self.bufs.ctx
+            || n_tokens == 0
+            || n_tokens as usize > self.bufs.ub
+            || self.tokens.len() + n_tokens as usize > self.bufs.ctx
         {
             return Ok(Vec::new());
         }
-        let key = (1, Output::Argmax);
+        let key = (n_tokens as usize, Output::Argmax);
         if !self.plans.contains_key(&key) {
-            let plan = forward::build(&self.model, &self.bufs, 1, Output::Argmax)?;
+            let plan = forward::build(&self.model, &self.bufs, n_tokens, Output::Argmax)?;
             self.plans.insert(key, plan);
         }
         let plan = &self.plans[&key];
@@ -594,7 +598,7 @@ impl Session {
         let read = g.readback("timestamps readback", bytes)?;
         let step = Step {
             pos0: self.tokens.len() as u32,
-            n_tokens: 1,
+            n_tokens,
             _pad: [0; 2],
         };
         g.queue
@@ -624,7 +628,8 @@ impl Session {
         let period = g.queue.get_timestamp_period() as f64;
         let mut by_kernel: Vec<(String, f64)> = Vec::new();
         for (i, d) in plan.dispatches.iter().take(n).enumerate() {
-            let ms = raw[2 * i + 1].saturating_sub(raw[2 * i]) as f64 * period / 1e6;
+            let ms = raw[2 * i + 1].saturating_sub(raw[2 * i]) as f64 * period / 1e6
+                / n_tokens as f64;
             let label = match d.kernel {
                 crate::gpu::Kernel::Matmul { dtype, .. } => format!("matmul {dtype}"),
                 k => k.label().to_string(),
