@@ -24,17 +24,30 @@ fn x_chunk(x0: u32, c: u32) -> XChunk {
     return v;
 }
 
+// One chunk of a weight row, dequantized to raw quants plus (scale, offset) per half.
+struct WeightChunk {
+    s: vec4<f32>,
+    q: array<vec4<f32>, 8>,
+}
+
+// Chunk c of the row starting at row_base.
+fn weight_chunk(row_base: u32, c: u32) -> WeightChunk {
+    let ch = load_chunk(row_base + (c / CHUNKS_PER_BLOCK) * BLOCK_WORDS, c % CHUNKS_PER_BLOCK);
+    return WeightChunk(chunk_scale(ch), array<vec4<f32>, 8>(
+        chunk_q(ch, 0u), chunk_q(ch, 1u), chunk_q(ch, 2u), chunk_q(ch, 3u),
+        chunk_q(ch, 4u), chunk_q(ch, 5u), chunk_q(ch, 6u), chunk_q(ch, 7u)
+    ));
+}
+
+fn weight_dot(wc: WeightChunk, xc: XChunk) -> f32 {
+    let d0 = dot(wc.q[0], xc.a) + dot(wc.q[1], xc.b) + dot(wc.q[2], xc.c) + dot(wc.q[3], xc.d);
+    let d1 = dot(wc.q[4], xc.e) + dot(wc.q[5], xc.f) + dot(wc.q[6], xc.g) + dot(wc.q[7], xc.h);
+    return wc.s.x * d0 + wc.s.y * xc.s0 + wc.s.z * d1 + wc.s.w * xc.s1;
+}
+
 // The dot product of chunk c (32 weights) of the row starting at row_base with xc.
 fn chunk_dot_x(row_base: u32, c: u32, xc: XChunk) -> f32 {
-    let blk = row_base + (c / CHUNKS_PER_BLOCK) * BLOCK_WORDS;
-    let cc = c % CHUNKS_PER_BLOCK;
-    let ch = load_chunk(blk, cc);
-    let s = chunk_scale(ch);
-    let d0 = dot(chunk_q(ch, 0u), xc.a) + dot(chunk_q(ch, 1u), xc.b)
-           + dot(chunk_q(ch, 2u), xc.c) + dot(chunk_q(ch, 3u), xc.d);
-    let d1 = dot(chunk_q(ch, 4u), xc.e) + dot(chunk_q(ch, 5u), xc.f)
-           + dot(chunk_q(ch, 6u), xc.g) + dot(chunk_q(ch, 7u), xc.h);
-    return s.x * d0 + s.y * xc.s0 + s.z * d1 + s.w * xc.s1;
+    return weight_dot(weight_chunk(row_base, c), xc);
 }
 
 fn chunk_dot(row_base: u32, c: u32, x0: u32) -> f32 {

@@ -190,25 +190,11 @@ fn grouped(@builtin(global_invocation_id) gid: vec3<u32>) {
         let nt = min(TB, count - i0);
         var acc: array<f32, TB>;
         for (var c = 0u; c < n_chunks; c++) {
-            let blk = row_base + (c / CHUNKS_PER_BLOCK) * BLOCK_WORDS;
-            let cc = c % CHUNKS_PER_BLOCK;
-            let ch = load_chunk(blk, cc);
-            let sc = chunk_scale(ch);
-            let a0 = chunk_q(ch, 0u); let a1 = chunk_q(ch, 1u);
-            let a2 = chunk_q(ch, 2u); let a3 = chunk_q(ch, 3u);
-            let a4 = chunk_q(ch, 4u); let a5 = chunk_q(ch, 5u);
-            let a6 = chunk_q(ch, 6u); let a7 = chunk_q(ch, 7u);
+            let wc = weight_chunk(row_base, c);
             for (var tt = 0u; tt < nt; tt++) {
                 let slot = lists[e * p.n_tokens + i0 + tt];
                 let row = select(slot / p.n_used, slot, p.down == 1u);
-                let xb = row * p.k / 4u + c * 8u;
-                let x0v = x[xb]; let x1v = x[xb + 1u]; let x2v = x[xb + 2u]; let x3v = x[xb + 3u];
-                let x4v = x[xb + 4u]; let x5v = x[xb + 5u]; let x6v = x[xb + 6u]; let x7v = x[xb + 7u];
-                let d0 = dot(a0, x0v) + dot(a1, x1v) + dot(a2, x2v) + dot(a3, x3v);
-                let d1 = dot(a4, x4v) + dot(a5, x5v) + dot(a6, x6v) + dot(a7, x7v);
-                let sx0 = dot(x0v + x1v + x2v + x3v, ONES);
-                let sx1 = dot(x4v + x5v + x6v + x7v, ONES);
-                acc[tt] += sc.x * d0 + sc.y * sx0 + sc.z * d1 + sc.w * sx1;
+                acc[tt] += weight_dot(wc, x_chunk(row * p.k / 4u, c));
             }
         }
         for (var tt = 0u; tt < nt; tt++) {

@@ -34,7 +34,7 @@ fn quant_source(dtype: DType) -> &'static str {
 
 /// Rows per thread in the prefill mat-mul (written out in matmul.wgsl: its per-row
 /// registers must be named variables, as arrays would live in memory on lavapipe).
-pub const MATMUL_ROWS: u32 = 2;
+pub const MATMUL_ROWS: u32 = 4;
 /// Threads per row of the split decode mat-vec (a power of two dividing 64).
 pub const MATVEC_TPR: u32 = 16;
 /// Rows per thread of the one-thread-per-row decode mat-vec (CPU adapters).
@@ -176,7 +176,7 @@ impl Kernel {
                 let body = if tokens == 1 {
                     format!("{CHUNK_DOT}\n{MATVEC}")
                 } else {
-                    MATMUL.to_string()
+                    format!("{CHUNK_DOT}\n{MATMUL}")
                 };
                 let (decl, row0) = if uniform_x > 0 {
                     (
@@ -195,6 +195,7 @@ impl Kernel {
                     .replace("{{TB}}", &tokens.to_string())
                     .replace("{{TPR}}", &MATVEC_TPR.to_string())
                     .replace("{{RPT}}", &MATVEC_RPT.to_string())
+                    .replace("{{RR}}", &MATMUL_ROWS.to_string())
                     .replace("{{X_DECL}}", &decl)
                     .replace("{{X_ROW0}}", row0);
                 format!("{QUANT_COMMON}\n{}\n{body}", quant_source(dtype))

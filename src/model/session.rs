@@ -628,8 +628,8 @@ impl Session {
         let period = g.queue.get_timestamp_period() as f64;
         let mut by_kernel: Vec<(String, f64)> = Vec::new();
         for (i, d) in plan.dispatches.iter().take(n).enumerate() {
-            let ms = raw[2 * i + 1].saturating_sub(raw[2 * i]) as f64 * period / 1e6
-                / n_tokens as f64;
+            let ms =
+                raw[2 * i + 1].saturating_sub(raw[2 * i]) as f64 * period / 1e6 / n_tokens as f64;
             let label = match d.kernel {
                 crate::gpu::Kernel::Matmul { dtype, .. } => format!("matmul {dtype}"),
                 k => k.label().to_string(),
