@@ -60,6 +60,19 @@ fn scale_min_k4(sc: vec3<u32>, j: u32) -> vec2<f32> {
     return vec2<f32>(select(high, low, j < 4u));
 }
 
+// (d * scale, -dmin * min) of sub-block c from a Q4_K/Q5_K block's first vec4.
+fn k_scale(head: vec4<u32>, c: u32) -> vec2<f32> {
+    let dd = unpack2x16float(head.x);
+    let sm = scale_min_k4(head.yzw, c);
+    return vec2<f32>(dd.x * sm.x, -dd.y * sm.y);
+}
+
+// The 4 vec4s (16 words) from word `base` (F16, BF16 chunks).
+fn quads4(base: u32) -> array<vec4<u32>, 4> {
+    let q = base >> 2u;
+    return array<vec4<u32>, 4>(w[q], w[q + 1u], w[q + 2u], w[q + 3u]);
+}
+
 // Dequantized elements 4i..4i+3 of a chunk (for embedding rows).
 fn dequant4(ch: Chunk, i: u32) -> vec4<f32> {
     let s = chunk_scale(ch);

@@ -11,8 +11,7 @@ struct Chunk {
 }
 
 fn load_chunk(base: u32, c: u32) -> Chunk {
-    let q = base >> 2u;
-    return Chunk(array<vec4<u32>, 4>(w[q], w[q + 1u], w[q + 2u], w[q + 3u]));
+    return Chunk(quads4(base));
 }
 
 fn chunk_scale(ch: Chunk) -> vec4<f32> {

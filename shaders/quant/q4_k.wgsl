@@ -13,11 +13,8 @@ struct Chunk {
 
 fn load_chunk(base: u32, c: u32) -> Chunk {
     let q = base >> 2u;
-    let head = w[q];
-    let dd = unpack2x16float(head.x);
-    let sm = scale_min_k4(head.yzw, c);
     let qs = q + 1u + 2u * (c >> 1u);
-    return Chunk(vec2<f32>(dd.x * sm.x, -dd.y * sm.y), w[qs], w[qs + 1u], (c & 1u) * 4u);
+    return Chunk(k_scale(w[q], c), w[qs], w[qs + 1u], (c & 1u) * 4u);
 }
 
 fn chunk_scale(ch: Chunk) -> vec4<f32> {
