@@ -47,6 +47,10 @@ enum Command {
     /// Perplexity of a text file, computed as llama-perplexity does
     Eval(EvalArgs),
     /// Measure prefill and decode speed
+    ///
+    /// Prints the best prefill and decode tokens/s over --reps runs and, where the adapter
+    /// has timestamp queries, the GPU time per kernel of one decode step and of one prefill
+    /// chunk (--json: `kernels`, `prefill_kernels`).
     Bench(BenchArgs),
     /// Show a model's metadata, tensors and bytes per layer
     Inspect {
