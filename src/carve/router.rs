@@ -27,10 +27,12 @@ pub fn select(p: &[f32], bias: &[f32], k: usize) -> Vec<usize> {
     let mut out = Vec::with_capacity(k);
     for _ in 0..k.min(p.len()) {
         let mut best = usize::MAX;
-        let mut best_v = f32::MIN;
+        let mut best_v = f32::NEG_INFINITY;
         for e in 0..p.len() {
+            // NaN (broken weights) ranks lowest, so an expert is always chosen.
             let v = p[e] + bias[e];
-            if !taken[e] && v > best_v {
+            let v = if v.is_nan() { f32::NEG_INFINITY } else { v };
+            if !taken[e] && (best == usize::MAX || v > best_v) {
                 best = e;
                 best_v = v;
             }
@@ -71,4 +73,27 @@ pub fn balance_bias(inputs: &[f32], d: usize, rg: &[f32], ru: &[f32], k: usize) 
         }
     }
     bias
+}
+
+#[cfg(test)]
+mod tests {
+    use super::select;
+
+    #[test]
+    fn select_takes_the_top_k_with_bias() {
+        assert_eq!(select(&[0.1, 0.5, 0.3, 0.2], &[0.0; 4], 2), vec![1, 2]);
+        assert_eq!(
+            select(&[0.1, 0.5, 0.3, 0.2], &[0.0, 0.0, 0.0, 0.4], 2),
+            vec![3, 1]
+        );
+    }
+
+    #[test]
+    fn select_survives_nan_and_infinite_scores() {
+        let nan = f32::NAN;
+        assert_eq!(select(&[nan, 0.2, nan, 0.1], &[0.0; 4], 3), vec![1, 3, 0]);
+        assert_eq!(select(&[nan; 3], &[0.0; 3], 2), vec![0, 1]);
+        let ninf = f32::NEG_INFINITY;
+        assert_eq!(select(&[ninf, ninf], &[0.0; 2], 2), vec![0, 1]);
+    }
 }
