@@ -1,14 +1,14 @@
 // Decode mat-vec: y[row_offset + r] (+)= sum_k W[r, k] * x[k] (+ bias[r]).
 // Two layouts of threads, one per kind of device:
 // - `main`, RPT rows per thread (CPU adapters): x is bound as a uniform buffer when it fits
-//   (the host picks the declaration): every thread reads the same x, and drivers serve
-//   uniform reads from one scalar load where storage reads cost a gather per thread on CPU
-//   Vulkan (lavapipe).
+//   (the host picks the declaration). On CPU Vulkan (lavapipe) a uniform read is a gather
+//   and a storage read a loop over the SIMD lanes, so each x chunk a thread loads serves
+//   RPT rows.
 // - `split`, TPR threads per row (GPUs): neighbouring threads read neighbouring 32-element
 //   chunks of one row, so loads coalesce; with one thread per row they are a row apart and
 //   an H100 reached 130-290 GB/s of 3000.
-// The per-type `load_chunk`/`chunk_scale`/`chunk_q` and `chunk_dot` (chunk_dot.wgsl) are prepended by
-// the host.
+// The per-type `load_chunk`/`chunk_scale`/`chunk_q` and `chunk_dot` (chunk_dot.wgsl) are
+// prepended by the host.
 
 // Params and bindings: matmul_common.wgsl, prepended by the host.
 
@@ -27,7 +27,7 @@ fn store(r: u32, acc_in: f32) {
     }
 }
 
-// Rows per thread of `main`: every x load (a gather on lavapipe) serves RPT rows.
+// Rows per thread of `main`.
 const RPT: u32 = {{RPT}}u;
 
 @compute @workgroup_size(64)

@@ -73,6 +73,19 @@ pub struct AdapterSummary {
     pub timestamps: bool,
 }
 
+/// Storage buffers are also UNIFORM: mat-vec kernels bind activations as uniforms (see
+/// matvec.wgsl).
+const STORAGE_USAGE: wgpu::BufferUsages = wgpu::BufferUsages::STORAGE
+    .union(wgpu::BufferUsages::UNIFORM)
+    .union(wgpu::BufferUsages::COPY_DST)
+    .union(wgpu::BufferUsages::COPY_SRC);
+
+/// Bytes of a storage buffer holding `bytes`: whole 16-byte units (at least one), since
+/// weight kernels read buffers as array<vec4<u32>>.
+fn storage_size(bytes: u64) -> u64 {
+    bytes.max(16).next_multiple_of(16)
+}
+
 fn instance(backend: BackendChoice) -> wgpu::Instance {
     let mut desc = wgpu::InstanceDescriptor::new_without_display_handle_from_env();
     desc.backends = backend.backends();
@@ -227,22 +240,16 @@ impl Gpu {
 
     /// A storage buffer, charged to the arena.
     pub fn storage(&self, label: &str, bytes: u64) -> Result<GpuBuffer> {
-        // UNIFORM too: mat-vec kernels bind activations as uniforms (see matvec.wgsl).
-        let usage = wgpu::BufferUsages::STORAGE
-            | wgpu::BufferUsages::UNIFORM
-            | wgpu::BufferUsages::COPY_DST
-            | wgpu::BufferUsages::COPY_SRC;
-        // Whole 16-byte units: weight kernels read buffers as array<vec4<u32>>.
-        self.charged(label, bytes.next_multiple_of(16), usage, false)
+        self.charged(label, storage_size(bytes), STORAGE_USAGE, false)
     }
 
     /// A storage buffer initialised with `data`, charged to the arena.
     pub fn storage_init(&self, label: &str, data: &[u8]) -> Result<GpuBuffer> {
-        // Whole 16-byte units: weight kernels read buffers as array<vec4<u32>>.
+        let size = storage_size(data.len() as u64) as usize;
         let mut padded;
-        let contents = if data.len() < 16 || !data.len().is_multiple_of(16) {
+        let contents = if size != data.len() {
             padded = data.to_vec();
-            padded.resize(data.len().max(16).next_multiple_of(16), 0);
+            padded.resize(size, 0);
             &padded[..]
         } else {
             data
@@ -253,10 +260,7 @@ impl Gpu {
             .create_buffer_init(&wgpu::util::BufferInitDescriptor {
                 label: Some(label),
                 contents,
-                usage: wgpu::BufferUsages::STORAGE
-                    | wgpu::BufferUsages::UNIFORM
-                    | wgpu::BufferUsages::COPY_DST
-                    | wgpu::BufferUsages::COPY_SRC,
+                usage: STORAGE_USAGE,
             });
         Ok(GpuBuffer::new(buf, self.arena.clone()))
     }

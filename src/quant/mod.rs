@@ -252,9 +252,10 @@ pub fn repack_for_gpu(dtype: DType, src: &[u8]) -> Vec<u32> {
         }
         // [ql:128][qh:64][scales:16][d:f16] -> same, then zeros to 224 bytes (56 words).
         DType::Q6K => {
-            let mut out = Vec::with_capacity(src.len() / 210 * 56);
-            for blk in src.chunks_exact(210) {
-                out.extend(words(&pad_to(blk, 224)));
+            let (bb, gw) = (dtype.block_bytes(), dtype.gpu_block_words());
+            let mut out = Vec::with_capacity(src.len() / bb * gw);
+            for blk in src.chunks_exact(bb) {
+                out.extend(words(&pad_to(blk, gw * 4)));
             }
             out
         }
