@@ -126,7 +126,7 @@ impl Engine {
                     .is_some()
             })
             .collect();
-        let tokens = crate::carve::calib::tokens(tokenizer, &[], 2048)?;
+        let tokens = crate::carve::calib::tokens(tokenizer, &[], 2048, 512)?;
         let slots =
             crate::moe::sizing::split_by_plan(router, &tokens, moe.n_used, uniform, &moe_layer);
         tracing::info!("lookahead: expert slots per layer {slots:?} (split by miss curves)");
@@ -205,7 +205,7 @@ impl Engine {
     /// Adaptive gating's calibration tokens: up to 256 of the built-in corpus.
     fn adaptive_tokens(&self) -> Result<Vec<u32>> {
         let n = 256.min(self.ctx.saturating_sub(1));
-        crate::carve::calib::tokens(&self.tokenizer, &[], n)
+        crate::carve::calib::tokens(&self.tokenizer, &[], n, n)
     }
 
     /// VRAM and expert-cache counters since load (or the last [`Engine::reset_metrics`]).

@@ -284,11 +284,12 @@ struct CarveArgs {
     /// Calibration text files (default: the built-in corpus, calib/SOURCES.md)
     #[arg(long, num_args = 1..)]
     calib: Vec<PathBuf>,
-    /// Calibration tokens to profile
+    /// Calibration tokens to profile, taken as sequences spread evenly over all the
+    /// calibration text
     #[arg(long, default_value_t = 4096)]
     calib_tokens: usize,
     /// Tokens per calibration sequence
-    #[arg(long, default_value_t = 1024)]
+    #[arg(long, default_value_t = 512)]
     seq_len: usize,
     /// Block type of the re-quantised down-projection
     #[arg(long, default_value = "q8_0", value_parser = parse_dtype)]
@@ -299,9 +300,17 @@ struct CarveArgs {
     router: CarveRouter,
     /// Refit the shared expert's down-projection by least squares so that the MoE
     /// reconstructs the dense FFN output on the calibration tokens (experimental: it lowers
-    /// the error on calibration-like text but raised perplexity on eval.txt)
+    /// the error on calibration-like text but raised perplexity on eval.txt; implies
+    /// --no-recover)
     #[arg(long)]
     refit: bool,
+    /// Do not fit the per-layer linear recovery map. By default carve fits, per layer, a
+    /// map from the FFN input to what the experts a token does not use would have added
+    /// (ridge least squares, its strength chosen on held-out calibration windows) and
+    /// stores it in the model (d_model² weights a layer); the runtime adds it to the MoE
+    /// output whenever tokens use the carved number of experts
+    #[arg(long)]
+    no_recover: bool,
     /// Do not bias the router's selection toward even expert load
     #[arg(long)]
     no_balance: bool,
@@ -911,6 +920,7 @@ fn cmd_carve(a: CarveArgs) -> Result<()> {
             CarveRouter::Lsq => carve::RouterFit::LeastSquares,
         },
         refit_shared: a.refit,
+        recover: !a.no_recover && !a.refit,
         balance: !a.no_balance,
         overwrite: a.force,
         gpu: GpuOptions {
@@ -1071,7 +1081,8 @@ fn routing_trace(
     engine: &Engine,
     a: &TrainRouterArgs,
 ) -> Result<(Vec<u32>, pregate::moe::ExpertTrace)> {
-    let tokens = pregate::carve::calib::tokens(&engine.tokenizer, &a.calib, a.tokens)?;
+    let tokens =
+        pregate::carve::calib::tokens(&engine.tokenizer, &a.calib, a.tokens, engine.ctx())?;
     let saved = match &a.trace {
         Some(p) if p.exists() => {
             let t = pregate::moe::ExpertTrace::read(p)?;

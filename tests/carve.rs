@@ -503,3 +503,67 @@ fn sequential_carving_keeps_the_invariant_and_runs_like_the_reference() {
         "layer 0 sees the same inputs either way"
     );
 }
+
+#[test]
+fn linear_recovery_runs_like_the_reference_and_brings_the_carve_closer_to_dense() {
+    let (dir, dense) = common::tiny_dense("carve_recover", 21);
+    let opts = CarveOptions {
+        n_experts: 8,
+        n_shared: 1,
+        n_active: 2,
+        calib: vec![calib_file(&dir)],
+        calib_tokens: 600,
+        seq_len: 200,
+        ..Default::default()
+    };
+    assert!(opts.recover, "recovery is the default");
+    let rec = dir.join("recover.gguf");
+    carve::carve(&dense, &rec, &opts, |_| {}).expect("carve");
+    let plain = dir.join("plain.gguf");
+    let no_recover = CarveOptions {
+        recover: false,
+        ..opts.clone()
+    };
+    carve::carve(&dense, &plain, &no_recover, |_| {}).expect("carve");
+    let f = pregate::format::GgufFile::open(&rec).expect("open");
+    for l in 0..2 {
+        let w = f
+            .require(&format!("blk.{l}.ffn_recover.weight"))
+            .expect("map");
+        assert_eq!(w.dims, vec![256, 256], "d_model²");
+        f.require(&format!("blk.{l}.ffn_recover.bias"))
+            .expect("bias");
+    }
+    // The GPU adds W·x + b at the carved k, as the CPU reference does, and not at other k.
+    for k in [2, 3] {
+        let got = logits(&rec, Some(k), &TOKENS);
+        let cpu = reference_logits(&load_weights(&rec, TinySpec::default(), k), &TOKENS);
+        let last = cpu.len() - 1;
+        assert!(
+            max_abs_diff(&got[0], &cpu[last - 3]) < 2e-3,
+            "k {k} prefill"
+        );
+        assert!(max_abs_diff(&got[3], &cpu[last]) < 2e-3, "k {k} decode");
+    }
+    // All experts active is still the dense model: the map is not applied there.
+    let want = logits(&dense, None, &TOKENS);
+    for (w, g) in want.iter().zip(&logits(&rec, Some(usize::MAX), &TOKENS)) {
+        let scale = w.iter().fold(0f32, |m, v| m.max(v.abs()));
+        assert!(max_abs_diff(w, g) < 0.01 * scale, "{}", max_abs_diff(w, g));
+    }
+    let err = |p: &Path| -> f32 {
+        let got = logits(p, None, &TOKENS);
+        want.iter().zip(&got).map(|(w, g)| max_abs_diff(w, g)).sum()
+    };
+    let (e_rec, e_plain) = (err(&rec), err(&plain));
+    assert!(e_rec < e_plain, "recover {e_rec} vs plain {e_plain}");
+    // It and the shared refit fit the same thing: asking for both is an error.
+    let both = CarveOptions {
+        refit_shared: true,
+        ..opts
+    };
+    let out = dir.join("both.gguf");
+    let e = carve::carve(&dense, &out, &both, |_| {}).expect_err("both fits");
+    assert!(e.to_string().contains("choose one"), "{e}");
+    assert!(!out.exists());
+}

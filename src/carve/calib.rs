@@ -17,43 +17,71 @@ use super::{CarveEvent, CarveOptions};
 /// The built-in corpus (Rust crate sources under MIT/Apache-2.0; see calib/SOURCES.md).
 pub const BUILTIN_CORPUS: &str = include_str!("../../calib/corpus.txt");
 
-/// The first `max` tokens of the calibration files (or of the built-in corpus).
-pub fn tokens(tok: &Tokenizer, files: &[PathBuf], max: usize) -> Result<Vec<u32>> {
-    let mut out = Vec::new();
+/// Up to `max` calibration tokens from the files (or the built-in corpus), as windows of
+/// `seq_len` tokens spread evenly over their whole text: every file and every part of a
+/// long file is sampled, not only the first `max` tokens.
+pub fn tokens(tok: &Tokenizer, files: &[PathBuf], max: usize, seq_len: usize) -> Result<Vec<u32>> {
+    let mut all = Vec::new();
     if files.is_empty() {
-        out = tok.encode(BUILTIN_CORPUS, false)?;
+        all = tok.encode(BUILTIN_CORPUS, false)?;
     }
     for path in files {
-        let text = std::fs::read_to_string(path).map_err(|cause| Error::Open {
-            path: path.clone(),
-            cause,
-        })?;
-        out.extend(tok.encode(&text, false)?);
-        if out.len() >= max {
-            break;
-        }
+        all.extend(tok.encode(&read_text(path)?, false)?);
     }
-    out.truncate(max);
+    let out = spread(&all, max, seq_len);
     if out.is_empty() {
         return Err(Error::Carve("the calibration set is empty".into()));
     }
     Ok(out)
 }
 
-/// Up to `max` tokens split evenly between the calibration `files`, each labelled with its
-/// file's index (Read-ME's data domains). Every file must yield a token.
+fn read_text(path: &PathBuf) -> Result<String> {
+    std::fs::read_to_string(path).map_err(|cause| Error::Open {
+        path: path.clone(),
+        cause,
+    })
+}
+
+/// `max` tokens of `all` in windows of `seq_len`, evenly spaced from its start to its end
+/// (all of it when it is no longer than `max`). Windows never overlap.
+pub fn spread(all: &[u32], max: usize, seq_len: usize) -> Vec<u32> {
+    if all.len() <= max {
+        return all.to_vec();
+    }
+    let seq_len = seq_len.clamp(1, max.max(1));
+    let windows = max.div_ceil(seq_len);
+    if windows < 2 || all.len() < windows * seq_len {
+        // Too little text to space the windows apart.
+        return all[..max].to_vec();
+    }
+    // Window w starts at w/(windows-1) of the way to the last full window's start, so
+    // consecutive starts are at least seq_len apart.
+    let last = all.len() - seq_len;
+    let mut out = Vec::with_capacity(max);
+    for w in 0..windows {
+        let start = w * last / (windows - 1);
+        let len = seq_len.min(max - out.len());
+        out.extend_from_slice(&all[start..start + len]);
+    }
+    out
+}
+
+/// Up to `max` tokens split evenly between the calibration `files` (each spread over its
+/// file in windows of `seq_len`), each labelled with its file's index (Read-ME's data
+/// domains). Every file must yield a token.
 pub fn tokens_by_file(
     tok: &Tokenizer,
     files: &[PathBuf],
     max: usize,
+    seq_len: usize,
 ) -> Result<(Vec<u32>, Vec<u32>)> {
-    let per_file = max / files.len().max(1);
+    let per_file = (max / files.len().max(1)).max(1);
     let (mut all, mut labels) = (Vec::new(), Vec::new());
     for (i, path) in files.iter().enumerate() {
-        let t = tokens(tok, std::slice::from_ref(path), per_file.max(1)).map_err(|e| match e {
-            Error::Carve(_) => Error::Carve(format!("{} has no tokens", path.display())),
-            e => e,
-        })?;
+        let t = spread(&tok.encode(&read_text(path)?, false)?, per_file, seq_len);
+        if t.is_empty() {
+            return Err(Error::Carve(format!("{} has no tokens", path.display())));
+        }
         labels.extend(std::iter::repeat_n(i as u32, t.len()));
         all.extend(t);
     }
@@ -84,6 +112,7 @@ impl LayerCalibration {
 pub fn keeps_hidden(opts: &CarveOptions) -> bool {
     opts.router_fit != super::RouterFit::Representative
         || opts.refit_shared
+        || opts.recover
         || opts.method == super::Method::Readme
 }
 
@@ -198,4 +227,42 @@ pub fn profile(
         });
     }
     Ok(layers)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::spread;
+
+    #[test]
+    fn spread_spaces_whole_windows_from_start_to_end() {
+        let all: Vec<u32> = (0..100).collect();
+        // 3 windows of 10: at 0, 45 and 90.
+        let got = spread(&all, 30, 10);
+        let want: Vec<u32> = (0..10).chain(45..55).chain(90..100).collect();
+        assert_eq!(got, want);
+        // A partial last window: 25 tokens = 10 + 10 + 5.
+        let got = spread(&all, 25, 10);
+        assert_eq!(got.len(), 25);
+        assert_eq!(&got[..10], &all[..10]);
+        assert_eq!(&got[20..], &all[90..95]);
+    }
+
+    #[test]
+    fn spread_keeps_short_text_whole_and_never_overlaps() {
+        let all: Vec<u32> = (0..50).collect();
+        assert_eq!(spread(&all, 64, 16), all);
+        assert_eq!(spread(&all, 50, 16), all);
+        // Longer than max but too short to space 4 windows apart: the first max tokens.
+        assert_eq!(spread(&all, 49, 16), all[..49].to_vec());
+        for max in 1..50 {
+            for seq in 1..20 {
+                let got = spread(&all, max, seq);
+                assert_eq!(got.len(), max);
+                let mut seen = got.clone();
+                seen.sort_unstable();
+                seen.dedup();
+                assert_eq!(seen.len(), max, "max {max} seq {seq} repeats a token");
+            }
+        }
+    }
 }

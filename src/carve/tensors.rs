@@ -8,7 +8,7 @@ use crate::format::{GgufFile, GgufWriter, MetaValue, TensorInfo};
 use crate::quant::{dequantize, quantize, DType};
 
 use super::partition::Partition;
-use super::recover::RouterFit;
+use super::recover::{LinearRecovery, RouterFit};
 use super::{CarveOptions, Method};
 
 /// Tensors start on 4 KiB boundaries so that a loader can read them page-aligned.
@@ -114,6 +114,7 @@ impl<'a> ExpertWriter<'a> {
                 "pregate.moe.refit_shared",
                 MetaValue::Bool(opts.refit_shared),
             )
+            .meta("pregate.moe.recover", MetaValue::Bool(opts.recover))
             .meta("pregate.moe.experts_total", u32v(shape.experts_total))
             .meta("pregate.moe.shared_experts", u32v(shape.shared_experts))
             .meta("pregate.moe.padding_neurons", u32v(shape.padding));
@@ -191,6 +192,7 @@ impl<'a> ExpertWriter<'a> {
         dense_down: &[f32],
         router: &Router,
         shared_down: Option<&[f32]>,
+        recovery: Option<&LinearRecovery>,
     ) -> Result<()> {
         let f = self.file;
         let (d, size) = (self.d, self.size);
@@ -251,6 +253,17 @@ impl<'a> ExpertWriter<'a> {
             + dt.bytes_for(d64 * s64).unwrap_or(0);
 
         let bytes = |v: &[f32]| bytemuck::cast_slice::<f32, u8>(v).to_vec();
+        if let Some(r) = recovery {
+            let w = quantize(dt, &r.weight)?;
+            self.out
+                .tensor(&name("ffn_recover.weight"), dt, &[d64, d64], w)?;
+            self.out.tensor(
+                &name("ffn_recover.bias"),
+                DType::F32,
+                &[d64],
+                bytes(&r.bias),
+            )?;
+        }
         let (rg, ru, bias) = match router {
             Router::Representative { rg, ru, bias } => (rg, Some(ru), Some(bias)),
             Router::Linear(w) => (w, None, None),

@@ -119,4 +119,17 @@ fn moe_section(f: &GgufFile, s: &mut String) {
         mib(total),
         100.0 * expert_bytes as f64 / total.max(1) as f64
     );
+    let recover: u64 = f
+        .tensors
+        .iter()
+        .filter(|t| t.name.contains(".ffn_recover."))
+        .map(|t| t.n_bytes)
+        .sum();
+    if recover > 0 {
+        let _ = writeln!(
+            s,
+            "  linear recovery maps (carve's estimate of the unused experts, added at {used} per token): {}",
+            mib(recover)
+        );
+    }
 }

@@ -40,6 +40,9 @@ pub struct MoeConfig {
     pub n_expert: usize,
     /// Experts each token uses (the model's default, or --experts-per-token).
     pub n_used: usize,
+    /// Experts each token uses as the file says: a carved model's recovery map
+    /// (`ffn_recover`) was fitted for exactly this many and applies only then.
+    pub fitted_used: usize,
     /// Neurons per routed expert.
     pub expert_ff: usize,
     /// Neurons of the shared expert (0: none).
@@ -75,6 +78,7 @@ impl MoeConfig {
         Ok(Some(MoeConfig {
             n_expert,
             n_used,
+            fitted_used: n_used,
             expert_ff: f.get_u64(&key("expert_feed_forward_length"))? as usize,
             shared_ff: f
                 .get(&key("expert_shared_feed_forward_length"))

@@ -324,6 +324,10 @@ pub fn build(
                     pregate: model.routing == Routing::Pregate,
                 };
                 ffn_experts(&mut b, s, m, moe, n, &plan);
+                if let Some((w, bias)) = &m.recover {
+                    let add = Write::Accumulate;
+                    ops::matmul(&mut b, w, &s.xn, 0, n, &s.x, bias.as_ref(), add, &s.dummy);
+                }
                 if output == Output::Route {
                     // Ids [n_layer, ub, k], then top-1 shares [n_layer, ub] (as bits).
                     let (k, ub, layers) = (moe.n_used as u32, s.ub as u32, c.n_layer as u32);

@@ -59,6 +59,10 @@ pub struct MoeWeights {
     pub shared: Option<Mlp>,
     /// qwen2moe: the shared expert's output is scaled by sigmoid(x · shared_gate).
     pub shared_gate: Option<Matrix>, // [1, d_model]
+    /// A carved model's linear recovery map [d_model, d_model] and bias: its estimate of
+    /// what the unchosen experts would add (carve --recover). Loaded only when tokens use
+    /// as many experts as it was fitted for.
+    pub recover: Option<(Matrix, Option<Vector>)>,
 }
 
 pub struct Weights {
@@ -197,6 +201,13 @@ fn moe_weights(
                 Some(Matrix::upload(gpu, &t.name, t.dtype, 1, d, f.bytes(t))?)
             }
             None => None,
+        },
+        recover: match f.tensor(&n("ffn_recover.weight")) {
+            Some(_) if m.n_used == m.fitted_used => Some((
+                matrix(gpu, f, &n("ffn_recover.weight"), d, d)?,
+                optional_vector(gpu, f, &n("ffn_recover.bias"), d)?,
+            )),
+            _ => None,
         },
     })
 }
@@ -342,6 +353,7 @@ impl Model {
                     mats.extend([&m.router_gate, &m.gate_exps, &m.up_exps, &m.down_exps]);
                     mats.extend(m.router_up.as_ref());
                     mats.extend(m.shared_gate.as_ref());
+                    mats.extend(m.recover.as_ref().map(|r| &r.0));
                     if let Some(s) = &m.shared {
                         mats.extend([&s.gate, &s.up, &s.down]);
                     }

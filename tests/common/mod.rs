@@ -107,6 +107,8 @@ pub struct TinyWeights {
     pub routes: std::cell::RefCell<Vec<u16>>,
     /// `pregate.moe.router` of a carved model ("cmoe" or "lsq"); empty otherwise.
     pub router: String,
+    /// The file's experts per token: a carved model's recovery map applies only then.
+    pub fitted_used: usize,
 }
 
 /// Writes a tiny model with random weights: vocab = 256 byte tokens + 2 specials.
@@ -325,6 +327,7 @@ pub fn write_tiny_model(path: &Path, spec: TinySpec, seed: u64) -> TinyWeights {
         experts_per_token: spec.moe.map_or(usize::MAX, |m| m.n_used),
         routes: Default::default(),
         router: String::new(),
+        fitted_used: spec.moe.map_or(0, |m| m.n_used),
     }
 }
 
@@ -519,6 +522,16 @@ fn ffn(tw: &TinyWeights, l: usize, xn: &[f32]) -> Vec<f32> {
         let y = swiglu_mlp(&g, &u, &rows("ffn_down_exps.weight", d, m), d);
         out.iter_mut().zip(&y).for_each(|(a, b)| *a += b);
     }
+    // carve --recover: W·x + b, fitted for the carved number of experts only.
+    if let Some(w) = tw.tensors.get(&n("ffn_recover.weight")) {
+        if tw.experts_per_token == tw.fitted_used {
+            let y = matvec(w, xn, d);
+            let b = t("ffn_recover.bias");
+            out.iter_mut()
+                .zip(y.iter().zip(b))
+                .for_each(|(o, (y, b))| *o += y + b);
+        }
+    }
     out
 }
 
@@ -585,6 +598,12 @@ pub fn load_weights(path: &Path, spec: TinySpec, experts_per_token: usize) -> Ti
             .and_then(|v| v.as_str())
             .unwrap_or_default()
             .to_string(),
+        fitted_used: f
+            .get("general.architecture")
+            .and_then(|v| v.as_str())
+            .and_then(|a| f.get(&format!("{a}.expert_used_count")))
+            .and_then(|v| v.as_u64())
+            .unwrap_or(0) as usize,
     }
 }
 
@@ -649,6 +668,8 @@ pub fn carve_tiny_with(
         seq_len: 200,
         router_fit,
         refit_shared,
+        // The linear recovery map has its own test (tests/carve.rs).
+        recover: false,
         ..Default::default()
     };
     let summary = pregate::carve::carve(&dense, &out, &opts, |_| {}).expect("carve");
