@@ -286,7 +286,7 @@ struct CarveArgs {
     calib: Vec<PathBuf>,
     /// Calibration tokens to profile, taken as sequences spread evenly over all the
     /// calibration text
-    #[arg(long, default_value_t = 4096)]
+    #[arg(long, default_value_t = 8192)]
     calib_tokens: usize,
     /// Tokens per calibration sequence
     #[arg(long, default_value_t = 512)]

@@ -9,6 +9,7 @@ use nalgebra::DMatrix;
 
 use super::partition::Partition;
 use super::router;
+use super::sequential::matmul_t;
 
 /// What the router scores experts with.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -36,6 +37,8 @@ pub struct Recovered {
     pub router: Option<Vec<f32>>,
     /// Refitted shared down-projection [d, n_shared_neurons] (None: keep the dense columns).
     pub shared_down: Option<Vec<f32>>,
+    /// Each routed expert's output on every calibration token, [n, d] row-major.
+    pub outputs: Vec<Vec<f32>>,
 }
 
 /// Columns `idx` of a row-major [rows, cols] matrix as a [rows, idx.len()] matrix
@@ -51,9 +54,16 @@ fn gather(src: &[f32], rows: usize, cols: usize, idx: &[usize]) -> DMatrix<f32> 
     })
 }
 
+/// AᵀB for A [n, p] and B [n, q], split across the cores (the carve's largest products).
+fn at_b(a: &DMatrix<f32>, b: &DMatrix<f32>) -> DMatrix<f32> {
+    // Column-major A is row-major Aᵀ [p, n]; matmul_t gives Aᵀ·(Bᵀ)ᵀ row-major [p, q].
+    let v = matmul_t(a.as_slice(), b.as_slice(), a.nrows());
+    DMatrix::from_row_slice(a.ncols(), b.ncols(), &v)
+}
+
 /// Solves (AᵀA + λI) X = AᵀB + λ X0 (ridge toward X0, or toward 0).
 fn ridge(a: &DMatrix<f32>, b: &DMatrix<f32>, x0: Option<&DMatrix<f32>>, rel: f32) -> DMatrix<f32> {
-    ridge_normal(a.transpose() * a, a.transpose() * b, x0, rel)
+    ridge_normal(at_b(a, a), at_b(a, b), x0, rel)
 }
 
 /// [`ridge`] from the normal equations: `gram` = AᵀA, `rhs` = AᵀB. λ is `rel` times the
@@ -103,15 +113,31 @@ pub fn recover(
             }
         })
     };
-    // Each routed expert's output on every token: H_e D_eᵀ, [n, d].
-    let outputs: Vec<DMatrix<f32>> = part
+    // Each routed expert's output on every token: H_e D_eᵀ, [n, d] row-major.
+    let outputs: Vec<Vec<f32>> = part
         .experts
         .iter()
-        .map(|e| h16(e) * gather(data.down, d, d_ff, e).transpose())
+        .map(|e| {
+            let idx: Vec<usize> = e.iter().copied().filter(|&i| i < d_ff).collect();
+            let h: Vec<f32> = (0..n)
+                .flat_map(|t| idx.iter().map(move |&i| data.hidden[t * d_ff + i].to_f32()))
+                .collect();
+            let down: Vec<f32> = (0..d)
+                .flat_map(|r| idx.iter().map(move |&i| data.down[r * d_ff + i]))
+                .collect();
+            matmul_t(&h, &down, idx.len())
+        })
         .collect();
+    let row = |y: &[f32], t: usize| -> Vec<f32> { y[t * d..(t + 1) * d].to_vec() };
     let x = DMatrix::from_row_slice(n, d, data.inputs);
     let router = (fit == RouterFit::LeastSquares).then(|| {
-        let norms = DMatrix::from_fn(n, outputs.len(), |t, e| outputs[e].row(t).norm());
+        let norms = DMatrix::from_fn(n, outputs.len(), |t, e| {
+            outputs[e][t * d..(t + 1) * d]
+                .iter()
+                .map(|v| v * v)
+                .sum::<f32>()
+                .sqrt()
+        });
         // [d, n_expert], column-major: column e is expert e's router row.
         ridge(&x, &norms, None, 1e-3)
             .iter()
@@ -132,8 +158,8 @@ pub fn recover(
             };
             for (e, y) in outputs.iter().enumerate() {
                 if !chosen.contains(&e) {
-                    let mut row = target.row_mut(t);
-                    row += y.row(t);
+                    let mut r = target.row_mut(t);
+                    r += nalgebra::RowDVector::from_row_slice(&row(y, t));
                 }
             }
         }
@@ -144,6 +170,7 @@ pub fn recover(
     Recovered {
         router,
         shared_down,
+        outputs,
     }
 }
 
@@ -190,23 +217,26 @@ pub fn fit_linear_recovery(x: &[f32], missing: &[f32], d: usize, window: usize) 
     let train = rows(&|t| (t / window).is_multiple_of(2));
     let test = rows(&|t| !(t / window).is_multiple_of(2));
     let (a, b) = (design(&train), target(&train));
-    let (gram, rhs) = (a.transpose() * &a, a.transpose() * &b);
+    let (mut gram, mut rhs) = (at_b(&a, &a), at_b(&a, &b));
     let mut best = (f32::INFINITY, 1.0);
-    let (mut gram_all, mut rhs_all) = (gram.clone(), rhs.clone());
     if !test.is_empty() {
         let (at, bt) = (design(&test), target(&test));
+        let (gram_t, rhs_t) = (at_b(&at, &at), at_b(&at, &bt));
+        // Held-out error ‖Bt − At W‖² = ‖Bt‖² − 2⟨W, AtᵀBt⟩ + ⟨W, AtᵀAt W⟩, from the
+        // normal equations alone.
+        let bt2 = bt.norm_squared();
         for rel in RECOVERY_RIDGE {
             let w = ridge_normal(gram.clone(), rhs.clone(), None, rel);
-            let err = (&bt - &at * w).norm_squared();
+            let err = bt2 - 2.0 * w.dot(&rhs_t) + w.dot(&(&gram_t * &w));
             if err < best.0 {
                 best = (err, rel);
             }
         }
-        gram_all += at.transpose() * &at;
-        rhs_all += at.transpose() * &bt;
+        gram += gram_t;
+        rhs += rhs_t;
     }
-    let w = ridge_normal(gram_all, rhs_all, None, best.1); // [d + 1, d]
-                                                           // Row j of the map is column j of w.
+    let w = ridge_normal(gram, rhs, None, best.1); // [d + 1, d]
+                                                   // Row j of the map is column j of w.
     let weight = (0..d)
         .flat_map(|j| (0..d).map(move |i| (i, j)))
         .map(|(i, j)| w[(i, j)])

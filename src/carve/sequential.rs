@@ -216,20 +216,10 @@ impl<'a> ResidualStream<'a> {
     }
 }
 
-/// Which neurons of a carved FFN [`routed_ffn`] keeps for each token.
-#[derive(Clone, Copy, PartialEq, Eq)]
-pub enum Kept {
-    /// The shared neurons and those of the experts the router picks: the carved FFN.
-    Chosen,
-    /// The routed experts the router does not pick: what the carved FFN leaves out.
-    Unchosen,
-}
-
-/// A carved FFN's output on the calibration tokens: each token's silu(gate)·up `h`
-/// [n, d_ff], kept on the neurons `kept` names for the `k` experts its router picks from
-/// `xn` [n, d], times the dense down-projection `down` [d, d_ff].
-#[allow(clippy::too_many_arguments)]
-pub fn routed_ffn(
+/// The carved FFN's output on the calibration tokens: each token's silu(gate)·up `h`
+/// [n, d_ff], kept on the shared neurons and those of the `k` experts its router picks
+/// from `xn` [n, d], times the dense down-projection `down` [d, d_ff].
+pub fn carved_ffn(
     h: &[f32],
     xn: &[f32],
     d: usize,
@@ -237,35 +227,25 @@ pub fn routed_ffn(
     router: &Router,
     k: usize,
     down: &[f32],
-    kept: Kept,
 ) -> Vec<f32> {
     let n = xn.len() / d.max(1);
     let d_ff = h.len() / n.max(1);
-    let mut out = vec![0f32; h.len()];
+    let mut kept = vec![0f32; h.len()];
     for ((hr, kr), x) in h
         .chunks_exact(d_ff)
-        .zip(out.chunks_mut(d_ff))
+        .zip(kept.chunks_exact_mut(d_ff))
         .zip(xn.chunks_exact(d))
     {
         let chosen = router.select(x, k);
-        let mut keep = |i: usize| {
-            if i < d_ff {
-                kr[i] = hr[i];
-            }
-        };
-        match kept {
-            Kept::Chosen => part
-                .shared
-                .iter()
-                .chain(chosen.iter().flat_map(|&e| &part.experts[e]))
-                .for_each(|&i| keep(i)),
-            Kept::Unchosen => (0..part.experts.len())
-                .filter(|e| !chosen.contains(e))
-                .flat_map(|e| &part.experts[e])
-                .for_each(|&i| keep(i)),
+        let active = part
+            .shared
+            .iter()
+            .chain(chosen.iter().flat_map(|&e| &part.experts[e]));
+        for &i in active.filter(|&&i| i < d_ff) {
+            kr[i] = hr[i];
         }
     }
-    matmul_t(&out, down, d_ff)
+    matmul_t(&kept, down, d_ff)
 }
 
 /// CMoE carved layer by layer, each calibrated on the output of the carved layers before
@@ -303,7 +283,7 @@ pub(super) fn carve_in_order<'a>(
         let (router, recovery) = carve_layer(&mut writer, l, &layer, &part, &down, opts)?;
         let h: Vec<f32> = gate.iter().zip(&up).map(|(g, u)| silu(*g) * u).collect();
         let k = opts.n_active;
-        let mut y = routed_ffn(&h, &xn, d, &part, &router, k, &down, Kept::Chosen);
+        let mut y = carved_ffn(&h, &xn, d, &part, &router, k, &down);
         if let Some(r) = &recovery {
             let lin = matmul_t(&xn, &r.weight, d);
             for (row, lin) in y.chunks_exact_mut(d).zip(lin.chunks_exact(d)) {
