@@ -322,6 +322,7 @@ fn readme_carving_gives_each_file_its_expert_and_runs_like_the_reference() {
     let gate = d.require("blk.0.ffn_gate.weight").expect("gate");
     let row = gate.dtype.bytes_for(spec.d_model as u64).expect("row") as usize;
     let zero = pregate::quant::quantize(gate.dtype, &vec![0.0; spec.d_model]).expect("zero");
+    let mut widest = vec![0usize; spec.n_layer];
     for l in 0..spec.n_layer {
         let dense_rows = rows(&d, &format!("blk.{l}.ffn_gate.weight"), row);
         let shared = rows(&m, &format!("blk.{l}.ffn_gate_shexp.weight"), row);
@@ -334,6 +335,12 @@ fn readme_carving_gives_each_file_its_expert_and_runs_like_the_reference() {
                 .filter(|r| **r != zero)
                 .collect();
             assert_eq!(set.len(), spec.d_ff / 2, "layer {l} cluster {c}");
+            // Padding reaches only this layer's largest expert, rounded to a Q8_0 block.
+            let real = experts[c * per..(c + 1) * per]
+                .iter()
+                .filter(|r| **r != zero)
+                .count();
+            widest[l] = widest[l].max(real.div_ceil(32) * 32);
             for r in &set {
                 assert_eq!(set.iter().filter(|o| o == &r).count(), 1);
                 assert!(
@@ -343,6 +350,25 @@ fn readme_carving_gives_each_file_its_expert_and_runs_like_the_reference() {
             }
         }
     }
+
+    for (l, &w) in widest.iter().enumerate() {
+        let t = m
+            .require(&format!("blk.{l}.ffn_gate_exps.weight"))
+            .expect("experts");
+        assert_eq!(
+            t.dims[1] as usize, w,
+            "layer {l}'s experts are padded to its own"
+        );
+    }
+    let arch = m.architecture().expect("arch");
+    let most = m
+        .get(&format!("{arch}.expert_feed_forward_length"))
+        .and_then(|v| v.as_u64());
+    assert_eq!(
+        most,
+        widest.iter().max().map(|&w| w as u64),
+        "the shape holds the largest"
+    );
 
     // The GPU runs it like the CPU reference, with one expert and with both.
     for k in [1usize, 2] {

@@ -152,6 +152,7 @@ pub struct CarveSummary {
     /// Neurons a token computes per layer, zero padding included.
     pub computed_neurons: usize,
     /// Bytes of one routed expert (gate + up + down) in one layer.
+    /// Bytes of one routed expert (gate + up + down) in one layer, the largest layer's.
     pub bytes_per_expert: u64,
     pub output_bytes: u64,
     /// `readme`: the clusters' sizes in calibration tokens, and where their labels went.

@@ -322,8 +322,9 @@ pub fn kmeans_labels(
 }
 
 /// Read-ME: cluster the tokens (by file when there are several, else k-means), then per
-/// layer give each cluster its top neurons. Sizes are padded to the largest layer's, so
-/// every layer has the same shape.
+/// layer give each cluster its top neurons. A layer's experts are padded to its largest
+/// (block-aligned), and so is its shared expert: layers differ in size, the shape records
+/// the largest.
 pub(super) fn layout(
     profiles: &[LayerCalibration],
     d_ff: usize,
@@ -347,9 +348,16 @@ pub(super) fn layout(
         .collect();
     let block = opts.down_type.block_len();
     let round = |n: usize| n.div_ceil(block) * block;
-    let largest = sets.iter().flat_map(|s| s.experts.iter().map(Vec::len));
-    let expert_ff = round(largest.max().unwrap_or(0)).max(block);
+    let layer_ff =
+        |s: &ClusterSets| round(s.experts.iter().map(Vec::len).max().unwrap_or(0)).max(block);
+    let expert_ff = sets.iter().map(layer_ff).max().unwrap_or(block);
     let shared_ff = round(sets.iter().map(|s| s.shared.len()).max().unwrap_or(0));
+    // With a shared expert anywhere, every layer has one (a block of zeros at least), so
+    // the runtime finds the shared tensors in each layer.
+    let layer_shared = |s: &ClusterSets| match shared_ff {
+        0 => 0,
+        _ => round(s.shared.len()).max(block),
+    };
     let pad = |v: &[usize], n: usize| -> Vec<usize> {
         v.iter()
             .copied()
@@ -362,10 +370,11 @@ pub(super) fn layout(
         .iter()
         .map(|s| {
             let real = s.shared.len() + s.experts.iter().map(Vec::len).sum::<usize>();
-            padding += shared_ff + k * expert_ff - real;
-            let experts: Vec<Vec<usize>> = s.experts.iter().map(|e| pad(e, expert_ff)).collect();
+            let (ff, sh) = (layer_ff(s), layer_shared(s));
+            padding += sh + k * ff - real;
+            let experts: Vec<Vec<usize>> = s.experts.iter().map(|e| pad(e, ff)).collect();
             Partition {
-                shared: pad(&s.shared, shared_ff),
+                shared: pad(&s.shared, sh),
                 representatives: experts.iter().map(|e| e[0]).collect(),
                 experts,
             }

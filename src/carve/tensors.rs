@@ -58,7 +58,6 @@ impl Router {
 pub struct ExpertWriter<'a> {
     file: &'a GgufFile,
     opts: &'a CarveOptions,
-    size: usize,
     d: usize,
     d_ff: usize,
     out: GgufWriter,
@@ -137,7 +136,6 @@ impl<'a> ExpertWriter<'a> {
         Ok(ExpertWriter {
             file,
             opts,
-            size: shape.expert_ff,
             d,
             d_ff,
             out,
@@ -195,7 +193,8 @@ impl<'a> ExpertWriter<'a> {
         recovery: Option<&LinearRecovery>,
     ) -> Result<()> {
         let f = self.file;
-        let (d, size) = (self.d, self.size);
+        // Every expert of a layer has its size (readme: sized per layer, up to the shape's).
+        let (d, size) = (self.d, part.experts.first().map_or(0, Vec::len));
         let name = |s: &str| format!("blk.{l}.{s}");
         let gate = f.require(&name("ffn_gate.weight"))?;
         let up = f.require(&name("ffn_up.weight"))?;
@@ -249,8 +248,9 @@ impl<'a> ExpertWriter<'a> {
             self.out
                 .tensor(&name("ffn_down_shexp.weight"), dt, &[n_sh, d64], sd)?;
         }
-        self.bytes_per_expert = 2 * (gate.dtype.bytes_for(d64).unwrap_or(0) * s64)
+        let bytes = 2 * (gate.dtype.bytes_for(d64).unwrap_or(0) * s64)
             + dt.bytes_for(d64 * s64).unwrap_or(0);
+        self.bytes_per_expert = self.bytes_per_expert.max(bytes);
 
         let bytes = |v: &[f32]| bytemuck::cast_slice::<f32, u8>(v).to_vec();
         if let Some(r) = recovery {
@@ -286,7 +286,7 @@ impl<'a> ExpertWriter<'a> {
         Ok(())
     }
 
-    /// Bytes of one routed expert of one layer (gate + up + down).
+    /// Bytes of one routed expert of one layer (gate + up + down; the largest layer's).
     pub fn bytes_per_expert(&self) -> u64 {
         self.bytes_per_expert
     }

@@ -150,7 +150,7 @@ fn ffn_experts(
     n: u32,
     p: &ExpertPlan,
 ) {
-    let (e, k, ff) = (moe.n_expert as u32, moe.n_used as u32, moe.expert_ff as u32);
+    let (e, k, ff) = (moe.n_expert as u32, moe.n_used as u32, m.expert_ff as u32);
     if p.pregate {
         // The pre-gating router decided on the host: this layer's row of its plan.
         let off = (p.layer * s.plan_stride * 4) as u64;

@@ -56,6 +56,8 @@ pub struct MoeWeights {
     pub gate_exps: Matrix, // [n_expert * expert_ff, d_model]
     pub up_exps: Matrix,   // [n_expert * expert_ff, d_model]
     pub down_exps: Matrix, // [n_expert * d_model, expert_ff]
+    /// Neurons per routed expert in this layer (at most the config's `expert_ff`).
+    pub expert_ff: usize,
     pub shared: Option<Mlp>,
     /// qwen2moe: the shared expert's output is scaled by sigmoid(x · shared_gate).
     pub shared_gate: Option<Matrix>, // [1, d_model]
@@ -166,7 +168,25 @@ fn moe_weights(
     slots: Option<usize>,
 ) -> Result<MoeWeights> {
     let n = |s: &str| format!("blk.{l}.{s}");
-    let (e, ff) = (m.n_expert, m.expert_ff);
+    let e = m.n_expert;
+    // Layers may have experts (and shared experts) of their own sizes, up to the file's
+    // expert_feed_forward_length: a readme carve sizes each layer to its clusters.
+    let width = |name: &str, most: usize| -> Result<usize> {
+        if most == 0 {
+            return Ok(0);
+        }
+        let t = f.require(&n(name))?;
+        let w = t.dims.get(1).copied().unwrap_or(0) as usize;
+        if w == 0 || w > most {
+            return Err(Error::BadTensor {
+                tensor: t.name.clone(),
+                why: format!("{w} neurons per expert, expected 1..={most}"),
+            });
+        }
+        Ok(w)
+    };
+    let ff = width("ffn_gate_exps.weight", m.expert_ff)?;
+    let shared_ff = width("ffn_gate_shexp.weight", m.shared_ff)?;
     let bias = match f.tensor(&n("exp_probs_b.bias")) {
         Some(_) => vector(gpu, f, &n("exp_probs_b.bias"), e)?,
         None => Vector::upload(gpu, "router bias", &vec![0.0; e])?,
@@ -184,8 +204,9 @@ fn moe_weights(
         gate_exps: experts(gpu, f, &n("ffn_gate_exps.weight"), d, ff, e, slots)?,
         up_exps: experts(gpu, f, &n("ffn_up_exps.weight"), d, ff, e, slots)?,
         down_exps: experts(gpu, f, &n("ffn_down_exps.weight"), ff, d, e, slots)?,
-        shared: if m.shared_ff > 0 {
-            Some(mlp(gpu, f, l, "_shexp", m.shared_ff, d)?)
+        expert_ff: ff,
+        shared: if shared_ff > 0 {
+            Some(mlp(gpu, f, l, "_shexp", shared_ff, d)?)
         } else {
             None
         },
