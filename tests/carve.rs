@@ -323,7 +323,7 @@ fn readme_carving_gives_each_file_its_expert_and_runs_like_the_reference() {
     let row = gate.dtype.bytes_for(spec.d_model as u64).expect("row") as usize;
     let zero = pregate::quant::quantize(gate.dtype, &vec![0.0; spec.d_model]).expect("zero");
     let mut widest = vec![0usize; spec.n_layer];
-    for l in 0..spec.n_layer {
+    for (l, widest) in widest.iter_mut().enumerate() {
         let dense_rows = rows(&d, &format!("blk.{l}.ffn_gate.weight"), row);
         let shared = rows(&m, &format!("blk.{l}.ffn_gate_shexp.weight"), row);
         let experts = rows(&m, &format!("blk.{l}.ffn_gate_exps.weight"), row);
@@ -340,7 +340,7 @@ fn readme_carving_gives_each_file_its_expert_and_runs_like_the_reference() {
                 .iter()
                 .filter(|r| **r != zero)
                 .count();
-            widest[l] = widest[l].max(real.div_ceil(32) * 32);
+            *widest = (*widest).max(real.div_ceil(32) * 32);
             for r in &set {
                 assert_eq!(set.iter().filter(|o| o == &r).count(), 1);
                 assert!(
