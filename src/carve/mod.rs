@@ -304,17 +304,16 @@ fn carve_layer(
     let mut router = writer.representative_router(l, part, &layer.inputs)?;
     let d = writer.d_model();
     let (mut shared_down, mut outputs) = (None, Vec::new());
+    let data = recover::LayerData {
+        inputs: &layer.inputs,
+        hidden: &layer.hidden,
+        down,
+        d,
+        d_ff: down.len() / d.max(1),
+    };
     if opts.router_fit != RouterFit::Representative || opts.refit_shared || opts.recover {
         let Router::Representative { rg, ru, bias } = &router else {
             unreachable!("representative_router returns the representative router")
-        };
-        let d_ff = down.len() / writer.d_model();
-        let data = recover::LayerData {
-            inputs: &layer.inputs,
-            hidden: &layer.hidden,
-            down,
-            d: writer.d_model(),
-            d_ff,
         };
         let r = recover::recover(
             &data,
@@ -331,21 +330,8 @@ fn carve_layer(
         }
     }
     let recovery = opts.recover.then(|| {
-        // What the experts each token does not use add: sums of their outputs.
-        let mut missing = vec![0f32; layer.inputs.len()];
-        let rows = missing
-            .chunks_exact_mut(d)
-            .zip(layer.inputs.chunks_exact(d));
-        for (t, (m, x)) in rows.enumerate() {
-            let chosen = router.select(x, opts.n_active);
-            let unchosen = outputs
-                .iter()
-                .enumerate()
-                .filter(|(e, _)| !chosen.contains(e));
-            for (_, y) in unchosen {
-                m.iter_mut().zip(&y[t * d..]).for_each(|(m, y)| *m += y);
-            }
-        }
+        let choose = |x: &[f32]| router.select(x, opts.n_active);
+        let missing = recover::unchosen_output(&data, part, &outputs, choose);
         recover::fit_linear_recovery(&layer.inputs, &missing, d, opts.seq_len)
     });
     writer.add_layer(

@@ -32,6 +32,23 @@ pub struct LayerData<'a> {
     pub d_ff: usize,
 }
 
+impl LayerData<'_> {
+    /// The output [n, d] row-major that neurons `idx` alone give on every token (indices
+    /// past d_ff are padding and give nothing).
+    pub fn output_of(&self, idx: &[usize]) -> Vec<f32> {
+        let (d, d_ff) = (self.d, self.d_ff);
+        let n = self.inputs.len() / d.max(1);
+        let idx: Vec<usize> = idx.iter().copied().filter(|&i| i < d_ff).collect();
+        let h: Vec<f32> = (0..n)
+            .flat_map(|t| idx.iter().map(move |&i| self.hidden[t * d_ff + i].to_f32()))
+            .collect();
+        let down: Vec<f32> = (0..d)
+            .flat_map(|r| idx.iter().map(move |&i| self.down[r * d_ff + i]))
+            .collect();
+        matmul_t(&h, &down, idx.len())
+    }
+}
+
 pub struct Recovered {
     /// Least-squares router rows [n_expert, d] (None: keep the representative router).
     pub router: Option<Vec<f32>>,
@@ -114,20 +131,7 @@ pub fn recover(
         })
     };
     // Each routed expert's output on every token: H_e D_eᵀ, [n, d] row-major.
-    let outputs: Vec<Vec<f32>> = part
-        .experts
-        .iter()
-        .map(|e| {
-            let idx: Vec<usize> = e.iter().copied().filter(|&i| i < d_ff).collect();
-            let h: Vec<f32> = (0..n)
-                .flat_map(|t| idx.iter().map(move |&i| data.hidden[t * d_ff + i].to_f32()))
-                .collect();
-            let down: Vec<f32> = (0..d)
-                .flat_map(|r| idx.iter().map(move |&i| data.down[r * d_ff + i]))
-                .collect();
-            matmul_t(&h, &down, idx.len())
-        })
-        .collect();
+    let outputs: Vec<Vec<f32>> = part.experts.iter().map(|e| data.output_of(e)).collect();
     let row = |y: &[f32], t: usize| -> Vec<f32> { y[t * d..(t + 1) * d].to_vec() };
     let x = DMatrix::from_row_slice(n, d, data.inputs);
     let router = (fit == RouterFit::LeastSquares).then(|| {
@@ -182,6 +186,49 @@ pub fn top_k_linear(x: &[f32], w: &[f32], k: usize) -> Vec<usize> {
         .map(|r| r.iter().zip(x).map(|(a, b)| a * b).sum())
         .collect();
     router::select(&scores, &vec![0.0; scores.len()], k)
+}
+
+/// What the experts each token does not use would add to its FFN output, [n, d]
+/// row-major: the dense output minus the shared expert's and the chosen experts'
+/// (`outputs`: each routed expert's, from [`recover`]). `choose` is the router.
+pub fn unchosen_output(
+    data: &LayerData,
+    part: &Partition,
+    outputs: &[Vec<f32>],
+    choose: impl Fn(&[f32]) -> Vec<usize>,
+) -> Vec<f32> {
+    let (d, d_ff) = (data.d, data.d_ff);
+    let mut uses = vec![0u32; d_ff];
+    for &i in part.shared.iter().chain(part.experts.iter().flatten()) {
+        if i < d_ff {
+            uses[i] += 1;
+        }
+    }
+    // cmoe's experts split the neurons: what is left out is the unchosen experts' sum.
+    // Read-ME's overlap (a neuron kept by several clusters), so subtract from the dense.
+    let partition = uses.iter().all(|&u| u == 1);
+    let mut missing = match partition {
+        true => vec![0f32; data.inputs.len()],
+        false => {
+            let all: Vec<usize> = (0..d_ff).collect();
+            let shared = data.output_of(&part.shared);
+            let dense = data.output_of(&all);
+            dense.iter().zip(&shared).map(|(a, b)| a - b).collect()
+        }
+    };
+    let rows = missing.chunks_exact_mut(d).zip(data.inputs.chunks_exact(d));
+    for (t, (m, x)) in rows.enumerate() {
+        let chosen = choose(x);
+        for (e, y) in outputs.iter().enumerate() {
+            let y = &y[t * d..(t + 1) * d];
+            match (partition, chosen.contains(&e)) {
+                (true, false) => m.iter_mut().zip(y).for_each(|(m, y)| *m += y),
+                (false, true) => m.iter_mut().zip(y).for_each(|(m, y)| *m -= y),
+                _ => {}
+            }
+        }
+    }
+    missing
 }
 
 /// A linear map of the FFN input that estimates what the unchosen experts would have
