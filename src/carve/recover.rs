@@ -1,8 +1,11 @@
 //! Closed-form, training-free recovery on the calibration tokens (no gradient steps):
 //! - a router fitted by ridge least squares to predict each routed expert's output norm
 //!   from the FFN input (the oracle router picks the largest true norms);
+//! - a linear map of the FFN input fitted to what the unchosen experts would have added
+//!   (the runtime adds it to the MoE output; the default);
 //! - a refit of the shared expert's down-projection so that shared + chosen experts
-//!   reconstruct the dense FFN output, absorbing what the unchosen experts would have added.
+//!   reconstruct the dense FFN output, absorbing what the unchosen experts would have added
+//!   (experimental: it did not carry over to other text).
 
 use half::f16;
 use nalgebra::DMatrix;
@@ -132,7 +135,6 @@ pub fn recover(
     };
     // Each routed expert's output on every token: H_e D_eᵀ, [n, d] row-major.
     let outputs: Vec<Vec<f32>> = part.experts.iter().map(|e| data.output_of(e)).collect();
-    let row = |y: &[f32], t: usize| -> Vec<f32> { y[t * d..(t + 1) * d].to_vec() };
     let x = DMatrix::from_row_slice(n, d, data.inputs);
     let router = (fit == RouterFit::LeastSquares).then(|| {
         let norms = DMatrix::from_fn(n, outputs.len(), |t, e| {
@@ -152,21 +154,13 @@ pub fn recover(
         let (rg, ru, bias) = rep_router;
         let hs = h16(&part.shared); // [n, s]
         let ds = gather(data.down, d, d_ff, &part.shared); // [d, s]
-                                                           // Target: the shared expert's own output plus every unchosen expert's.
-        let mut target = &hs * ds.transpose(); // [n, d]
-        for t in 0..n {
-            let xt = &data.inputs[t * d..(t + 1) * d];
-            let chosen = match &router {
-                Some(w) => top_k_linear(xt, w, k),
-                None => router::select(&router::probabilities(xt, rg, ru), bias, k),
-            };
-            for (e, y) in outputs.iter().enumerate() {
-                if !chosen.contains(&e) {
-                    let mut r = target.row_mut(t);
-                    r += nalgebra::RowDVector::from_row_slice(&row(y, t));
-                }
-            }
-        }
+        let choose = |xt: &[f32]| match &router {
+            Some(w) => top_k_linear(xt, w, k),
+            None => router::select(&router::probabilities(xt, rg, ru), bias, k),
+        };
+        // Target: the shared expert's own output plus what the unchosen experts add.
+        let missing = unchosen_output(data, part, &outputs, choose);
+        let target = &hs * ds.transpose() + DMatrix::from_row_slice(n, d, &missing); // [n, d]
         let z = ridge(&hs, &target, Some(&ds.transpose()), 1e-2); // [s, d]
                                                                   // Row-major [d, s] = column-major of z.
         z.iter().copied().collect::<Vec<f32>>()
