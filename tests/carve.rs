@@ -42,6 +42,55 @@ fn logits_with(
 
 const TOKENS: [u32; 12] = [102, 110, 32, 105, 116, 101, 109, 95, 51, 40, 120, 58];
 
+/// Every step of `got` within 1% of the step's largest logit in `want` (the dense model's):
+/// only the down-projection is re-quantised (Q8_0 → Q8_0 of its columns).
+fn assert_is_dense(want: &[Vec<f32>], got: &[Vec<f32>], tag: &str) {
+    for (w, g) in want.iter().zip(got) {
+        let scale = w.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let diff = max_abs_diff(w, g);
+        assert!(diff < 0.01 * scale, "{tag}: {diff} vs scale {scale}");
+    }
+}
+
+/// The GPU's prefill and last decode step of `path` at `k` experts against the CPU reference.
+fn assert_runs_like_reference(path: &Path, k: usize, tag: &str) {
+    let got = logits(path, Some(k), &TOKENS);
+    let cpu = reference_logits(&load_weights(path, TinySpec::default(), k), &TOKENS);
+    let last = cpu.len() - 1;
+    assert!(
+        max_abs_diff(&got[0], &cpu[last - 3]) < 2e-3,
+        "{tag} prefill"
+    );
+    assert!(max_abs_diff(&got[3], &cpu[last]) < 2e-3, "{tag} decode");
+}
+
+/// How far `path` (at its own experts per token) is from `want` (the dense model's logits):
+/// the sum over steps of the largest difference.
+fn distance_from(want: &[Vec<f32>], path: &Path) -> f32 {
+    let got = logits(path, None, &TOKENS);
+    want.iter().zip(&got).map(|(w, g)| max_abs_diff(w, g)).sum()
+}
+
+/// Carves `opts` into `dir` twice, with and without the linear recovery map.
+fn carve_with_and_without_recovery(
+    dir: &Path,
+    dense: &Path,
+    opts: &CarveOptions,
+) -> (std::path::PathBuf, std::path::PathBuf) {
+    let (rec, plain) = (dir.join("recover.gguf"), dir.join("plain.gguf"));
+    let with = CarveOptions {
+        recover: true,
+        ..opts.clone()
+    };
+    carve::carve(dense, &rec, &with, |_| {}).expect("carve with the map");
+    let without = CarveOptions {
+        recover: false,
+        ..opts.clone()
+    };
+    carve::carve(dense, &plain, &without, |_| {}).expect("carve without the map");
+    (rec, plain)
+}
+
 #[test]
 fn all_experts_active_matches_the_dense_model() {
     // 6 experts do not divide 512 neurons: 96 per expert, 64 zero neurons of padding.
@@ -49,15 +98,7 @@ fn all_experts_active_matches_the_dense_model() {
         let (dense, carved) = carve_tiny(&format!("carve_all_{experts}"), experts, shared, 1);
         let want = logits(&dense, None, &TOKENS);
         let got = logits(&carved, Some(usize::MAX), &TOKENS);
-        for (w, g) in want.iter().zip(&got) {
-            let scale = w.iter().fold(0f32, |m, v| m.max(v.abs()));
-            // Only the down-projection is re-quantised (Q8_0 → Q8_0 of its columns).
-            assert!(
-                max_abs_diff(w, g) < 0.01 * scale,
-                "E{experts}: {} vs scale {scale}",
-                max_abs_diff(w, g)
-            );
-        }
+        assert_is_dense(&want, &got, &format!("E{experts}"));
     }
 }
 
@@ -244,18 +285,10 @@ fn recovery_fits_run_like_the_reference_and_refit_fits_calibration_like_text() {
     let (dense, plain) = carve_tiny_with("carve_plain", 8, 1, 2, RouterFit::LeastSquares, false);
     let (_, refit) = carve_tiny_with("carve_refit", 8, 1, 2, RouterFit::LeastSquares, true);
     for (path, tag) in [(&plain, "lsq"), (&refit, "lsq+refit")] {
-        let got = logits(path, None, &TOKENS);
-        let cpu = reference_logits(&load_weights(path, TinySpec::default(), 2), &TOKENS);
-        let last = cpu.len() - 1;
-        assert!(max_abs_diff(&got[3], &cpu[last]) < 2e-3, "{tag}");
-        assert!(max_abs_diff(&got[0], &cpu[last - 3]) < 2e-3, "{tag}");
+        assert_runs_like_reference(path, 2, tag);
     }
     let want = logits(&dense, None, &TOKENS);
-    let err = |p: &Path| -> f32 {
-        let got = logits(p, None, &TOKENS);
-        want.iter().zip(&got).map(|(w, g)| max_abs_diff(w, g)).sum()
-    };
-    let (e_plain, e_refit) = (err(&plain), err(&refit));
+    let (e_plain, e_refit) = (distance_from(&want, &plain), distance_from(&want, &refit));
     assert!(e_refit < e_plain, "refit {e_refit} vs plain {e_plain}");
 }
 
@@ -500,10 +533,7 @@ fn sequential_carving_keeps_the_invariant_and_runs_like_the_reference() {
     carve::carve(&dense, &out, &opts, |_| {}).expect("carve");
     let want = logits(&dense, None, &TOKENS);
     let all = logits(&out, Some(usize::MAX), &TOKENS);
-    for (w, g) in want.iter().zip(&all) {
-        let scale = w.iter().fold(0f32, |m, v| m.max(v.abs()));
-        assert!(max_abs_diff(w, g) < 0.01 * scale, "{}", max_abs_diff(w, g));
-    }
+    assert_is_dense(&want, &all, "sequential");
     let got = logits(&out, Some(2), &TOKENS);
     let cpu = reference_logits(&load_weights(&out, spec, 2), &TOKENS);
     let diff = max_abs_diff(&cpu[TOKENS.len() - 1], got.last().expect("logits"));
@@ -543,14 +573,7 @@ fn linear_recovery_runs_like_the_reference_and_brings_the_carve_closer_to_dense(
         ..Default::default()
     };
     assert!(opts.recover, "recovery is the default");
-    let rec = dir.join("recover.gguf");
-    carve::carve(&dense, &rec, &opts, |_| {}).expect("carve");
-    let plain = dir.join("plain.gguf");
-    let no_recover = CarveOptions {
-        recover: false,
-        ..opts.clone()
-    };
-    carve::carve(&dense, &plain, &no_recover, |_| {}).expect("carve");
+    let (rec, plain) = carve_with_and_without_recovery(&dir, &dense, &opts);
     let f = pregate::format::GgufFile::open(&rec).expect("open");
     for l in 0..2 {
         let w = f
@@ -562,26 +585,13 @@ fn linear_recovery_runs_like_the_reference_and_brings_the_carve_closer_to_dense(
     }
     // The GPU adds W·x + b at the carved k, as the CPU reference does, and not at other k.
     for k in [2, 3] {
-        let got = logits(&rec, Some(k), &TOKENS);
-        let cpu = reference_logits(&load_weights(&rec, TinySpec::default(), k), &TOKENS);
-        let last = cpu.len() - 1;
-        assert!(
-            max_abs_diff(&got[0], &cpu[last - 3]) < 2e-3,
-            "k {k} prefill"
-        );
-        assert!(max_abs_diff(&got[3], &cpu[last]) < 2e-3, "k {k} decode");
+        assert_runs_like_reference(&rec, k, &format!("k {k}"));
     }
     // All experts active is still the dense model: the map is not applied there.
     let want = logits(&dense, None, &TOKENS);
-    for (w, g) in want.iter().zip(&logits(&rec, Some(usize::MAX), &TOKENS)) {
-        let scale = w.iter().fold(0f32, |m, v| m.max(v.abs()));
-        assert!(max_abs_diff(w, g) < 0.01 * scale, "{}", max_abs_diff(w, g));
-    }
-    let err = |p: &Path| -> f32 {
-        let got = logits(p, None, &TOKENS);
-        want.iter().zip(&got).map(|(w, g)| max_abs_diff(w, g)).sum()
-    };
-    let (e_rec, e_plain) = (err(&rec), err(&plain));
+    let all = logits(&rec, Some(usize::MAX), &TOKENS);
+    assert_is_dense(&want, &all, "recover, all experts");
+    let (e_rec, e_plain) = (distance_from(&want, &rec), distance_from(&want, &plain));
     assert!(e_rec < e_plain, "recover {e_rec} vs plain {e_plain}");
     // It and the shared refit fit the same thing: asking for both is an error.
     let both = CarveOptions {
@@ -610,18 +620,8 @@ fn readme_recovery_accounts_for_neurons_that_several_clusters_keep() {
         seq_len: 200,
         ..Default::default()
     };
-    let (rec, plain) = (dir.join("rec.gguf"), dir.join("plain.gguf"));
-    carve::carve(&dense, &rec, &opts, |_| {}).expect("carve");
-    let no_recover = CarveOptions {
-        recover: false,
-        ..opts
-    };
-    carve::carve(&dense, &plain, &no_recover, |_| {}).expect("carve");
+    let (rec, plain) = carve_with_and_without_recovery(&dir, &dense, &opts);
     let want = logits(&dense, None, &TOKENS);
-    let err = |p: &Path| -> f32 {
-        let got = logits(p, None, &TOKENS);
-        want.iter().zip(&got).map(|(w, g)| max_abs_diff(w, g)).sum()
-    };
-    let (e_rec, e_plain) = (err(&rec), err(&plain));
+    let (e_rec, e_plain) = (distance_from(&want, &rec), distance_from(&want, &plain));
     assert!(e_rec < e_plain, "recover {e_rec} vs plain {e_plain}");
 }

@@ -160,7 +160,8 @@ pub fn recover(
         };
         // Target: the shared expert's own output plus what the unchosen experts add.
         let missing = unchosen_output(data, part, &outputs, choose);
-        let target = &hs * ds.transpose() + DMatrix::from_row_slice(n, d, &missing); // [n, d]
+        let own = data.output_of(&part.shared);
+        let target = DMatrix::from_row_slice(n, d, &own) + DMatrix::from_row_slice(n, d, &missing);
         let z = ridge(&hs, &target, Some(&ds.transpose()), 1e-2); // [s, d]
                                                                   // Row-major [d, s] = column-major of z.
         z.iter().copied().collect::<Vec<f32>>()
@@ -199,15 +200,19 @@ pub fn unchosen_output(
         }
     }
     // cmoe's experts split the neurons: what is left out is the unchosen experts' sum.
-    // Read-ME's overlap (a neuron kept by several clusters), so subtract from the dense.
+    // Read-ME's overlap (a neuron kept by several clusters), so start from every neuron
+    // outside the shared expert and take the chosen experts away.
     let partition = uses.iter().all(|&u| u == 1);
     let mut missing = match partition {
         true => vec![0f32; data.inputs.len()],
         false => {
-            let all: Vec<usize> = (0..d_ff).collect();
-            let shared = data.output_of(&part.shared);
-            let dense = data.output_of(&all);
-            dense.iter().zip(&shared).map(|(a, b)| a - b).collect()
+            let mut routed = vec![true; d_ff];
+            part.shared
+                .iter()
+                .filter(|&&i| i < d_ff)
+                .for_each(|&i| routed[i] = false);
+            let idx: Vec<usize> = (0..d_ff).filter(|&i| routed[i]).collect();
+            data.output_of(&idx)
         }
     };
     let rows = missing.chunks_exact_mut(d).zip(data.inputs.chunks_exact(d));
