@@ -247,6 +247,12 @@ enum CarveRouter {
     Lsq,
 }
 
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum SharedBy {
+    Energy,
+    Rate,
+}
+
 #[derive(Args)]
 struct CarveArgs {
     /// Dense GGUF path or known model name (pulled if missing)
@@ -278,6 +284,11 @@ struct CarveArgs {
     /// (CMoE's sequential calibration, the default; its residual stream runs on the CPU)
     #[arg(long)]
     dense_calibration: bool,
+    /// cmoe: what picks the shared experts' neurons: `energy` (what each neuron adds to the
+    /// FFN output on the calibration tokens) or `rate` (how often it is among a token's
+    /// top K_a, as in the paper)
+    #[arg(long, value_enum, default_value = "energy")]
+    shared_by: SharedBy,
     /// Neurons each calibration token marks active (K_a)
     #[arg(long, default_value_t = 10)]
     k_act: usize,
@@ -298,17 +309,12 @@ struct CarveArgs {
     /// output norm) or `cmoe` (representative neurons, as in the paper)
     #[arg(long, value_enum, default_value = "lsq")]
     router: CarveRouter,
-    /// Refit the shared expert's down-projection by least squares so that the MoE
-    /// reconstructs the dense FFN output on the calibration tokens (experimental: it lowers
-    /// the error on calibration-like text but raised perplexity on eval.txt; implies
-    /// --no-recover)
-    #[arg(long)]
-    refit: bool,
-    /// Do not fit the per-layer linear recovery map. By default carve fits, per layer, a
-    /// map from the FFN input to what the experts a token does not use would have added
-    /// (ridge least squares, its strength chosen on held-out calibration windows) and
-    /// stores it in the model (d_model² weights a layer); the runtime adds it to the MoE
-    /// output whenever tokens use the carved number of experts
+    /// Do not fit the per-layer recovery. By default carve fits, per layer, what the
+    /// experts a token does not use would have added, as a linear map of the FFN input
+    /// plus a correction of the shared expert's down-projection (ridge least squares, its
+    /// strength chosen on held-out calibration windows), and stores both in the model
+    /// (d_model² weights and a second shared down-projection a layer); the runtime uses
+    /// them whenever tokens use the carved number of experts
     #[arg(long)]
     no_recover: bool,
     /// Do not bias the router's selection toward even expert load
@@ -907,6 +913,10 @@ fn cmd_carve(a: CarveArgs) -> Result<()> {
         n_experts: experts,
         n_shared: shared,
         n_active: active,
+        shared_by: match a.shared_by {
+            SharedBy::Energy => carve::SharedBy::Energy,
+            SharedBy::Rate => carve::SharedBy::Rate,
+        },
         remain_rate: a.remain_rate,
         seed: a.seed,
         sequential: !a.dense_calibration,
@@ -919,8 +929,7 @@ fn cmd_carve(a: CarveArgs) -> Result<()> {
             CarveRouter::Cmoe => carve::RouterFit::Representative,
             CarveRouter::Lsq => carve::RouterFit::LeastSquares,
         },
-        refit_shared: a.refit,
-        recover: !a.no_recover && !a.refit,
+        recover: !a.no_recover,
         balance: !a.no_balance,
         overwrite: a.force,
         gpu: GpuOptions {

@@ -111,7 +111,6 @@ impl LayerCalibration {
 /// Whether the carve needs every neuron's silu(gate)·up kept (recovery fits, Read-ME).
 pub fn keeps_hidden(opts: &CarveOptions) -> bool {
     opts.router_fit != super::RouterFit::Representative
-        || opts.refit_shared
         || opts.recover
         || opts.method == super::Method::Readme
 }
@@ -161,26 +160,24 @@ pub fn add_tokens(
         return;
     }
     let d = xn.len() / n;
-    let mut scores = vec![0f32; ff];
+    let (mut scores, mut h) = (vec![0f32; ff], vec![0f32; ff]);
+    let keep = keeps_hidden(opts);
     for (t, x) in xn.chunks_exact(d).enumerate() {
         let x_norm = x.iter().map(|v| v * v).sum::<f32>().sqrt().max(1e-12);
         for i in 0..ff {
-            let a = gate[t * ff + i] / (x_norm * gn[i]);
-            let b = up[t * ff + i] / (x_norm * un[i]);
-            scores[i] = silu(a) * b;
+            let (g, u) = (gate[t * ff + i], up[t * ff + i]);
+            scores[i] = silu(g / (x_norm * gn[i])) * (u / (x_norm * un[i]));
+            h[i] = silu(g) * u;
         }
         layer
             .markers
             .mark_top(first + t, &scores, opts.k_act, scratch);
+        layer.markers.add_activations(&h);
+        if keep {
+            layer.hidden.extend(h.iter().map(|&v| f16::from_f32(v)));
+        }
     }
     layer.inputs.extend_from_slice(xn);
-    if keeps_hidden(opts) {
-        layer.hidden.extend(
-            gate.iter()
-                .zip(up)
-                .map(|(g, u)| f16::from_f32(silu(*g) * u)),
-        );
-    }
 }
 
 /// Runs the calibration tokens through the dense model on the GPU, in sequences of

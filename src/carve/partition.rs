@@ -1,5 +1,17 @@
 //! CMoE's neuron partition (design §3, steps 2-5): activation markers and rates, shared
-//! experts by rate, routed experts by a balanced assignment on marker columns.
+//! experts by rate (or by output energy), routed experts by a balanced assignment on
+//! marker columns.
+
+/// What ranks the neurons for the shared experts (the next ones seed the routed experts).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SharedBy {
+    /// CMoE as written: how often a neuron is among a token's top K_a.
+    Rate,
+    /// What a neuron adds to the FFN output: Σ_t h_ti² ‖down_i‖² over the calibration
+    /// tokens. A neuron that fires rarely but strongly can matter more than one that is
+    /// often in the top K_a by a little.
+    Energy,
+}
 
 /// Per-neuron activation markers over the calibration tokens of one layer.
 pub struct NeuronProfile {
@@ -8,6 +20,8 @@ pub struct NeuronProfile {
     words: usize,
     /// Neuron-major bitsets: bit t of neuron i is set when token t marked i active.
     bits: Vec<u64>,
+    /// Σ_t h_ti² of every neuron (h = silu(gate)·up), for [`SharedBy::Energy`].
+    sq_sum: Vec<f64>,
 }
 
 impl NeuronProfile {
@@ -18,6 +32,7 @@ impl NeuronProfile {
             n_tokens,
             words,
             bits: vec![0; n_neurons * words],
+            sq_sum: vec![0.0; n_neurons],
         }
     }
 
@@ -33,6 +48,37 @@ impl NeuronProfile {
         for &i in &scratch[..k] {
             self.bits[i * self.words + t / 64] |= 1 << (t % 64);
         }
+    }
+
+    /// Adds one token's activations h = silu(gate)·up [n_neurons] to the energies.
+    pub fn add_activations(&mut self, h: &[f32]) {
+        for (s, &v) in self.sq_sum.iter_mut().zip(h) {
+            *s += (v as f64) * (v as f64);
+        }
+    }
+
+    /// Neuron slots (real neurons, then `padded - n_neurons` padding) ranked for the
+    /// shared experts, highest first (ties by index). `down` [d, n_neurons] row-major is
+    /// the dense down-projection, read by [`SharedBy::Energy`] only.
+    pub fn ranking(&self, by: SharedBy, down: &[f32], padded: usize) -> Vec<usize> {
+        let n = self.n_neurons;
+        let score: Vec<f64> = match by {
+            SharedBy::Rate => self.rates(padded).iter().map(|&r| r as f64).collect(),
+            SharedBy::Energy => {
+                let mut col = vec![0f64; n];
+                for row in down.chunks_exact(n.max(1)) {
+                    col.iter_mut()
+                        .zip(row)
+                        .for_each(|(c, &w)| *c += (w as f64) * (w as f64));
+                }
+                (0..padded)
+                    .map(|i| if i < n { self.sq_sum[i] * col[i] } else { 0.0 })
+                    .collect()
+            }
+        };
+        let mut order: Vec<usize> = (0..padded).collect();
+        order.sort_by(|&a, &b| score[b].total_cmp(&score[a]).then(a.cmp(&b)));
+        order
     }
 
     fn column(&self, i: usize) -> &[u64] {
@@ -77,20 +123,20 @@ pub struct Partition {
     pub representatives: Vec<usize>,
 }
 
-/// Splits `padded` neuron slots (real neurons, then padding) into `n_shared` shared experts
-/// (the highest activation rates) and `n_experts - n_shared` routed experts of `size` each,
-/// assigned to centroids (marker columns of the highest-rate routed neurons) by a balanced
-/// greedy assignment on L1 distance, CMoE's single assignment iteration.
+/// Splits the `n_experts * size` neuron slots of `ranking` (from
+/// [`NeuronProfile::ranking`]) into `n_shared` shared experts (the first of the ranking)
+/// and `n_experts - n_shared` routed experts of `size` each, assigned to centroids (marker
+/// columns of the next-ranked neurons) by a balanced greedy assignment on L1 distance,
+/// CMoE's single assignment iteration.
 pub fn partition_neurons(
     profile: &NeuronProfile,
+    ranking: &[usize],
     n_experts: usize,
     n_shared: usize,
     size: usize,
 ) -> Partition {
-    let padded = n_experts * size;
-    let rates = rates_order(profile, padded);
-    let shared: Vec<usize> = rates[..n_shared * size].to_vec();
-    let routed: Vec<usize> = rates[n_shared * size..].to_vec();
+    let shared: Vec<usize> = ranking[..n_shared * size].to_vec();
+    let routed: Vec<usize> = ranking[n_shared * size..n_experts * size].to_vec();
     let groups = n_experts - n_shared;
     let zero = vec![0u64; profile.words];
     let centroid = |g: usize| -> Vec<u64> {
@@ -139,14 +185,6 @@ pub fn partition_neurons(
     }
 }
 
-/// Neuron slots sorted by activation rate, highest first (ties by index).
-fn rates_order(profile: &NeuronProfile, padded: usize) -> Vec<usize> {
-    let rates = profile.rates(padded);
-    let mut order: Vec<usize> = (0..padded).collect();
-    order.sort_by(|&a, &b| rates[b].total_cmp(&rates[a]).then(a.cmp(&b)));
-    order
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -174,7 +212,7 @@ mod tests {
     fn every_neuron_is_in_exactly_one_equal_sized_expert() {
         // 100 neurons into 8 experts of 13: 4 padding slots.
         let p = profile(100, 300, 1);
-        let part = partition_neurons(&p, 8, 2, 13);
+        let part = partition_neurons(&p, &p.ranking(SharedBy::Rate, &[], 104), 8, 2, 13);
         assert_eq!(part.shared.len(), 26);
         assert_eq!(part.experts.len(), 6);
         assert!(part.experts.iter().all(|e| e.len() == 13));
@@ -190,7 +228,7 @@ mod tests {
     #[test]
     fn shared_neurons_have_the_top_rates() {
         let p = profile(64, 500, 2);
-        let part = partition_neurons(&p, 8, 1, 8);
+        let part = partition_neurons(&p, &p.ranking(SharedBy::Rate, &[], 64), 8, 1, 8);
         let rates = p.rates(64);
         let min_shared = part
             .shared
@@ -223,12 +261,35 @@ mod tests {
                 .collect();
             p.mark_top(t, &scores, 4, &mut scratch);
         }
-        let part = partition_neurons(&p, 2, 0, 4);
+        let part = partition_neurons(&p, &p.ranking(SharedBy::Rate, &[], 8), 2, 0, 4);
         let mut groups: Vec<Vec<usize>> = part.experts.clone();
         for g in &mut groups {
             g.sort_unstable();
         }
         groups.sort();
         assert_eq!(groups, vec![vec![0, 2, 4, 6], vec![1, 3, 5, 7]]);
+    }
+
+    #[test]
+    fn energy_ranks_by_what_a_neuron_adds_to_the_output() {
+        // Neuron 0 is marked on every token by a little; neuron 1 rarely, by a lot, and
+        // neuron 2 has a large activation but a zero down column.
+        let mut p = NeuronProfile::new(3, 10);
+        let mut scratch = Vec::new();
+        for t in 0..10 {
+            let h = if t == 0 {
+                [0.1, 5.0, 9.0]
+            } else {
+                [0.1, 0.0, 0.0]
+            };
+            p.mark_top(t, &[1.0, h[1], 0.0], 1, &mut scratch);
+            p.add_activations(&h);
+        }
+        // down [d = 2, 3]: columns (1, 0), (0, 1), (0, 0).
+        let down = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0];
+        assert_eq!(p.ranking(SharedBy::Rate, &down, 4), vec![0, 1, 2, 3]);
+        assert_eq!(p.ranking(SharedBy::Energy, &down, 4), vec![1, 0, 2, 3]);
+        let part = partition_neurons(&p, &p.ranking(SharedBy::Energy, &down, 4), 4, 1, 1);
+        assert_eq!(part.shared, vec![1]);
     }
 }

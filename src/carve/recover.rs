@@ -1,11 +1,9 @@
 //! Closed-form, training-free recovery on the calibration tokens (no gradient steps):
 //! - a router fitted by ridge least squares to predict each routed expert's output norm
 //!   from the FFN input (the oracle router picks the largest true norms);
-//! - a linear map of the FFN input fitted to what the unchosen experts would have added
-//!   (the runtime adds it to the MoE output; the default);
-//! - a refit of the shared expert's down-projection so that shared + chosen experts
-//!   reconstruct the dense FFN output, absorbing what the unchosen experts would have added
-//!   (experimental: it did not carry over to other text).
+//! - a recovery fit of what the unchosen experts would have added: a linear map of the FFN
+//!   input plus a correction of the shared expert's down-projection (the runtime uses both
+//!   at the carved number of experts, the default).
 
 use half::f16;
 use nalgebra::DMatrix;
@@ -55,23 +53,8 @@ impl LayerData<'_> {
 pub struct Recovered {
     /// Least-squares router rows [n_expert, d] (None: keep the representative router).
     pub router: Option<Vec<f32>>,
-    /// Refitted shared down-projection [d, n_shared_neurons] (None: keep the dense columns).
-    pub shared_down: Option<Vec<f32>>,
     /// Each routed expert's output on every calibration token, [n, d] row-major.
     pub outputs: Vec<Vec<f32>>,
-}
-
-/// Columns `idx` of a row-major [rows, cols] matrix as a [rows, idx.len()] matrix
-/// (indices past `cols` are padding: zero columns).
-fn gather(src: &[f32], rows: usize, cols: usize, idx: &[usize]) -> DMatrix<f32> {
-    DMatrix::from_fn(rows, idx.len(), |r, j| {
-        let i = idx[j];
-        if i < cols {
-            src[r * cols + i]
-        } else {
-            0.0
-        }
-    })
 }
 
 /// AᵀB for A [n, p] and B [n, q], split across the cores (the carve's largest products).
@@ -81,58 +64,31 @@ fn at_b(a: &DMatrix<f32>, b: &DMatrix<f32>) -> DMatrix<f32> {
     DMatrix::from_row_slice(a.ncols(), b.ncols(), &v)
 }
 
-/// Solves (AᵀA + λI) X = AᵀB + λ X0 (ridge toward X0, or toward 0).
-fn ridge(a: &DMatrix<f32>, b: &DMatrix<f32>, x0: Option<&DMatrix<f32>>, rel: f32) -> DMatrix<f32> {
-    ridge_normal(at_b(a, a), at_b(a, b), x0, rel)
+/// Solves (AᵀA + λI) X = AᵀB (ridge toward 0).
+fn ridge(a: &DMatrix<f32>, b: &DMatrix<f32>, rel: f32) -> DMatrix<f32> {
+    ridge_normal(at_b(a, a), at_b(a, b), rel)
 }
 
 /// [`ridge`] from the normal equations: `gram` = AᵀA, `rhs` = AᵀB. λ is `rel` times the
 /// mean diagonal of AᵀA, so one setting suits inputs of any scale.
-fn ridge_normal(
-    mut gram: DMatrix<f32>,
-    mut rhs: DMatrix<f32>,
-    x0: Option<&DMatrix<f32>>,
-    rel: f32,
-) -> DMatrix<f32> {
+fn ridge_normal(mut gram: DMatrix<f32>, rhs: DMatrix<f32>, rel: f32) -> DMatrix<f32> {
     let n = gram.nrows();
     let lambda = rel * (gram.trace() / n as f32).max(1e-12);
     for i in 0..n {
         gram[(i, i)] += lambda;
     }
-    if let Some(x0) = x0 {
-        rhs += x0 * lambda;
-    }
     match gram.cholesky() {
         Some(c) => c.solve(&rhs),
-        // Numerically singular even with the ridge: fall back to the prior.
-        None => x0
-            .cloned()
-            .unwrap_or_else(|| DMatrix::zeros(n, rhs.ncols())),
+        // Numerically singular even with the ridge: fit nothing.
+        None => DMatrix::zeros(n, rhs.ncols()),
     }
 }
 
-/// Fits the chosen recovery steps for one carved layer. `bias` is the representative
-/// router's selection bias; `k` the routed experts each token uses.
-pub fn recover(
-    data: &LayerData,
-    part: &Partition,
-    rep_router: (&[f32], &[f32], &[f32]),
-    k: usize,
-    fit: RouterFit,
-    refit_shared: bool,
-) -> Recovered {
-    let (d, d_ff) = (data.d, data.d_ff);
+/// Each routed expert's output on the calibration tokens, and the least-squares router
+/// when `fit` asks for it.
+pub fn recover(data: &LayerData, part: &Partition, fit: RouterFit) -> Recovered {
+    let d = data.d;
     let n = data.inputs.len() / d;
-    let h16 = |idx: &[usize]| {
-        DMatrix::from_fn(n, idx.len(), |r, j| {
-            let i = idx[j];
-            if i < d_ff {
-                data.hidden[r * d_ff + i].to_f32()
-            } else {
-                0.0
-            }
-        })
-    };
     // Each routed expert's output on every token: H_e D_eᵀ, [n, d] row-major.
     let outputs: Vec<Vec<f32>> = part.experts.iter().map(|e| data.output_of(e)).collect();
     let x = DMatrix::from_row_slice(n, d, data.inputs);
@@ -145,32 +101,12 @@ pub fn recover(
                 .sqrt()
         });
         // [d, n_expert], column-major: column e is expert e's router row.
-        ridge(&x, &norms, None, 1e-3)
+        ridge(&x, &norms, 1e-3)
             .iter()
             .copied()
             .collect::<Vec<f32>>()
     });
-    let shared_down = (refit_shared && !part.shared.is_empty()).then(|| {
-        let (rg, ru, bias) = rep_router;
-        let hs = h16(&part.shared); // [n, s]
-        let ds = gather(data.down, d, d_ff, &part.shared); // [d, s]
-        let choose = |xt: &[f32]| match &router {
-            Some(w) => top_k_linear(xt, w, k),
-            None => router::select(&router::probabilities(xt, rg, ru), bias, k),
-        };
-        // Target: the shared expert's own output plus what the unchosen experts add.
-        let missing = unchosen_output(data, part, &outputs, choose);
-        let own = data.output_of(&part.shared);
-        let target = DMatrix::from_row_slice(n, d, &own) + DMatrix::from_row_slice(n, d, &missing);
-        let z = ridge(&hs, &target, Some(&ds.transpose()), 1e-2); // [s, d]
-                                                                  // Row-major [d, s] = column-major of z.
-        z.iter().copied().collect::<Vec<f32>>()
-    });
-    Recovered {
-        router,
-        shared_down,
-        outputs,
-    }
+    Recovered { router, outputs }
 }
 
 /// The `k` experts of largest linear score x·w_e (ties to the lower index).
@@ -230,70 +166,164 @@ pub fn unchosen_output(
     missing
 }
 
-/// A linear map of the FFN input that estimates what the unchosen experts would have
-/// added: y ≈ W·x + b, fitted by ridge least squares on the calibration tokens.
+/// What the recovery fit adds to a carved layer, an estimate of what the unchosen
+/// experts would have added: y ≈ W·x + b + C·h_s, with x the FFN input and h_s the shared
+/// expert's activations (free nonlinear features: the runtime computes them anyway). C is
+/// folded into a second copy of the shared down-projection, so the runtime reads no more
+/// than with the map alone.
 pub struct LinearRecovery {
-    /// [d, d] row-major: output j is row j · x.
+    /// W, [d, d] row-major: output j is row j · x.
     pub weight: Vec<f32>,
     pub bias: Vec<f32>,
+    /// The shared expert's down-projection plus C, [d, n_shared] row-major (None: no
+    /// shared expert).
+    pub shared_down: Option<Vec<f32>>,
 }
 
 /// Ridge strengths (relative to the mean diagonal of XᵀX) tried by cross-validation.
 const RECOVERY_RIDGE: [f32; 7] = [0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0];
 
-/// Fits [`LinearRecovery`] from FFN inputs `x` [n, d] to the unchosen experts' output
-/// `missing` [n, d]. The ridge strength is picked on held-out data: fitted on the even
-/// calibration windows of `window` tokens, scored on the odd ones (measured on the default
-/// model: an unregularised fit explains the calibration text and hurts held-out text);
-/// the final map is then fitted on every token.
-pub fn fit_linear_recovery(x: &[f32], missing: &[f32], d: usize, window: usize) -> LinearRecovery {
-    let n = x.len() / d.max(1);
+/// Fits [`LinearRecovery`] on the calibration tokens of `data` to `missing` [n, d], what
+/// the unchosen experts would add (from [`unchosen_output`]); `shared` are the shared
+/// expert's neurons and `window` the calibration sequence length.
+pub fn fit_recovery(
+    data: &LayerData,
+    shared: &[usize],
+    missing: &[f32],
+    window: usize,
+) -> LinearRecovery {
+    let (d, d_ff) = (data.d, data.d_ff);
+    let n = data.inputs.len() / d.max(1);
+    let d_in = d + shared.len();
+    let mut features = Vec::with_capacity(n * d_in);
+    for (x, h) in data
+        .inputs
+        .chunks_exact(d)
+        .zip(data.hidden.chunks_exact(d_ff))
+    {
+        features.extend_from_slice(x);
+        features.extend(shared.iter().map(|&i| h.get(i).map_or(0.0, |v| v.to_f32())));
+    }
+    let (w, bias) = fit_ridge_map(&features, d_in, missing, d, window);
+    let weight = w
+        .chunks_exact(d_in)
+        .flat_map(|r| &r[..d])
+        .copied()
+        .collect();
+    let shared_down = (!shared.is_empty()).then(|| {
+        let mut c: Vec<f32> = w
+            .chunks_exact(d_in)
+            .flat_map(|r| &r[d..])
+            .copied()
+            .collect();
+        for (row, out) in c.chunks_exact_mut(shared.len()).enumerate() {
+            for (v, &i) in out.iter_mut().zip(shared) {
+                *v += if i < d_ff {
+                    data.down[row * d_ff + i]
+                } else {
+                    0.0
+                };
+            }
+        }
+        c
+    });
+    LinearRecovery {
+        weight,
+        bias,
+        shared_down,
+    }
+}
+
+/// The point of smallest `f` on `grid`, walking downhill from its middle: the
+/// held-out error is unimodal in the ridge strength in practice, and each evaluation is a
+/// solve of the normal equations (the carve's costliest step with the shared features).
+fn downhill(grid: &[f32], mut f: impl FnMut(f32) -> f32) -> f32 {
+    let mid = grid.len() / 2;
+    let mut best = (f(grid[mid]), mid);
+    for step in [-1isize, 1] {
+        let mut i = mid as isize + step;
+        let start = best.1;
+        while let Some(&rel) = grid.get(i as usize).filter(|_| i >= 0) {
+            let e = f(rel);
+            if e >= best.0 {
+                break;
+            }
+            best = (e, i as usize);
+            i += step;
+        }
+        if best.1 != start {
+            break; // Improved going down: no need to look up.
+        }
+    }
+    grid[best.1]
+}
+
+/// A ridge map y ≈ W·x + b from `x` [n, d_in] to `y` [n, d]: W [d, d_in] row-major and b.
+/// Each input column is scaled to unit RMS first, so that features of different scales
+/// (the FFN input, the shared activations) are shrunk alike. The ridge strength is picked
+/// on held-out data: fitted on the even calibration windows of `window` tokens, scored on
+/// the odd ones (measured on the default model: an unregularised fit explains the
+/// calibration text and hurts held-out text); the final map is then fitted on every token.
+pub fn fit_ridge_map(
+    x: &[f32],
+    d_in: usize,
+    y: &[f32],
+    d: usize,
+    window: usize,
+) -> (Vec<f32>, Vec<f32>) {
+    let n = x.len() / d_in.max(1);
+    let mut scale = vec![0f32; d_in];
+    for row in x.chunks_exact(d_in) {
+        scale.iter_mut().zip(row).for_each(|(s, v)| *s += v * v);
+    }
+    scale
+        .iter_mut()
+        .for_each(|s| *s = (*s / n.max(1) as f32).sqrt().max(1e-12));
     let rows =
         |keep: &dyn Fn(usize) -> bool| -> Vec<usize> { (0..n).filter(|&t| keep(t)).collect() };
-    // Inputs with a constant column for the bias.
+    // Scaled inputs with a constant column for the bias.
     let design = |ts: &[usize]| {
-        DMatrix::from_fn(
-            ts.len(),
-            d + 1,
-            |r, j| if j < d { x[ts[r] * d + j] } else { 1.0 },
-        )
+        DMatrix::from_fn(ts.len(), d_in + 1, |r, j| match j < d_in {
+            true => x[ts[r] * d_in + j] / scale[j],
+            false => 1.0,
+        })
     };
-    let target = |ts: &[usize]| DMatrix::from_fn(ts.len(), d, |r, j| missing[ts[r] * d + j]);
+    let target = |ts: &[usize]| DMatrix::from_fn(ts.len(), d, |r, j| y[ts[r] * d + j]);
     let window = window.max(1);
     let train = rows(&|t| (t / window).is_multiple_of(2));
     let test = rows(&|t| !(t / window).is_multiple_of(2));
     let (a, b) = (design(&train), target(&train));
     let (mut gram, mut rhs) = (at_b(&a, &a), at_b(&a, &b));
-    let mut best = (f32::INFINITY, 1.0);
+    // Without held-out windows (a single short sequence), a middling strength.
+    let mut rel = 0.3;
     if !test.is_empty() {
         let (at, bt) = (design(&test), target(&test));
         let (gram_t, rhs_t) = (at_b(&at, &at), at_b(&at, &bt));
         // Held-out error ‖Bt − At W‖² = ‖Bt‖² − 2⟨W, AtᵀBt⟩ + ⟨W, AtᵀAt W⟩, from the
         // normal equations alone.
         let bt2 = bt.norm_squared();
-        for rel in RECOVERY_RIDGE {
-            let w = ridge_normal(gram.clone(), rhs.clone(), None, rel);
-            let err = bt2 - 2.0 * w.dot(&rhs_t) + w.dot(&(&gram_t * &w));
-            if err < best.0 {
-                best = (err, rel);
-            }
-        }
+        let held_out = |rel: f32| {
+            let w = ridge_normal(gram.clone(), rhs.clone(), rel);
+            bt2 - 2.0 * w.dot(&rhs_t) + w.dot(&at_b(&gram_t, &w))
+        };
+        rel = downhill(&RECOVERY_RIDGE, held_out);
         gram += gram_t;
         rhs += rhs_t;
     }
-    let w = ridge_normal(gram, rhs, None, best.1); // [d + 1, d]
-                                                   // Row j of the map is column j of w.
+    // [d_in + 1, d]: row j of the map is column j of w, unscaled.
+    let w = ridge_normal(gram, rhs, rel);
     let weight = (0..d)
-        .flat_map(|j| (0..d).map(move |i| (i, j)))
-        .map(|(i, j)| w[(i, j)])
+        .flat_map(|j| (0..d_in).map(move |i| (i, j)))
+        .map(|(i, j)| w[(i, j)] / scale[i])
         .collect();
-    let bias = (0..d).map(|j| w[(d, j)]).collect();
-    LinearRecovery { weight, bias }
+    let bias = (0..d).map(|j| w[(d_in, j)]).collect();
+    (weight, bias)
 }
 
 #[cfg(test)]
 mod tests {
-    use super::fit_linear_recovery;
+    use super::{fit_recovery, fit_ridge_map, LayerData};
+    use half::f16;
 
     /// Deterministic pseudo-random values in [-1, 1).
     fn noise(n: usize, seed: u64) -> Vec<f32> {
@@ -320,8 +350,8 @@ mod tests {
                 y.push((0..d).map(|i| a[j * d + i] * xt[i]).sum::<f32>() + b[j]);
             }
         }
-        let r = fit_linear_recovery(&x, &y, d, 50);
-        for (got, want) in r.weight.iter().zip(&a).chain(r.bias.iter().zip(&b)) {
+        let (weight, bias) = fit_ridge_map(&x, d, &y, d, 50);
+        for (got, want) in weight.iter().zip(&a).chain(bias.iter().zip(&b)) {
             assert!((got - want).abs() < 0.05, "{got} vs {want}");
         }
     }
@@ -332,10 +362,59 @@ mod tests {
         let (n, d) = (200, 16);
         let x = noise(n * d, 4);
         let y = noise(n * d, 5);
-        let r = fit_linear_recovery(&x, &y, d, 20);
-        let norm = r.weight.iter().map(|v| v * v).sum::<f32>().sqrt();
+        let (weight, _) = fit_ridge_map(&x, d, &y, d, 20);
+        let norm = weight.iter().map(|v| v * v).sum::<f32>().sqrt();
         // An unregularised least-squares fit of 200 noise rows on 17 columns has a norm
         // near sqrt(d * d * 1/3 / n * ...) ~ 0.4; the strongest ridge shrinks it below that.
         assert!(norm < 0.2, "{norm}");
+    }
+
+    #[test]
+    fn recovery_folds_the_shared_activations_part_into_the_shared_down() {
+        // missing = A·x + c·h_2 + b, with neuron 2 the shared expert: the fit finds A and
+        // b for the map, and adds c to the shared expert's dense down column.
+        let (n, d, d_ff) = (600, 4, 3);
+        let x = noise(n * d, 6);
+        let h: Vec<f16> = noise(n * d_ff, 7).into_iter().map(f16::from_f32).collect();
+        let down = noise(d * d_ff, 8);
+        let (a, c, b) = (noise(d * d, 9), noise(d, 10), noise(d, 11));
+        let mut missing = Vec::with_capacity(n * d);
+        for t in 0..n {
+            let h2 = h[t * d_ff + 2].to_f32();
+            for j in 0..d {
+                let ax: f32 = (0..d).map(|i| a[j * d + i] * x[t * d + i]).sum();
+                missing.push(ax + c[j] * h2 + b[j]);
+            }
+        }
+        let data = LayerData {
+            inputs: &x,
+            hidden: &h,
+            down: &down,
+            d,
+            d_ff,
+        };
+        let r = fit_recovery(&data, &[2], &missing, 50);
+        let shared = r.shared_down.expect("a shared expert");
+        let want_shared: Vec<f32> = (0..d).map(|j| down[j * d_ff + 2] + c[j]).collect();
+        let pairs = r.weight.iter().zip(&a).chain(r.bias.iter().zip(&b));
+        for (got, want) in pairs.chain(shared.iter().zip(&want_shared)) {
+            assert!((got - want).abs() < 0.05, "{got} vs {want}");
+        }
+        // No shared expert: the map alone.
+        assert!(fit_recovery(&data, &[], &missing, 50).shared_down.is_none());
+    }
+
+    #[test]
+    fn downhill_finds_the_minimum_of_a_unimodal_grid() {
+        let grid = [0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0];
+        for target in grid {
+            let mut calls = 0;
+            let at = super::downhill(&grid, |r| {
+                calls += 1;
+                (r.ln() - target.ln()).abs()
+            });
+            assert_eq!(at, target);
+            assert!(calls <= 5, "{calls} evaluations for {target}");
+        }
     }
 }

@@ -16,10 +16,10 @@ use crate::model::ModelConfig;
 use crate::quant::dequantize;
 
 use super::calib::{add_tokens, dense_matrix, unit_norms, LayerCalibration};
-use super::partition::{partition_neurons, Partition};
+use super::partition::Partition;
 use super::router::silu;
 use super::tensors::{ExpertWriter, MoeShape, Router};
-use super::{carve_layer, cmoe_shape, warn_padding, CarveEvent, CarveOptions};
+use super::{carve_layer, cmoe_partition, cmoe_shape, warn_padding, CarveEvent, CarveOptions};
 
 /// `x` [n, k] times `w`ᵀ, `w` [m, k], both row-major: [n, m] row-major.
 pub fn matmul_t(x: &[f32], w: &[f32], k: usize) -> Vec<f32> {
@@ -270,20 +270,26 @@ pub(super) fn carve_in_order<'a>(
         let gate = matmul_t(&xn, &gate_w, d);
         let up = matmul_t(&xn, &up_w, d);
         let norms = (unit_norms(&gate_w, d), unit_norms(&up_w, d));
+        let down = writer.dense_down(l)?;
         let mut layer = LayerCalibration::new(ff, tokens.len(), d);
         let n = (&norms.0[..], &norms.1[..]);
         add_tokens(&mut layer, 0, &xn, &gate, &up, n, opts, &mut scratch);
-        let part = partition_neurons(
-            &layer.markers,
-            opts.n_experts,
-            opts.n_shared,
-            shape.expert_ff,
-        );
-        let down = writer.dense_down(l)?;
+        let part = cmoe_partition(&layer, &down, &shape, opts);
         let (router, recovery) = carve_layer(&mut writer, l, &layer, &part, &down, opts)?;
         let h: Vec<f32> = gate.iter().zip(&up).map(|(g, u)| silu(*g) * u).collect();
-        let k = opts.n_active;
-        let mut y = carved_ffn(&h, &xn, d, &part, &router, k, &down);
+        // At the carved k the runtime reads the recovery's shared down-projection.
+        let mut down = down;
+        if let Some(sd) = recovery.as_ref().and_then(|r| r.shared_down.as_ref()) {
+            let s = part.shared.len();
+            for (row, fit) in down.chunks_exact_mut(ff).zip(sd.chunks_exact(s)) {
+                for (&i, &v) in part.shared.iter().zip(fit) {
+                    if i < ff {
+                        row[i] = v;
+                    }
+                }
+            }
+        }
+        let mut y = carved_ffn(&h, &xn, d, &part, &router, opts.n_active, &down);
         if let Some(r) = &recovery {
             let lin = matmul_t(&xn, &r.weight, d);
             for (row, lin) in y.chunks_exact_mut(d).zip(lin.chunks_exact(d)) {

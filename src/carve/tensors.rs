@@ -109,10 +109,6 @@ impl<'a> ExpertWriter<'a> {
                     .into(),
                 ),
             )
-            .meta(
-                "pregate.moe.refit_shared",
-                MetaValue::Bool(opts.refit_shared),
-            )
             .meta("pregate.moe.recover", MetaValue::Bool(opts.recover))
             .meta("pregate.moe.experts_total", u32v(shape.experts_total))
             .meta("pregate.moe.shared_experts", u32v(shape.shared_experts))
@@ -181,15 +177,13 @@ impl<'a> ExpertWriter<'a> {
         Ok(Router::Representative { rg, ru, bias })
     }
 
-    /// Adds layer `l`'s experts, shared expert and router. `shared_down` replaces the
-    /// shared expert's down columns (a least-squares refit), [d_model, shared neurons].
+    /// Adds layer `l`'s experts, shared expert, router and recovery fit.
     pub fn add_layer(
         &mut self,
         l: usize,
         part: &Partition,
         dense_down: &[f32],
         router: &Router,
-        shared_down: Option<&[f32]>,
         recovery: Option<&LinearRecovery>,
     ) -> Result<()> {
         let f = self.file;
@@ -237,10 +231,7 @@ impl<'a> ExpertWriter<'a> {
         if n_sh > 0 {
             let sg = self.rows(gate, &part.shared)?;
             let su = self.rows(up, &part.shared)?;
-            let sd = match shared_down {
-                Some(refit) => quantize(dt, refit)?,
-                None => quantize(dt, &self.columns(dense_down, &part.shared))?,
-            };
+            let sd = quantize(dt, &self.columns(dense_down, &part.shared))?;
             self.out
                 .tensor(&name("ffn_gate_shexp.weight"), gate.dtype, &[d64, n_sh], sg)?;
             self.out
@@ -263,6 +254,13 @@ impl<'a> ExpertWriter<'a> {
                 &[d64],
                 bytes(&r.bias),
             )?;
+            // The shared down-projection with the recovery's correction: the runtime reads
+            // it instead of ffn_down_shexp at the carved number of experts.
+            if let (Some(sd), true) = (&r.shared_down, n_sh > 0) {
+                let sd = quantize(dt, sd)?;
+                self.out
+                    .tensor(&name("ffn_recover_shexp.weight"), dt, &[n_sh, d64], sd)?;
+            }
         }
         let (rg, ru, bias) = match router {
             Router::Representative { rg, ru, bias } => (rg, Some(ru), Some(bias)),

@@ -122,13 +122,13 @@ fn moe_section(f: &GgufFile, s: &mut String) {
     let recover: u64 = f
         .tensors
         .iter()
-        .filter(|t| t.name.contains(".ffn_recover."))
+        .filter(|t| t.name.contains(".ffn_recover"))
         .map(|t| t.n_bytes)
         .sum();
     if recover > 0 {
         let _ = writeln!(
             s,
-            "  linear recovery maps (carve's estimate of the unused experts, added at {used} per token): {}",
+            "  recovery fits (carve's estimate of the unused experts, used at {used} per token): {}",
             mib(recover)
         );
     }

@@ -195,10 +195,19 @@ pub fn plan(f: &GgufFile, c: &ModelConfig, ctx: usize) -> MemoryPlan {
         // routed experts, which are counted apart (they may live in cache slots).
         let prefix = n("ffn_");
         let routed = EXPERT_PARTS.map(|part| n(&format!("ffn_{part}_exps.weight")));
+        // A carve's recovery tensors load only at the carved k, the corrected shared
+        // down-projection in place of the plain one (model/weights.rs).
+        let recovering = c.moe.as_ref().is_some_and(|m| m.n_used == m.fitted_used);
+        let fitted_shared = recovering && f.tensor(&n("ffn_recover_shexp.weight")).is_some();
+        let loaded = |name: &str| match name {
+            _ if name.starts_with(&n("ffn_recover")) => recovering,
+            _ if name == n("ffn_down_shexp.weight") => !fitted_shared,
+            _ => name != n("ffn_norm.weight"),
+        };
         for t in f.tensors.iter().filter(|t| t.name.starts_with(&prefix)) {
             if routed.contains(&t.name) {
                 p.experts += gpu_bytes(f, &t.name);
-            } else if t.name != n("ffn_norm.weight") {
+            } else if loaded(&t.name) {
                 p.ffn += gpu_bytes(f, &t.name);
             }
         }

@@ -185,6 +185,9 @@ fn moe_weights(
         }
         Ok(w)
     };
+    // The recovery fit was made for the carved number of experts per token, and only then
+    // applies (all experts active is the dense model).
+    let recovering = m.n_used == m.fitted_used;
     let ff = width("ffn_gate_exps.weight", m.expert_ff)?;
     let shared_ff = width("ffn_gate_shexp.weight", m.shared_ff)?;
     let bias = match f.tensor(&n("exp_probs_b.bias")) {
@@ -206,7 +209,17 @@ fn moe_weights(
         down_exps: experts(gpu, f, &n("ffn_down_exps.weight"), ff, d, e, slots)?,
         expert_ff: ff,
         shared: if shared_ff > 0 {
-            Some(mlp(gpu, f, l, "_shexp", shared_ff, d)?)
+            // A carve's recovery fit corrects the shared down-projection for the carved k.
+            let fitted = n("ffn_recover_shexp.weight");
+            let down = match f.tensor(&fitted) {
+                Some(_) if recovering => fitted,
+                _ => n("ffn_down_shexp.weight"),
+            };
+            Some(Mlp {
+                gate: matrix(gpu, f, &n("ffn_gate_shexp.weight"), shared_ff, d)?,
+                up: matrix(gpu, f, &n("ffn_up_shexp.weight"), shared_ff, d)?,
+                down: matrix(gpu, f, &down, d, shared_ff)?,
+            })
         } else {
             None
         },
@@ -224,7 +237,7 @@ fn moe_weights(
             None => None,
         },
         recover: match f.tensor(&n("ffn_recover.weight")) {
-            Some(_) if m.n_used == m.fitted_used => Some((
+            Some(_) if recovering => Some((
                 matrix(gpu, f, &n("ffn_recover.weight"), d, d)?,
                 optional_vector(gpu, f, &n("ffn_recover.bias"), d)?,
             )),

@@ -482,11 +482,18 @@ fn ffn(tw: &TinyWeights, l: usize, xn: &[f32]) -> Vec<f32> {
         return swiglu_mlp(&g, &u, t("ffn_down.weight"), d);
     }
     let mut out = vec![0f32; d];
+    // carve's recovery fit applies at the carved number of experts only: there the shared
+    // expert's down-projection is ffn_recover_shexp.
+    let recovering = tw.experts_per_token == tw.fitted_used;
     if let Some(sg) = tw.tensors.get(&n("ffn_gate_shexp.weight")) {
         let rows = sg.len() / d;
         let g = matvec(sg, xn, rows);
         let u = matvec(t("ffn_up_shexp.weight"), xn, rows);
-        out = swiglu_mlp(&g, &u, t("ffn_down_shexp.weight"), d);
+        let down = match tw.tensors.get(&n("ffn_recover_shexp.weight")) {
+            Some(fitted) if recovering => fitted,
+            _ => t("ffn_down_shexp.weight"),
+        };
+        out = swiglu_mlp(&g, &u, down, d);
     }
     let rg = t("ffn_gate_inp.weight");
     let n_exp = rg.len() / d;
@@ -522,9 +529,9 @@ fn ffn(tw: &TinyWeights, l: usize, xn: &[f32]) -> Vec<f32> {
         let y = swiglu_mlp(&g, &u, &rows("ffn_down_exps.weight", d, m), d);
         out.iter_mut().zip(&y).for_each(|(a, b)| *a += b);
     }
-    // carve --recover: W·x + b, fitted for the carved number of experts only.
+    // carve's recovery map: W·x + b.
     if let Some(w) = tw.tensors.get(&n("ffn_recover.weight")) {
-        if tw.experts_per_token == tw.fitted_used {
+        if recovering {
             let y = matvec(w, xn, d);
             let b = t("ffn_recover.bias");
             out.iter_mut()
@@ -636,7 +643,6 @@ pub fn carve_tiny(tag: &str, experts: usize, shared: usize, active: usize) -> (P
         shared,
         active,
         pregate::carve::RouterFit::Representative,
-        false,
     )
 }
 
@@ -655,7 +661,6 @@ pub fn carve_tiny_with(
     shared: usize,
     active: usize,
     router_fit: pregate::carve::RouterFit,
-    refit_shared: bool,
 ) -> (PathBuf, PathBuf) {
     let (dir, dense) = tiny_dense(tag, 21);
     let out = dir.join("carved.gguf");
@@ -667,8 +672,7 @@ pub fn carve_tiny_with(
         calib_tokens: 600,
         seq_len: 200,
         router_fit,
-        refit_shared,
-        // The linear recovery map has its own test (tests/carve.rs).
+        // The recovery fit has its own test (tests/carve.rs).
         recover: false,
         ..Default::default()
     };
