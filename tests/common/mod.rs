@@ -635,17 +635,6 @@ pub fn calib_file(dir: &Path) -> PathBuf {
     p
 }
 
-/// Writes a tiny dense model and carves it (2 layers) with the representative router.
-pub fn carve_tiny(tag: &str, experts: usize, shared: usize, active: usize) -> (PathBuf, PathBuf) {
-    carve_tiny_with(
-        tag,
-        experts,
-        shared,
-        active,
-        pregate::carve::RouterFit::Representative,
-    )
-}
-
 /// A fresh test directory named `tag` holding the default tiny dense model (`seed`):
 /// (directory, model path).
 pub fn tiny_dense(tag: &str, seed: u64) -> (PathBuf, PathBuf) {
@@ -655,13 +644,8 @@ pub fn tiny_dense(tag: &str, seed: u64) -> (PathBuf, PathBuf) {
     (dir, dense)
 }
 
-pub fn carve_tiny_with(
-    tag: &str,
-    experts: usize,
-    shared: usize,
-    active: usize,
-    router_fit: pregate::carve::RouterFit,
-) -> (PathBuf, PathBuf) {
+/// Writes a tiny dense model and carves it (2 layers) with the representative router.
+pub fn carve_tiny(tag: &str, experts: usize, shared: usize, active: usize) -> (PathBuf, PathBuf) {
     let (dir, dense) = tiny_dense(tag, 21);
     let out = dir.join("carved.gguf");
     let opts = pregate::carve::CarveOptions {
@@ -671,7 +655,7 @@ pub fn carve_tiny_with(
         calib: vec![calib_file(&dir)],
         calib_tokens: 600,
         seq_len: 200,
-        router_fit,
+        router_fit: pregate::carve::RouterFit::Representative,
         // The recovery fit has its own test (tests/carve.rs).
         recover: false,
         ..Default::default()
