@@ -58,6 +58,19 @@ impl Engine {
         let mut config = crate::model::ModelConfig::from_gguf(&file)?;
         if let Some(k) = opts.experts_per_token {
             config.set_experts_per_token(k)?;
+            // Other k than the carve's loses its recovery fit: say so, unless all experts
+            // run (then the model is the dense one and needs none).
+            let recovery = file.tensors.iter().any(|t| t.name.contains(".ffn_recover"));
+            if let Some(m) = config.moe.as_ref() {
+                if recovery && m.n_used != m.fitted_used && m.n_used < m.n_expert {
+                    tracing::warn!(
+                        "the carve's recovery fit is for {} experts per token; with {} it is not used, so quality may be lower than with {}",
+                        m.fitted_used,
+                        m.n_used,
+                        m.fitted_used
+                    );
+                }
+            }
         }
         let tokenizer = Tokenizer::load(path, &file)?;
         // Decide the context length and the expert slots (or refuse a budget too small)
