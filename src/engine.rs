@@ -62,7 +62,7 @@ impl Engine {
             // run (then the model is the dense one and needs none).
             let recovery = file.tensors.iter().any(|t| t.name.contains(".ffn_recover"));
             if let Some(m) = config.moe.as_ref() {
-                if recovery && m.n_used != m.fitted_used && m.n_used < m.n_expert {
+                if recovery && !m.recovering() && m.n_used < m.n_expert {
                     tracing::warn!(
                         "the carve's recovery fit is for {} experts per token; with {} it is not used, so quality may be lower than with {}",
                         m.fitted_used,

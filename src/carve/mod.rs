@@ -153,7 +153,6 @@ pub struct CarveSummary {
     pub active_fraction: f64,
     /// Neurons a token computes per layer, zero padding included.
     pub computed_neurons: usize,
-    /// Bytes of one routed expert (gate + up + down) in one layer.
     /// Bytes of one routed expert (gate + up + down) in one layer, the largest layer's.
     pub bytes_per_expert: u64,
     pub output_bytes: u64,

@@ -55,6 +55,11 @@ pub struct MoeConfig {
 pub const MAX_EXPERTS: usize = 128;
 
 impl MoeConfig {
+    /// Whether a carve's recovery fit applies: tokens use the experts it was fitted for.
+    pub fn recovering(&self) -> bool {
+        self.n_used == self.fitted_used
+    }
+
     fn from_gguf(f: &GgufFile, arch: &str) -> Result<Option<MoeConfig>> {
         let key = |k: &str| format!("{arch}.{k}");
         let Some(n) = f.get(&key("expert_count")).and_then(|v| v.as_u64()) else {

@@ -8,7 +8,7 @@ use crate::error::{Error, Result};
 use crate::format::GgufFile;
 use crate::quant::DType;
 
-use super::config::ModelConfig;
+use super::config::{ModelConfig, MoeConfig};
 use super::session::{DEFAULT_UBATCH, TOPK_CAP};
 
 #[derive(Clone, Debug, Default, serde::Serialize)]
@@ -195,13 +195,18 @@ pub fn plan(f: &GgufFile, c: &ModelConfig, ctx: usize) -> MemoryPlan {
         // routed experts, which are counted apart (they may live in cache slots).
         let prefix = n("ffn_");
         let routed = EXPERT_PARTS.map(|part| n(&format!("ffn_{part}_exps.weight")));
-        // A carve's recovery tensors load only at the carved k, the corrected shared
-        // down-projection in place of the plain one (model/weights.rs).
-        let recovering = c.moe.as_ref().is_some_and(|m| m.n_used == m.fitted_used);
-        let fitted_shared = recovering && f.tensor(&n("ffn_recover_shexp.weight")).is_some();
+        // A carve's recovery tensors load only at the carved k, the shared expert's
+        // down-projection from one of two tensors (model/weights.rs).
+        let recovering = c.moe.as_ref().is_some_and(MoeConfig::recovering);
+        let shared_down = c
+            .moe
+            .as_ref()
+            .map(|m| super::weights::shared_down_name(f, l, m));
         let loaded = |name: &str| match name {
+            _ if name == n("ffn_down_shexp.weight") || name == n("ffn_recover_shexp.weight") => {
+                shared_down.as_deref() == Some(name)
+            }
             _ if name.starts_with(&n("ffn_recover")) => recovering,
-            _ if name == n("ffn_down_shexp.weight") => !fitted_shared,
             _ => name != n("ffn_norm.weight"),
         };
         for t in f.tensors.iter().filter(|t| t.name.starts_with(&prefix)) {

@@ -123,13 +123,34 @@ fn optional_vector(gpu: &Gpu, f: &GgufFile, name: &str, len: usize) -> Result<Op
     }
 }
 
-fn mlp(gpu: &Gpu, f: &GgufFile, l: usize, suffix: &str, n: usize, d: usize) -> Result<Mlp> {
+/// Layer `l`'s gated MLP `blk.l.ffn_{gate,up}{suffix}` of `n` neurons, whose
+/// down-projection is the tensor `down`.
+fn mlp(
+    gpu: &Gpu,
+    f: &GgufFile,
+    l: usize,
+    suffix: &str,
+    n: usize,
+    d: usize,
+    down: &str,
+) -> Result<Mlp> {
     let name = |s: &str| format!("blk.{l}.ffn_{s}{suffix}.weight");
     Ok(Mlp {
         gate: matrix(gpu, f, &name("gate"), n, d)?,
         up: matrix(gpu, f, &name("up"), n, d)?,
-        down: matrix(gpu, f, &name("down"), d, n)?,
+        down: matrix(gpu, f, down, d, n)?,
     })
+}
+
+/// The tensor layer `l`'s shared expert takes its down-projection from: a carve's recovery
+/// fit corrects it for the carved number of experts (`ffn_recover_shexp`), and only then
+/// applies.
+pub(crate) fn shared_down_name(f: &GgufFile, l: usize, m: &MoeConfig) -> String {
+    let fitted = format!("blk.{l}.ffn_recover_shexp.weight");
+    match f.tensor(&fitted) {
+        Some(_) if m.recovering() => fitted,
+        _ => format!("blk.{l}.ffn_down_shexp.weight"),
+    }
 }
 
 /// A stacked expert tensor ggml-shaped [cols, rows_per_expert, n_expert], uploaded unsharded
@@ -185,9 +206,6 @@ fn moe_weights(
         }
         Ok(w)
     };
-    // The recovery fit was made for the carved number of experts per token, and only then
-    // applies (all experts active is the dense model).
-    let recovering = m.n_used == m.fitted_used;
     let ff = width("ffn_gate_exps.weight", m.expert_ff)?;
     let shared_ff = width("ffn_gate_shexp.weight", m.shared_ff)?;
     let bias = match f.tensor(&n("exp_probs_b.bias")) {
@@ -209,17 +227,8 @@ fn moe_weights(
         down_exps: experts(gpu, f, &n("ffn_down_exps.weight"), ff, d, e, slots)?,
         expert_ff: ff,
         shared: if shared_ff > 0 {
-            // A carve's recovery fit corrects the shared down-projection for the carved k.
-            let fitted = n("ffn_recover_shexp.weight");
-            let down = match f.tensor(&fitted) {
-                Some(_) if recovering => fitted,
-                _ => n("ffn_down_shexp.weight"),
-            };
-            Some(Mlp {
-                gate: matrix(gpu, f, &n("ffn_gate_shexp.weight"), shared_ff, d)?,
-                up: matrix(gpu, f, &n("ffn_up_shexp.weight"), shared_ff, d)?,
-                down: matrix(gpu, f, &down, d, shared_ff)?,
-            })
+            let down = shared_down_name(f, l, m);
+            Some(mlp(gpu, f, l, "_shexp", shared_ff, d, &down)?)
         } else {
             None
         },
@@ -237,7 +246,9 @@ fn moe_weights(
             None => None,
         },
         recover: match f.tensor(&n("ffn_recover.weight")) {
-            Some(_) if recovering => Some((
+            // Fitted for the carved number of experts per token (all experts active is
+            // the dense model).
+            Some(_) if m.recovering() => Some((
                 matrix(gpu, f, &n("ffn_recover.weight"), d, d)?,
                 optional_vector(gpu, f, &n("ffn_recover.bias"), d)?,
             )),
@@ -292,7 +303,15 @@ impl Model {
                 o: matrix(g, f, &n("attn_output.weight"), d, qd)?,
                 ffn_norm: vector(g, f, &n("ffn_norm.weight"), d)?,
                 ffn: match &c.moe {
-                    None => Ffn::Dense(mlp(g, f, l, "", c.d_ff, d)?),
+                    None => Ffn::Dense(mlp(
+                        g,
+                        f,
+                        l,
+                        "",
+                        c.d_ff,
+                        d,
+                        &format!("blk.{l}.ffn_down.weight"),
+                    )?),
                     Some(m) => {
                         let s = slots.map(|s| s.get(l).copied().unwrap_or(m.n_used));
                         Ffn::Moe(Box::new(moe_weights(g, f, l, m, d, s)?))
