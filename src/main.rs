@@ -369,8 +369,11 @@ struct TrainRouterArgs {
     /// Calibration text files (default: the built-in corpus)
     #[arg(long, num_args = 1..)]
     calib: Vec<PathBuf>,
-    /// Calibration tokens to trace (the last 10% are held out to measure accuracy)
-    #[arg(long, default_value_t = 4096)]
+    /// Calibration tokens to trace (the last 10% are held out to measure accuracy). More
+    /// tokens predict better: on the carved default model 16384 instead of 4096 raised
+    /// the router's recall on unseen text from 59.1% to 62.2% (tracing them takes ~20
+    /// minutes on a 2-core CPU with lavapipe; keep it with --trace)
+    #[arg(long, default_value_t = 16384)]
     tokens: usize,
     /// Training passes over the tokens
     #[arg(long, default_value_t = 6)]
