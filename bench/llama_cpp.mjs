@@ -45,6 +45,7 @@ for (let rep = 0; rep < 2; rep++) {
         rep,
         prompt_tokens: prompt.length,
         prefill_tok_s: prompt.length / ((firstToken - t0) / 1000),
-        decode_tok_s: gen / ((t1 - firstToken) / 1000),
+        // n - 1 tokens came after the first: fewer than `gen` if the model stopped early.
+        decode_tok_s: (n - 1) / ((t1 - firstToken) / 1000),
     }));
 }
