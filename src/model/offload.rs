@@ -37,7 +37,7 @@ pub struct OffloadOptions {
 impl Default for OffloadOptions {
     fn default() -> Self {
         OffloadOptions {
-            policy: PolicyKind::Lru,
+            policy: PolicyKind::Lfu,
             prefetch: Prefetch::None,
             verify: false,
             routing: Routing::Layer,
@@ -145,7 +145,12 @@ impl Offload {
             state: Mutex::new(State {
                 store,
                 staging: StagingRing::new(&model.gpu, plan.staging_buffers, plan.slot_bytes)?,
-                cache: ExpertCache::new(moe.n_expert, &layer_slots, opts.policy)?,
+                cache: ExpertCache::new(
+                    moe.n_expert,
+                    &layer_slots,
+                    opts.policy,
+                    opts.routing == Routing::Pregate,
+                )?,
                 bytes_uploaded: 0,
                 stall: Duration::ZERO,
             }),

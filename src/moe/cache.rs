@@ -91,9 +91,15 @@ pub struct ExpertCache {
 }
 
 impl ExpertCache {
-    /// `slots[l]` slots for layer l (of `n_expert` experts each); lookahead is Belady over
-    /// the future that [`ExpertCache::set_future`] gives it.
-    pub fn new(n_expert: usize, slots: &[usize], policy: PolicyKind) -> Result<Self> {
+    /// `slots[l]` slots for layer l (of `n_expert` experts each); lookahead plans by the
+    /// future that [`ExpertCache::set_future`] gives it, and takes it as exact with
+    /// `exact_plan` (`--routing pregate`: Belady over it).
+    pub fn new(
+        n_expert: usize,
+        slots: &[usize],
+        policy: PolicyKind,
+        exact_plan: bool,
+    ) -> Result<Self> {
         if policy == PolicyKind::Belady {
             return Err(Error::InvalidArgument(
                 "belady needs the whole future: it runs in `pregate simulate` (the runtime has lru, lfu and lookahead)".into(),
@@ -113,7 +119,9 @@ impl ExpertCache {
                 next_use: vec![usize::MAX; n_expert],
                 policy: match policy {
                     PolicyKind::Lfu => Box::new(super::policy::Lfu::default()),
-                    PolicyKind::Lookahead => Box::new(super::policy::PlannedLookahead::default()),
+                    PolicyKind::Lookahead => {
+                        Box::new(super::policy::PlannedLookahead::new(exact_plan))
+                    }
                     _ => Box::new(super::policy::Lru::default()),
                 },
                 stats: LayerStats::default(),
@@ -133,11 +141,15 @@ impl ExpertCache {
     pub fn set_future(&mut self, layer: usize, future: &[Vec<u32>]) {
         let ls = &mut self.layers[layer];
         ls.next_use.iter_mut().for_each(|n| *n = usize::MAX);
-        for (i, use_) in future.iter().enumerate().rev() {
+        // In accesses from now (a token's experts are accesses), the unit of the policy's
+        // use rates.
+        let mut at = 0;
+        for use_ in future {
             for &e in use_ {
                 if let Some(n) = ls.next_use.get_mut(e as usize) {
-                    *n = i;
+                    *n = (*n).min(at);
                 }
+                at += 1;
             }
         }
         ls.policy.set_next_use(&ls.next_use);
@@ -308,7 +320,7 @@ mod tests {
 
     #[test]
     fn a_token_reuses_resident_experts_and_loads_the_rest() {
-        let mut c = ExpertCache::new(8, &[2], PolicyKind::Lru).unwrap();
+        let mut c = ExpertCache::new(8, &[2], PolicyKind::Lru, false).unwrap();
         let w = c.next_wave(0, &mut vec![3, 5]).unwrap();
         assert_eq!(w.loads.len(), 2);
         assert_eq!(c.table_row(&w)[3], w.members[0].slot);
@@ -323,7 +335,7 @@ mod tests {
 
     #[test]
     fn more_experts_than_slots_take_several_waves_each_loaded_once() {
-        let mut c = ExpertCache::new(8, &[2], PolicyKind::Lru).unwrap();
+        let mut c = ExpertCache::new(8, &[2], PolicyKind::Lru, false).unwrap();
         let mut pending = vec![7, 1, 4, 2, 1];
         let mut loaded = Vec::new();
         let mut waves = 0;
@@ -340,7 +352,7 @@ mod tests {
 
     #[test]
     fn prefetches_count_as_hits_or_as_waste() {
-        let mut c = ExpertCache::new(8, &[2], PolicyKind::Lru).unwrap();
+        let mut c = ExpertCache::new(8, &[2], PolicyKind::Lru, false).unwrap();
         assert_eq!(c.prefetch(0, &[1, 2]).len(), 2);
         c.next_wave(0, &mut vec![1]).unwrap();
         // 2 was never used; a miss on 3 evicts it (1 was used more recently).
@@ -355,7 +367,7 @@ mod tests {
     #[test]
     fn lookahead_keeps_what_the_plan_needs_next() {
         // Three experts, two slots: the soonest-needed one (1) loads in the last wave.
-        let mut c = ExpertCache::new(8, &[2], PolicyKind::Lookahead).unwrap();
+        let mut c = ExpertCache::new(8, &[2], PolicyKind::Lookahead, false).unwrap();
         c.set_future(0, &[vec![1]]);
         let first = c.next_wave(0, &mut vec![1, 2, 3]).unwrap();
         assert!(!first.members.iter().any(|m| m.expert == 1));
@@ -363,14 +375,14 @@ mod tests {
         c.next_wave(0, &mut pending).unwrap();
         assert!(c.next_wave(0, &mut vec![1]).unwrap().loads.is_empty());
         // LRU loads in id order and evicts 1 on the way.
-        let mut lru = ExpertCache::new(8, &[2], PolicyKind::Lru).unwrap();
+        let mut lru = ExpertCache::new(8, &[2], PolicyKind::Lru, false).unwrap();
         let mut pending = vec![1, 2, 3];
         while !pending.is_empty() {
             lru.next_wave(0, &mut pending).unwrap();
         }
         assert_eq!(lru.next_wave(0, &mut vec![1]).unwrap().loads.len(), 1);
         // Eviction: the expert the plan does not use again leaves, however recent.
-        let mut c = ExpertCache::new(8, &[2], PolicyKind::Lookahead).unwrap();
+        let mut c = ExpertCache::new(8, &[2], PolicyKind::Lookahead, false).unwrap();
         c.next_wave(0, &mut vec![4]).unwrap();
         c.next_wave(0, &mut vec![5]).unwrap();
         c.set_future(0, &[vec![4], vec![6]]);
@@ -380,10 +392,10 @@ mod tests {
 
     #[test]
     fn bad_configurations_are_errors() {
-        assert!(ExpertCache::new(8, &[0], PolicyKind::Lru).is_err());
-        assert!(ExpertCache::new(8, &[9], PolicyKind::Lru).is_err());
-        assert!(ExpertCache::new(8, &[2], PolicyKind::Belady).is_err());
-        let mut c = ExpertCache::new(8, &[2], PolicyKind::Lru).unwrap();
+        assert!(ExpertCache::new(8, &[0], PolicyKind::Lru, false).is_err());
+        assert!(ExpertCache::new(8, &[9], PolicyKind::Lru, false).is_err());
+        assert!(ExpertCache::new(8, &[2], PolicyKind::Belady, false).is_err());
+        let mut c = ExpertCache::new(8, &[2], PolicyKind::Lru, false).unwrap();
         assert!(c.next_wave(0, &mut vec![8]).is_err());
     }
 }

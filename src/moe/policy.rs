@@ -40,10 +40,11 @@ impl ReplacementPolicy for Lru {
     }
 }
 
-/// Least frequently used (counts persist across evictions); ties go to the least recent.
+/// Least frequently used, by recent use rate ([`UseRate`]: counts that fade, so the cache
+/// follows a text whose experts change); ties go to the least recent.
 #[derive(Default)]
 pub struct Lfu {
-    count: HashMap<ExpertId, u64>,
+    rate: UseRate,
     last: HashMap<ExpertId, usize>,
 }
 
@@ -52,19 +53,13 @@ impl ReplacementPolicy for Lfu {
         "lfu"
     }
     fn access(&mut self, id: ExpertId, t: usize) {
-        *self.count.entry(id).or_default() += 1;
+        self.rate.access(id);
         self.last.insert(id, t);
     }
     fn victim(&mut self, resident: &[ExpertId], _t: usize) -> ExpertId {
-        *resident
-            .iter()
-            .min_by_key(|id| {
-                (
-                    self.count.get(id).copied().unwrap_or(0),
-                    self.last.get(id).copied().unwrap_or(0),
-                )
-            })
-            .unwrap_or(&resident[0])
+        furthest(resident, &self.last, |id| {
+            (false, self.rate.distance(id, usize::MAX))
+        })
     }
 }
 
@@ -109,18 +104,83 @@ impl ReplacementPolicy for Belady {
     }
 }
 
+/// How often each expert has been used lately: an exponential moving average, per access
+/// of the cache, of "this access was expert e". Its inverse is the expected distance to
+/// the expert's next use, the estimate a predicted plan is checked against.
+#[derive(Default)]
+struct UseRate {
+    /// Expert → (rate, access count when it was last updated).
+    rate: HashMap<ExpertId, (f64, u64)>,
+    accesses: u64,
+}
+
+impl UseRate {
+    /// Per-access decay: about 0.98 per token at two experts a token, so the rate follows
+    /// the last ~50 tokens (measured on traces: BENCHMARKS.md, session 10).
+    const DECAY: f64 = 0.99;
+
+    fn access(&mut self, id: ExpertId) {
+        self.accesses += 1;
+        let now = self.accesses;
+        let r = self.rate_of(id);
+        self.rate.insert(id, (r + (1.0 - Self::DECAY), now));
+    }
+
+    fn rate_of(&self, id: ExpertId) -> f64 {
+        self.rate.get(&id).map_or(0.0, |(r, at)| {
+            r * Self::DECAY.powi((self.accesses - at).min(i32::MAX as u64) as i32)
+        })
+    }
+
+    /// Accesses until `id`'s next use: the plan's `planned` distance, unless the expert's
+    /// recent rate says it comes back sooner (a plan from a predicting router misses
+    /// uses; a frequent expert is likely to be needed again whatever the plan says).
+    fn distance(&self, id: ExpertId, planned: usize) -> f64 {
+        const TRUST_RATE: f64 = 0.25;
+        let by_rate = TRUST_RATE / self.rate_of(id).max(1e-12);
+        (planned as f64).min(by_rate)
+    }
+}
+
+/// Picks the resident expert with the furthest `distance` (the least recent on a tie).
+/// A distance is `(beyond the plan, accesses)`: what the plan does not know goes first.
+fn furthest(
+    resident: &[ExpertId],
+    last: &HashMap<ExpertId, usize>,
+    distance: impl Fn(ExpertId) -> (bool, f64),
+) -> ExpertId {
+    let key = |id: ExpertId| {
+        let (beyond, d) = distance(id);
+        let last = last.get(&id).copied().unwrap_or(0);
+        (beyond, d, std::cmp::Reverse(last))
+    };
+    *resident
+        .iter()
+        .max_by(|a, b| {
+            let (ka, kb) = (key(**a), key(**b));
+            ka.0.cmp(&kb.0)
+                .then(ka.1.total_cmp(&kb.1))
+                .then(ka.2.cmp(&kb.2))
+        })
+        .unwrap_or(&resident[0])
+}
+
 /// Belady with a predicted future: evicts the resident expert whose next use in the
-/// pre-gating router's plan is furthest away; experts the plan never uses again go first,
-/// the least recently used of them. With an exact plan (the pre-gate decides) it is Belady.
+/// pre-gating router's plan is furthest away. With an exact plan (the pre-gate decides) it
+/// is Belady. With a predicted one, an expert's distance is the plan's or what its recent
+/// use rate suggests, whichever is sooner ([`UseRate::distance`]).
 pub struct Lookahead {
     /// Each expert's positions in the plan, ascending.
     uses: HashMap<ExpertId, Vec<usize>>,
     last: HashMap<ExpertId, usize>,
+    /// None when the plan is the sequence itself.
+    rate: Option<UseRate>,
 }
 
 impl Lookahead {
-    /// `plan[t]` is the expert predicted for access t of the real sequence.
-    pub fn new(plan: &[ExpertId]) -> Lookahead {
+    /// `plan[t]` is the expert predicted for access t of the real sequence; `exact` when it
+    /// is the sequence (the pre-gate decides).
+    pub fn new(plan: &[ExpertId], exact: bool) -> Lookahead {
         let mut uses: HashMap<ExpertId, Vec<usize>> = HashMap::new();
         for (t, id) in plan.iter().enumerate() {
             uses.entry(*id).or_default().push(t);
@@ -128,6 +188,7 @@ impl Lookahead {
         Lookahead {
             uses,
             last: HashMap::new(),
+            rate: (!exact).then(UseRate::default),
         }
     }
 
@@ -135,7 +196,7 @@ impl Lookahead {
         self.uses
             .get(&id)
             .and_then(|u| u.get(u.partition_point(|p| *p < t)).copied())
-            .unwrap_or(usize::MAX)
+            .map_or(usize::MAX, |p| p - t)
     }
 }
 
@@ -145,27 +206,42 @@ impl ReplacementPolicy for Lookahead {
     }
     fn access(&mut self, id: ExpertId, t: usize) {
         self.last.insert(id, t);
+        if let Some(r) = &mut self.rate {
+            r.access(id);
+        }
     }
     fn victim(&mut self, resident: &[ExpertId], t: usize) -> ExpertId {
-        *resident
-            .iter()
-            .max_by_key(|id| {
-                let last = self.last.get(id).copied().unwrap_or(0);
-                (self.next_use(**id, t), std::cmp::Reverse(last))
-            })
-            .unwrap_or(&resident[0])
+        furthest(resident, &self.last, |id| {
+            let planned = self.next_use(id, t);
+            match &self.rate {
+                Some(r) => (false, r.distance(id, planned)),
+                None => (planned == usize::MAX, planned as f64),
+            }
+        })
     }
 }
 
-/// The runtime's lookahead: Belady over the uses that the pre-gating router's plan knows
-/// (the rest of a prompt or of a text being scored), set before each step by
-/// [`ReplacementPolicy::set_next_use`]. Experts the plan does not use go first, least
-/// recently used first; with no plan (decode) it is LRU.
+/// The runtime's lookahead: the same rule over the uses that the pre-gating router's plan
+/// knows (the rest of a prompt or of a text being scored), set before each step by
+/// [`ReplacementPolicy::set_next_use`] in accesses from now. With no plan (decode) the
+/// recent use rates decide, least recent on a tie. With an exact plan it is Belady over it.
 #[derive(Default)]
 pub struct PlannedLookahead {
-    /// Expert → index of its next use in the plan.
+    /// Expert → accesses until its next use in the plan.
     next_use: Vec<usize>,
     last: HashMap<ExpertId, usize>,
+    rate: UseRate,
+    exact: bool,
+}
+
+impl PlannedLookahead {
+    /// `exact`: the plan is what will run (`--routing pregate`), so it alone decides.
+    pub fn new(exact: bool) -> Self {
+        PlannedLookahead {
+            exact,
+            ..Default::default()
+        }
+    }
 }
 
 impl ReplacementPolicy for PlannedLookahead {
@@ -174,20 +250,23 @@ impl ReplacementPolicy for PlannedLookahead {
     }
     fn access(&mut self, id: ExpertId, t: usize) {
         self.last.insert(id, t);
+        self.rate.access(id);
     }
     fn victim(&mut self, resident: &[ExpertId], _t: usize) -> ExpertId {
-        *resident
-            .iter()
-            .max_by_key(|id| {
-                let next = self
-                    .next_use
-                    .get(**id as usize)
-                    .copied()
-                    .unwrap_or(usize::MAX);
-                let last = self.last.get(id).copied().unwrap_or(0);
-                (next, std::cmp::Reverse(last))
-            })
-            .unwrap_or(&resident[0])
+        furthest(resident, &self.last, |id| {
+            let planned = self
+                .next_use
+                .get(id as usize)
+                .copied()
+                .unwrap_or(usize::MAX);
+            let by_rate = self.rate.distance(id, usize::MAX);
+            match (self.exact, planned) {
+                // Past the plan's horizon (decode: the next token is not known yet).
+                (true, usize::MAX) => (true, by_rate),
+                (true, p) => (false, p as f64),
+                (false, p) => (false, self.rate.distance(id, p)),
+            }
+        })
     }
     fn set_next_use(&mut self, next_use: &[usize]) {
         self.next_use.clear();
@@ -231,7 +310,10 @@ impl PolicyKind {
             PolicyKind::Lru => Box::new(Lru::default()),
             PolicyKind::Lfu => Box::new(Lfu::default()),
             PolicyKind::Belady => Box::new(Belady::new(sequence)),
-            PolicyKind::Lookahead => Box::new(Lookahead::new(plan.unwrap_or(sequence))),
+            PolicyKind::Lookahead => Box::new(match plan {
+                Some(p) => Lookahead::new(p, false),
+                None => Lookahead::new(sequence, true),
+            }),
         }
     }
 }
@@ -312,6 +394,31 @@ mod tests {
         let wrong = [1, 2, 3, 4, 9, 9, 5, 9, 9, 3, 4, 5];
         let mut p = PolicyKind::Lookahead.build_with_plan(&seq, Some(&wrong));
         assert!(simulate(&seq, 3, p.as_mut()).misses > 7);
+    }
+
+    #[test]
+    fn lfu_forgets_what_stopped_being_used() {
+        // 1 is used 300 times, then 2 and 3 take over. Counts that never fade would keep 1
+        // and make 2 and 3 thrash for 400 accesses; fading rates let 1 go after ~100.
+        let seq: Vec<ExpertId> = std::iter::repeat_n(1, 300)
+            .chain([2, 3].into_iter().cycle().take(400))
+            .collect();
+        let misses = run(PolicyKind::Lfu, &seq, 2);
+        assert!((3..150).contains(&misses), "{misses} misses");
+    }
+
+    #[test]
+    fn a_predicted_plan_gives_way_to_what_recent_use_says() {
+        // The plan keeps predicting 9 (never used) in place of 2, which really comes every
+        // other access. Trusting the plan alone evicts 2 again and again; the use rates
+        // keep it.
+        let seq: Vec<ExpertId> = [1, 2, 3, 2, 4, 2].into_iter().cycle().take(600).collect();
+        let plan: Vec<ExpertId> = seq.iter().map(|e| if *e == 2 { 9 } else { *e }).collect();
+        let mut blended = Lookahead::new(&plan, false);
+        let with_rates = simulate(&seq, 2, &mut blended).misses;
+        let mut plan_only = Lookahead::new(&plan, true);
+        let plan_alone = simulate(&seq, 2, &mut plan_only).misses;
+        assert!(with_rates < plan_alone, "{with_rates} vs {plan_alone}");
     }
 
     #[test]

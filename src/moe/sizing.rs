@@ -73,8 +73,8 @@ pub fn split_slots(curves: &[Vec<u64>], total: usize, min: usize) -> Option<Vec<
 
 /// Slots per layer for `--policy lookahead` at run time, with no recorded trace: the
 /// pre-gating router's plan of `tokens` (calibration text) stands in for one. The curves are
-/// LRU's, because in decode the plan knows no future token and lookahead falls back to
-/// LRU. `uniform` slots per MoE layer (`moe_layer[l]`) is the total to split; each layer
+/// LFU's, because in decode the plan knows no future token and lookahead falls back to the
+/// experts' recent use rates, which is LFU. `uniform` slots per MoE layer (`moe_layer[l]`) is the total to split; each layer
 /// keeps at least `k` (one token's experts). Dense layers keep `uniform` (they have no pool).
 pub fn split_by_plan(
     router: &crate::router::PreGateRouter,
@@ -92,7 +92,7 @@ pub fn split_by_plan(
         choices: router.plan_top(tokens, k),
         plan: None,
     };
-    let curves = miss_curves(&trace, PolicyKind::Lru);
+    let curves = miss_curves(&trace, PolicyKind::Lfu);
     let moe_curves: Vec<Vec<u64>> = curves
         .into_iter()
         .zip(moe_layer)
