@@ -130,6 +130,7 @@ struct ModelArgs {
 /// The runtime's policies (Belady needs the whole future: it lives in `simulate`).
 #[derive(Clone, Copy, clap::ValueEnum)]
 enum CachePolicy {
+    /// Least recently used
     Lru,
     /// Least frequently used, by use counts that fade over ~50 tokens
     Lfu,
