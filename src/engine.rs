@@ -58,16 +58,15 @@ impl Engine {
         let mut config = crate::model::ModelConfig::from_gguf(&file)?;
         if let Some(k) = opts.experts_per_token {
             config.set_experts_per_token(k)?;
-            // Other k than the carve's loses its recovery fit: say so, unless all experts
+            // Far more experts than the carve's lose its recovery fit: say so, unless all
             // run (then the model is the dense one and needs none).
             let recovery = file.tensors.iter().any(|t| t.name.contains(".ffn_recover"));
             if let Some(m) = config.moe.as_ref() {
                 if recovery && !m.recovering() && m.n_used < m.n_expert {
                     tracing::warn!(
-                        "the carve's recovery fit is for {} experts per token; with {} it is not used, so quality may be lower than with {}",
+                        "the carve's recovery fit is for {} experts per token; with {} it would count what those experts add twice, so it is not used",
                         m.fitted_used,
                         m.n_used,
-                        m.fitted_used
                     );
                 }
             }

@@ -574,9 +574,10 @@ fn linear_recovery_runs_like_the_reference_and_brings_the_carve_closer_to_dense(
         assert_eq!(fitted.dims, plain.dims);
         assert_ne!(f.bytes(fitted), f.bytes(plain), "a real correction");
     }
-    // The GPU adds W·x + b and reads the corrected shared down-projection at the carved k,
-    // as the CPU reference does, and neither at other k.
-    for k in [2, 3] {
+    // The GPU adds W·x + b and reads the corrected shared down-projection at the carved k
+    // and below, as the CPU reference does, and neither well above it (7 routed experts:
+    // k 3 is past the quarter of the 5 beyond the carved 2).
+    for k in [1, 2, 3] {
         assert_runs_like_reference(&rec, k, &format!("k {k}"));
     }
     // All experts active is still the dense model: the map is not applied there.

@@ -195,7 +195,7 @@ pub fn plan(f: &GgufFile, c: &ModelConfig, ctx: usize) -> MemoryPlan {
         // routed experts, which are counted apart (they may live in cache slots).
         let prefix = n("ffn_");
         let routed = EXPERT_PARTS.map(|part| n(&format!("ffn_{part}_exps.weight")));
-        // A carve's recovery tensors load only at the carved k, the shared expert's
+        // A carve's recovery tensors load only where its fit applies, the shared expert's
         // down-projection from one of two tensors (model/weights.rs).
         let recovering = c.moe.as_ref().is_some_and(MoeConfig::recovering);
         let shared_down = c

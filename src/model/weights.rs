@@ -63,7 +63,7 @@ pub struct MoeWeights {
     pub shared_gate: Option<Matrix>, // [1, d_model]
     /// A carved model's linear recovery map [d_model, d_model] and bias: its estimate of
     /// what the unchosen experts would add (carve --recover). Loaded only when tokens use
-    /// as many experts as it was fitted for.
+    /// about as many experts as it was fitted for, or fewer (`config::recovery_applies`).
     pub recover: Option<(Matrix, Option<Vector>)>,
 }
 
@@ -143,8 +143,7 @@ fn mlp(
 }
 
 /// The tensor layer `l`'s shared expert takes its down-projection from: a carve's recovery
-/// fit corrects it for the carved number of experts (`ffn_recover_shexp`), and only then
-/// applies.
+/// fit corrects it (`ffn_recover_shexp`), used wherever the fit applies.
 pub(crate) fn shared_down_name(f: &GgufFile, l: usize, m: &MoeConfig) -> String {
     let fitted = format!("blk.{l}.ffn_recover_shexp.weight");
     match f.tensor(&fitted) {

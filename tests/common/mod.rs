@@ -107,8 +107,10 @@ pub struct TinyWeights {
     pub routes: std::cell::RefCell<Vec<u16>>,
     /// `pregate.moe.router` of a carved model ("cmoe" or "lsq"); empty otherwise.
     pub router: String,
-    /// The file's experts per token: a carved model's recovery map applies only then.
+    /// The file's experts per token, which a carved model's recovery map was fitted for.
     pub fitted_used: usize,
+    /// The file's routed experts per layer (0: dense).
+    pub n_expert: usize,
 }
 
 /// Writes a tiny model with random weights: vocab = 256 byte tokens + 2 specials.
@@ -328,6 +330,7 @@ pub fn write_tiny_model(path: &Path, spec: TinySpec, seed: u64) -> TinyWeights {
         routes: Default::default(),
         router: String::new(),
         fitted_used: spec.moe.map_or(0, |m| m.n_used),
+        n_expert: spec.moe.map_or(0, |m| m.n_expert),
     }
 }
 
@@ -482,9 +485,10 @@ fn ffn(tw: &TinyWeights, l: usize, xn: &[f32]) -> Vec<f32> {
         return swiglu_mlp(&g, &u, t("ffn_down.weight"), d);
     }
     let mut out = vec![0f32; d];
-    // carve's recovery fit applies at the carved number of experts only: there the shared
-    // expert's down-projection is ffn_recover_shexp.
-    let recovering = tw.experts_per_token == tw.fitted_used;
+    // Where a carve's recovery fit applies, the shared expert's down-projection is
+    // ffn_recover_shexp and the map is added.
+    let recovering =
+        pregate::model::config::recovery_applies(tw.experts_per_token, tw.fitted_used, tw.n_expert);
     if let Some(sg) = tw.tensors.get(&n("ffn_gate_shexp.weight")) {
         let rows = sg.len() / d;
         let g = matvec(sg, xn, rows);
@@ -588,6 +592,13 @@ fn native_moe(tw: &TinyWeights, l: usize, xn: &[f32], shared: Vec<f32>) -> Vec<f
 /// the CPU reference. `experts_per_token` applies to MoE layers.
 pub fn load_weights(path: &Path, spec: TinySpec, experts_per_token: usize) -> TinyWeights {
     let f = pregate::format::GgufFile::open(path).expect("open");
+    let arch_u64 = |key: &str| {
+        f.get("general.architecture")
+            .and_then(|v| v.as_str())
+            .and_then(|a| f.get(&format!("{a}.{key}")))
+            .and_then(|v| v.as_u64())
+            .unwrap_or(0) as usize
+    };
     let mut tensors = std::collections::HashMap::new();
     for t in &f.tensors {
         let mut v = vec![0f32; t.n_elements() as usize];
@@ -605,12 +616,8 @@ pub fn load_weights(path: &Path, spec: TinySpec, experts_per_token: usize) -> Ti
             .and_then(|v| v.as_str())
             .unwrap_or_default()
             .to_string(),
-        fitted_used: f
-            .get("general.architecture")
-            .and_then(|v| v.as_str())
-            .and_then(|a| f.get(&format!("{a}.expert_used_count")))
-            .and_then(|v| v.as_u64())
-            .unwrap_or(0) as usize,
+        fitted_used: arch_u64("expert_used_count"),
+        n_expert: arch_u64("expert_count"),
     }
 }
 
