@@ -1264,7 +1264,7 @@ fn cmd_simulate(a: SimulateArgs) -> Result<()> {
             simulate_per_layer(&trace, *kind, slots, a.json)?;
             continue;
         }
-        let mut policy = kind.build_with_plan(&seq, plan.as_deref());
+        let mut policy = kind.build_shared(&seq, plan.as_deref(), trace.n_layers as usize);
         let r = pregate::moe::simulate(&seq, slots, policy.as_mut());
         if a.json {
             println!("{}", serde_json::to_string(&r)?);

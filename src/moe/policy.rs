@@ -107,28 +107,48 @@ impl ReplacementPolicy for Belady {
 /// How often each expert has been used lately: an exponential moving average, per access
 /// of the cache, of "this access was expert e". Its inverse is the expected distance to
 /// the expert's next use, the estimate a predicted plan is checked against.
-#[derive(Default)]
 struct UseRate {
     /// Expert → (rate, access count when it was last updated).
     rate: HashMap<ExpertId, (f64, u64)>,
     accesses: u64,
+    /// What a rate keeps per access.
+    decay: f64,
+}
+
+impl Default for UseRate {
+    fn default() -> Self {
+        UseRate::shared_by(1)
+    }
 }
 
 impl UseRate {
-    /// Per-access decay: about 0.98 per token at two experts a token, so the rate follows
-    /// the last ~50 tokens (measured on traces: BENCHMARKS.md, session 10).
-    const DECAY: f64 = 0.99;
+    /// Per-access decay of one layer's cache: about 0.98 per token at two experts a token,
+    /// so the rate follows the last ~50 tokens (measured on traces: BENCHMARKS.md,
+    /// session 10).
+    const LAYER_DECAY: f64 = 0.99;
+
+    /// Rates for a cache that `layers` layers share (`simulate` without --per-layer): it
+    /// sees `layers` times the accesses a token, so each fades that much less.
+    fn shared_by(layers: usize) -> Self {
+        UseRate {
+            rate: HashMap::new(),
+            accesses: 0,
+            decay: Self::LAYER_DECAY.powf(1.0 / layers.max(1) as f64),
+        }
+    }
 
     fn access(&mut self, id: ExpertId) {
         self.accesses += 1;
         let now = self.accesses;
         let r = self.rate_of(id);
-        self.rate.insert(id, (r + (1.0 - Self::DECAY), now));
+        self.rate.insert(id, (r + (1.0 - self.decay), now));
     }
 
     fn rate_of(&self, id: ExpertId) -> f64 {
         self.rate.get(&id).map_or(0.0, |(r, at)| {
-            r * Self::DECAY.powi((self.accesses - at).min(i32::MAX as u64) as i32)
+            r * self
+                .decay
+                .powi((self.accesses - at).min(i32::MAX as u64) as i32)
         })
     }
 
@@ -181,6 +201,11 @@ impl Lookahead {
     /// `plan[t]` is the expert predicted for access t of the real sequence; `exact` when it
     /// is the sequence (the pre-gate decides).
     pub fn new(plan: &[ExpertId], exact: bool) -> Lookahead {
+        Self::shared_by(plan, exact, 1)
+    }
+
+    /// The same for a cache that `layers` layers share.
+    fn shared_by(plan: &[ExpertId], exact: bool, layers: usize) -> Lookahead {
         let mut uses: HashMap<ExpertId, Vec<usize>> = HashMap::new();
         for (t, id) in plan.iter().enumerate() {
             uses.entry(*id).or_default().push(t);
@@ -188,7 +213,7 @@ impl Lookahead {
         Lookahead {
             uses,
             last: HashMap::new(),
-            rate: (!exact).then(UseRate::default),
+            rate: (!exact).then(|| UseRate::shared_by(layers)),
         }
     }
 
@@ -306,13 +331,27 @@ impl PolicyKind {
         sequence: &[ExpertId],
         plan: Option<&[ExpertId]>,
     ) -> Box<dyn ReplacementPolicy> {
+        self.build_shared(sequence, plan, 1)
+    }
+
+    /// The policy of one cache that `layers` layers share (their accesses interleaved in
+    /// `sequence`): the use rates of LFU and lookahead fade per token, not per access.
+    pub fn build_shared(
+        self,
+        sequence: &[ExpertId],
+        plan: Option<&[ExpertId]>,
+        layers: usize,
+    ) -> Box<dyn ReplacementPolicy> {
         match self {
             PolicyKind::Lru => Box::new(Lru::default()),
-            PolicyKind::Lfu => Box::new(Lfu::default()),
+            PolicyKind::Lfu => Box::new(Lfu {
+                rate: UseRate::shared_by(layers),
+                last: HashMap::new(),
+            }),
             PolicyKind::Belady => Box::new(Belady::new(sequence)),
             PolicyKind::Lookahead => Box::new(match plan {
-                Some(p) => Lookahead::new(p, false),
-                None => Lookahead::new(sequence, true),
+                Some(p) => Lookahead::shared_by(p, false, layers),
+                None => Lookahead::shared_by(sequence, true, layers),
             }),
         }
     }
