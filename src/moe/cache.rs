@@ -270,8 +270,10 @@ impl ExpertCache {
                 self.layers[layer].prefetched[e as usize] = true;
                 pinned.push(slot);
                 loads.push(Load { expert: e, slot });
-                // Counts as recent, so that LRU keeps it until it is needed.
-                self.touch(layer, e);
+                // Recent, so that LRU keeps it until it is needed; not a use, so that a
+                // wasted prefetch does not raise LFU's rates.
+                self.clock += 1;
+                self.layers[layer].policy.prefetched(e, self.clock);
             }
         }
         loads
@@ -362,6 +364,18 @@ mod tests {
             (s.hits, s.prefetch_hits, s.misses, s.wasted_prefetches),
             (1, 1, 1, 1)
         );
+    }
+
+    #[test]
+    fn a_wasted_prefetch_is_not_a_use_for_lfu() {
+        let mut c = ExpertCache::new(8, &[2], PolicyKind::Lfu, false).unwrap();
+        c.next_wave(0, &mut vec![1]).unwrap();
+        c.next_wave(0, &mut vec![2]).unwrap();
+        // 3 is loaded ahead (in place of 1, the least used lately) and never used: the
+        // next miss evicts it, not 2, which was really used.
+        assert_eq!(c.prefetch(0, &[3]).len(), 1);
+        c.next_wave(0, &mut vec![4]).unwrap();
+        assert!(c.next_wave(0, &mut vec![2]).unwrap().loads.is_empty());
     }
 
     #[test]

@@ -17,6 +17,11 @@ pub trait ReplacementPolicy {
     /// Each expert's next use in the plan (`next_use[id]`, usize::MAX: none known), when a
     /// plan knows them (the runtime's lookahead); other policies ignore it.
     fn set_next_use(&mut self, _next_use: &[usize]) {}
+    /// Records that `id` was loaded ahead of need at step `t`: recent, but not a use (so
+    /// a wasted prefetch does not raise a use rate). LRU treats it as an access.
+    fn prefetched(&mut self, id: ExpertId, t: usize) {
+        self.access(id, t);
+    }
 }
 
 /// Least recently used.
@@ -54,6 +59,9 @@ impl ReplacementPolicy for Lfu {
     }
     fn access(&mut self, id: ExpertId, t: usize) {
         self.rate.access(id);
+        self.last.insert(id, t);
+    }
+    fn prefetched(&mut self, id: ExpertId, t: usize) {
         self.last.insert(id, t);
     }
     fn victim(&mut self, resident: &[ExpertId], _t: usize) -> ExpertId {
@@ -276,6 +284,9 @@ impl ReplacementPolicy for PlannedLookahead {
     fn access(&mut self, id: ExpertId, t: usize) {
         self.last.insert(id, t);
         self.rate.access(id);
+    }
+    fn prefetched(&mut self, id: ExpertId, t: usize) {
+        self.last.insert(id, t);
     }
     fn victim(&mut self, resident: &[ExpertId], _t: usize) -> ExpertId {
         furthest(resident, &self.last, |id| {
