@@ -295,10 +295,9 @@ impl ReplacementPolicy for PlannedLookahead {
                 .get(id as usize)
                 .copied()
                 .unwrap_or(usize::MAX);
-            let by_rate = self.rate.distance(id, usize::MAX);
             match (self.exact, planned) {
                 // Past the plan's horizon (decode: the next token is not known yet).
-                (true, usize::MAX) => (true, by_rate),
+                (true, usize::MAX) => (true, self.rate.distance(id, usize::MAX)),
                 (true, p) => (false, p as f64),
                 (false, p) => (false, self.rate.distance(id, p)),
             }

@@ -74,8 +74,9 @@ pub fn split_slots(curves: &[Vec<u64>], total: usize, min: usize) -> Option<Vec<
 /// Slots per layer for `--policy lookahead` at run time, with no recorded trace: the
 /// pre-gating router's plan of `tokens` (calibration text) stands in for one. The curves are
 /// LFU's, because in decode the plan knows no future token and lookahead falls back to the
-/// experts' recent use rates, which is LFU. `uniform` slots per MoE layer (`moe_layer[l]`) is the total to split; each layer
-/// keeps at least `k` (one token's experts). Dense layers keep `uniform` (they have no pool).
+/// experts' recent use rates, which is LFU. `uniform` slots per MoE layer (`moe_layer[l]`)
+/// is the total to split; each layer keeps at least `k` (one token's experts). Dense layers
+/// keep `uniform` (they have no pool).
 pub fn split_by_plan(
     router: &crate::router::PreGateRouter,
     tokens: &[u32],
