@@ -16,6 +16,11 @@ use crate::model::tokenizer::TextStream;
 use crate::model::{Model, Sampler, SamplerConfig, Session, Tokenizer};
 use crate::router::adaptive::{self, AdaptivePlan, AdaptiveProfile};
 
+/// Windows of calibration text adaptive gating measures its profile on, and their length:
+/// 1024 tokens put a layer's measured cost within about ±1% perplexity.
+const ADAPTIVE_WINDOWS: usize = 4;
+const ADAPTIVE_WINDOW: usize = 256;
+
 #[derive(Clone, Debug, Default)]
 pub struct EngineOptions {
     pub gpu: GpuOptions,
@@ -214,10 +219,27 @@ impl Engine {
         Ok(self.adaptive.insert(plan))
     }
 
-    /// Adaptive gating's calibration tokens: up to 256 of the built-in corpus.
-    fn adaptive_tokens(&self) -> Result<Vec<u32>> {
-        let n = 256.min(self.ctx.saturating_sub(1));
-        crate::carve::calib::tokens(&self.tokenizer, &[], n, n)
+    /// Adaptive gating's calibration text: [`ADAPTIVE_WINDOWS`] windows of the built-in
+    /// corpus that a default carve did not profile. Measured on the carve's own tokens, the
+    /// recovery fit is in-sample: there dropping an expert looked free in half the layers
+    /// and `--adaptive 2` cost 3.3% on other text (BENCHMARKS.md).
+    fn adaptive_tokens(&self) -> Result<Vec<Vec<u32>>> {
+        use crate::carve::{calib, CarveOptions};
+        let seq = ADAPTIVE_WINDOW.min(self.ctx.saturating_sub(1));
+        let all = self.tokenizer.encode(calib::BUILTIN_CORPUS, false)?;
+        let carve = CarveOptions::default();
+        let windows = calib::held_out(
+            &all,
+            (carve.calib_tokens, carve.seq_len),
+            ADAPTIVE_WINDOWS,
+            seq,
+        );
+        match windows.is_empty() {
+            false => Ok(windows),
+            true => Err(Error::InvalidArgument(format!(
+                "the built-in corpus has no {seq}-token window the carve left out"
+            ))),
+        }
     }
 
     /// VRAM and expert-cache counters since load (or the last [`Engine::reset_metrics`]).

@@ -119,7 +119,8 @@ struct ModelArgs {
     experts_per_token: Option<usize>,
     /// Adaptive gating (AdapMoE): confident tokens use fewer experts, for this predicted
     /// perplexity cost in percent (0 = off). Per-layer sensitivities are measured once on
-    /// the built-in corpus and kept in MODEL.adaptive.json
+    /// built-in text the carve did not see (minutes on a CPU) and kept in
+    /// MODEL.adaptive.json
     #[arg(long, default_value_t = 0.0, value_name = "QUALITY")]
     adaptive: f64,
     /// Adaptive-gating profile (default: MODEL.adaptive.json next to the model)

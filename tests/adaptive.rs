@@ -121,6 +121,8 @@ fn a_measured_profile_cuts_active_experts_within_its_budget() {
     assert!(profile.exists());
     let saved = pregate::router::adaptive::AdaptiveProfile::load(&profile).unwrap();
     assert!(saved.base_nll.is_finite() && saved.base_nll > 0.0);
+    // Four 256-token windows the carve left out (calib::held_out's own test checks that).
+    assert_eq!(saved.tokens, 4 * 256);
     for l in &saved.layers {
         assert!(l.delta_nll.is_finite() && l.delta_se >= 0.0);
         assert_eq!(l.top1_share.as_ref().map(Vec::len), Some(saved.tokens));

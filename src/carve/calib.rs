@@ -66,6 +66,45 @@ pub fn spread(all: &[u32], max: usize, seq_len: usize) -> Vec<u32> {
     out
 }
 
+/// Windows that [`spread`]`(all, fitted_max, fitted_seq)` leaves out: up to `windows`
+/// windows of `seq_len` tokens, each centred in a different gap between the fitted
+/// windows, the gaps chosen evenly from start to end. Text a carve was not fitted on, so
+/// what is measured there is what a user's own text will see. Empty when the fitted
+/// windows leave no gap that long.
+pub fn held_out(
+    all: &[u32],
+    (fitted_max, fitted_seq): (usize, usize),
+    windows: usize,
+    seq_len: usize,
+) -> Vec<Vec<u32>> {
+    let fitted = fitted_seq.clamp(1, fitted_max.max(1));
+    let n = fitted_max.div_ceil(fitted);
+    if all.len() <= fitted_max || n < 2 || all.len() < n * fitted {
+        return Vec::new();
+    }
+    // The same starts as `spread`'s windows.
+    let last = all.len() - fitted;
+    let starts: Vec<usize> = (0..n).map(|w| w * last / (n - 1)).collect();
+    let gaps: Vec<(usize, usize)> = starts
+        .windows(2)
+        .map(|p| (p[0] + fitted, p[1]))
+        .filter(|&(a, b)| b >= a + seq_len)
+        .collect();
+    let take = windows.min(gaps.len());
+    (0..take)
+        .map(|i| {
+            let g = if take < 2 {
+                gaps.len() / 2
+            } else {
+                i * (gaps.len() - 1) / (take - 1)
+            };
+            let (a, b) = gaps[g];
+            let start = a + (b - a - seq_len) / 2;
+            all[start..start + seq_len].to_vec()
+        })
+        .collect()
+}
+
 /// Up to `max` tokens split evenly between the calibration `files` (each spread over its
 /// file in windows of `seq_len`), each labelled with its file's index (Read-ME's data
 /// domains). Every file must yield a token.
@@ -228,7 +267,7 @@ pub fn profile(
 
 #[cfg(test)]
 mod tests {
-    use super::spread;
+    use super::{held_out, spread};
 
     #[test]
     fn spread_spaces_whole_windows_from_start_to_end() {
@@ -261,5 +300,27 @@ mod tests {
                 assert_eq!(seen.len(), max, "max {max} seq {seq} repeats a token");
             }
         }
+    }
+
+    #[test]
+    fn held_out_windows_miss_every_fitted_token() {
+        let all: Vec<u32> = (0..10_000).collect();
+        // A carve's 8 windows of 100, and 4 windows of 50 between them.
+        let fitted = spread(&all, 800, 100);
+        let got = held_out(&all, (800, 100), 4, 50);
+        assert_eq!(got.len(), 4);
+        for w in &got {
+            assert_eq!(w.len(), 50);
+            assert!(
+                w.windows(2).all(|p| p[1] == p[0] + 1),
+                "a window is contiguous"
+            );
+            assert!(w.iter().all(|t| !fitted.contains(t)), "{w:?}");
+        }
+        // Spread from start to end: the first and the last gap.
+        assert!(got[0][0] < 1_500 && got[3][0] > 8_500);
+        // More windows than gaps: one per gap; text the carve took whole: none.
+        assert_eq!(held_out(&all, (800, 100), 20, 50).len(), 7);
+        assert!(held_out(&all[..800], (800, 100), 4, 50).is_empty());
     }
 }

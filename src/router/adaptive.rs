@@ -92,9 +92,11 @@ pub fn check_quality(quality_pct: f64) -> Result<()> {
     Ok(())
 }
 
-/// What a profile's top-1 shares mean: 2 = shares of the kernel's adaptive mass (raw
-/// scores for carved models), 0 = an older profile (softmax shares).
-pub const PROFILE_VERSION: u32 = 2;
+/// What a profile's numbers mean: 3 = measured on text the carve left out, with top-1
+/// shares of the kernel's adaptive mass (raw scores for carved models); 2 = the same on
+/// the carve's own calibration tokens, where its recovery fit flatters every cut; 0 = an
+/// older profile (softmax shares). Any but the current is measured again.
+pub const PROFILE_VERSION: u32 = 3;
 
 /// The keep threshold that leaves every expert (above any share).
 pub const KEEP_ALL: f32 = 2.0;
@@ -212,15 +214,15 @@ impl AdaptiveProfile {
     }
 }
 
-/// Measures a profile on `tokens` (one sequence, at most the session's context): the
+/// Measures a profile on `windows` (sequences, each at most the session's context): the
 /// top-1 shares from one routing pass, the base NLL, and one NLL pass per MoE layer with
 /// that layer cut to its top-1 expert. `progress(done, total)` counts the passes.
 pub fn measure(
     session: &mut Session,
-    tokens: &[u32],
+    windows: &[Vec<u32>],
     mut progress: impl FnMut(usize, usize),
 ) -> Result<AdaptiveProfile> {
-    if tokens.len() < 2 {
+    if windows.iter().all(|w| w.len() < 2) {
         return Err(Error::InvalidArgument(
             "adaptive gating needs at least 2 calibration tokens".into(),
         ));
@@ -233,10 +235,13 @@ pub fn measure(
     let total = moe_layers.len() + 2;
     let mut keep = vec![KEEP_ALL; n_layer];
     model.set_adaptive_keep(&keep)?;
-    session.reset();
-    let (_, shares) = session.route_pass(tokens)?;
+    let mut shares = Vec::new();
+    for w in windows {
+        session.reset();
+        shares.extend(session.route_pass(w)?.1);
+    }
     progress(1, total);
-    let token_nll = |session: &mut Session| token_nll(session, tokens);
+    let token_nll = |session: &mut Session| token_nll(session, windows);
     let base = token_nll(session)?;
     let base_nll = mean(&base);
     progress(2, total);
@@ -273,30 +278,34 @@ pub fn measure(
     result?;
     Ok(AdaptiveProfile {
         version: PROFILE_VERSION,
-        tokens: tokens.len(),
+        tokens: windows.iter().map(Vec::len).sum(),
         base_nll,
         layers,
         validated: Vec::new(),
     })
 }
 
-/// Each next-token NLL of `tokens` (one sequence) from an empty cache.
-fn token_nll(session: &mut Session, tokens: &[u32]) -> Result<Vec<f64>> {
-    session.reset();
-    let nll = session.nll(&tokens[..tokens.len() - 1], &tokens[1..], 0)?;
-    Ok(nll.iter().map(|v| *v as f64).collect())
+/// Each next-token NLL of every window, each from an empty cache.
+fn token_nll(session: &mut Session, windows: &[Vec<u32>]) -> Result<Vec<f64>> {
+    let mut out = Vec::new();
+    for w in windows.iter().filter(|w| w.len() >= 2) {
+        session.reset();
+        let nll = session.nll(&w[..w.len() - 1], &w[1..], 0)?;
+        out.extend(nll.iter().map(|v| *v as f64));
+    }
+    Ok(out)
 }
 
 /// Most calibration passes [`validate`] spends lowering λ.
 const VALIDATE_PASSES: usize = 5;
 
-/// Measures the thresholds `profile.plan(quality_pct)` chooses on `tokens` (those of the
+/// Measures the thresholds `profile.plan(quality_pct)` chooses on `windows` (those of the
 /// profile) and lowers λ until their real cost fits the budget (at most
 /// VALIDATE_PASSES passes; if none fits, the fixed top-k). Records the result in the
 /// profile and leaves the model at its fixed top-k.
 pub fn validate(
     session: &mut Session,
-    tokens: &[u32],
+    windows: &[Vec<u32>],
     profile: &mut AdaptiveProfile,
     quality_pct: f64,
 ) -> Result<AdaptivePlan> {
@@ -307,10 +316,10 @@ pub fn validate(
         return Ok(plan);
     }
     let budget = (1.0 + quality_pct / 100.0).ln();
-    let base = if profile.tokens == tokens.len() {
+    let base = if profile.tokens == windows.iter().map(Vec::len).sum::<usize>() {
         profile.base_nll
     } else {
-        mean(&token_nll(session, tokens)?)
+        mean(&token_nll(session, windows)?)
     };
     // The best λ that fits, and the smallest that did not: bisect between them.
     let mut found: Option<(f64, f64)> = None;
@@ -318,7 +327,7 @@ pub fn validate(
     let result = (|| -> Result<()> {
         for _ in 0..VALIDATE_PASSES {
             model.set_adaptive_keep(&plan.keep)?;
-            let cost = mean(&token_nll(session, tokens)?) - base;
+            let cost = mean(&token_nll(session, windows)?) - base;
             tracing::info!(
                 lambda = plan.lambda,
                 cost_pct = (cost.exp() - 1.0) * 100.0,
