@@ -183,8 +183,16 @@ impl Engine {
                 .map(Path::to_path_buf)
                 .unwrap_or_else(|| adaptive::default_profile_path(&self.path));
             let saved = match path.exists() {
-                true => Some(AdaptiveProfile::load(&path)?)
-                    .filter(|p| p.version == adaptive::PROFILE_VERSION),
+                true => Some(AdaptiveProfile::load(&path)?).filter(|p| {
+                    let current = p.version == adaptive::PROFILE_VERSION;
+                    if !current {
+                        tracing::warn!(
+                            "{} was measured by an older pregate; measuring it again",
+                            path.display()
+                        );
+                    }
+                    current
+                }),
                 false => None,
             };
             if let Some(p) = &saved {
