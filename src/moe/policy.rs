@@ -166,7 +166,7 @@ impl UseRate {
     /// use rate. A frequent expert is likely to be needed again whatever the plan says.
     fn distance(&self, id: ExpertId, planned: usize) -> f64 {
         // Fitted on three eval.txt traces (routers of 4k, 16k and 32k tokens; BENCHMARKS.md,
-        // session 11); 0.03-0.1 are alike, taking min(plan, rate) instead cost 2-3% more misses.
+        // session 11); 0.03-0.1 are alike, taking min(plan, rate) instead cost 1-3% more misses.
         const PLAN_WEIGHT: f64 = 0.1;
         let from_plan = match planned {
             usize::MAX => 0.0,
