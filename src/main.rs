@@ -1260,35 +1260,47 @@ fn cmd_simulate(a: SimulateArgs) -> Result<()> {
             100.0 * slots as f64 / total.max(1) as f64
         );
     }
+    // Every policy is measured against the optimum, Belady's count on the same pool.
+    let shared = |kind: PolicyKind| {
+        let mut policy = kind.build_shared(&seq, plan.as_deref(), trace.n_layers as usize);
+        pregate::moe::simulate(&seq, slots, policy.as_mut())
+    };
+    let belady = match a.per_layer {
+        true => per_layer_misses(&trace, PolicyKind::Belady, slots)?.0,
+        false => shared(PolicyKind::Belady).misses,
+    };
+    let ratio = |misses: u64| misses as f64 / belady.max(1) as f64;
     for kind in &a.policy {
         if a.per_layer {
-            simulate_per_layer(&trace, *kind, slots, a.json)?;
+            simulate_per_layer(&trace, *kind, slots, a.json, ratio)?;
             continue;
         }
-        let mut policy = kind.build_shared(&seq, plan.as_deref(), trace.n_layers as usize);
-        let r = pregate::moe::simulate(&seq, slots, policy.as_mut());
+        let r = shared(*kind);
         if a.json {
-            println!("{}", serde_json::to_string(&r)?);
+            let mut v = serde_json::to_value(&r)?;
+            v["x_belady"] = serde_json::json!(ratio(r.misses));
+            println!("{v}");
         } else {
             println!(
-                "{:8} misses {:8} of {:8} accesses ({:.2}%)",
+                "{:8} misses {:8} of {:8} accesses ({:.2}%), {:.2}x Belady",
                 r.policy,
                 r.misses,
                 r.accesses,
-                100.0 * r.misses as f64 / r.accesses.max(1) as f64
+                100.0 * r.misses as f64 / r.accesses.max(1) as f64,
+                ratio(r.misses)
             );
         }
     }
     Ok(())
 }
 
-/// Per-layer caches: an even split of `slots` against the DP split of the miss curves.
-fn simulate_per_layer(
+/// Per-layer caches under `kind`: misses with the slots split by DP over the layers' miss
+/// curves, misses with an even split, that split, the even share, and the curves' layers.
+fn per_layer_misses(
     trace: &pregate::moe::ExpertTrace,
     kind: PolicyKind,
     slots: usize,
-    json: bool,
-) -> Result<()> {
+) -> Result<(u64, u64, Vec<usize>, usize)> {
     use pregate::moe::sizing;
     let curves = sizing::miss_curves(trace, kind);
     let layers = curves.len().max(1);
@@ -1299,18 +1311,32 @@ fn simulate_per_layer(
     let even = (slots / layers).min(trace.experts_per_layer as usize);
     let cost = |s: &[usize]| -> u64 { curves.iter().zip(s).map(|(c, s)| c[*s]).sum() };
     let (dp, uniform) = (cost(&split), cost(&vec![even; layers]));
-    let accesses = (trace.n_tokens() * layers * trace.k as usize) as u64;
+    Ok((dp, uniform, split, even))
+}
+
+/// Per-layer caches: an even split of `slots` against the DP split of the miss curves.
+fn simulate_per_layer(
+    trace: &pregate::moe::ExpertTrace,
+    kind: PolicyKind,
+    slots: usize,
+    json: bool,
+    x_belady: impl Fn(u64) -> f64,
+) -> Result<()> {
+    let (dp, uniform, split, even) = per_layer_misses(trace, kind, slots)?;
+    let accesses = (trace.n_tokens() * trace.n_layers as usize * trace.k as usize) as u64;
     if json {
         println!(
             "{}",
             serde_json::json!({"policy": kind.label(), "slots": slots, "per_layer": true,
-                "misses": dp, "uniform_misses": uniform, "accesses": accesses, "split": split})
+                "misses": dp, "uniform_misses": uniform, "accesses": accesses, "split": split,
+                "x_belady": x_belady(dp)})
         );
     } else {
         println!(
-            "{:8} per-layer: DP split {dp} misses ({:.2}%), even split ({even} each) {uniform} ({:.2}%); slots {split:?}",
+            "{:8} per-layer: DP split {dp} misses ({:.2}%, {:.2}x Belady), even split ({even} each) {uniform} ({:.2}%); slots {split:?}",
             kind.label(),
             100.0 * dp as f64 / accesses.max(1) as f64,
+            x_belady(dp),
             100.0 * uniform as f64 / accesses.max(1) as f64,
         );
     }

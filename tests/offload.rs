@@ -244,15 +244,23 @@ fn pregate_prefetch_keeps_output_exact_and_needs_a_router() {
         "belady,lookahead",
         "--json",
     ]);
-    let misses: Vec<u64> = json
+    let rows: Vec<serde_json::Value> = json
         .lines()
-        .map(|l| {
-            serde_json::from_str::<serde_json::Value>(l).expect("json")["misses"]
-                .as_u64()
-                .expect("misses")
-        })
+        .map(|l| serde_json::from_str(l).expect("json"))
+        .collect();
+    let misses: Vec<u64> = rows
+        .iter()
+        .map(|r| r["misses"].as_u64().expect("misses"))
         .collect();
     assert_eq!(misses.len(), 2);
+    // Each row is also given against Belady's count on the same slots.
+    for (r, m) in rows.iter().zip(&misses) {
+        let x = r["x_belady"].as_f64().expect("x_belady");
+        assert!(
+            (x - *m as f64 / misses[0].max(1) as f64).abs() < 1e-9,
+            "{r}"
+        );
+    }
     assert!(
         misses[1] >= misses[0],
         "lookahead {} < belady {}",

@@ -8,6 +8,8 @@ use pregate::model::memory::VramBudget;
 use pregate::pull::{resolve_model, DEFAULT_MODEL};
 use pregate::{Engine, EngineOptions, GenerateParams};
 
+mod common;
+
 fn reference_dir() -> PathBuf {
     let d = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("../shared/reference/qwen2.5-coder-0.5b-instruct-q4_k_m");
@@ -99,8 +101,7 @@ fn perplexity_matches_llama_cpp_within_one_percent() {
 #[test]
 fn carved_model_keeps_the_dense_perplexity_and_offload_is_exact() {
     let dense = resolve_model(DEFAULT_MODEL, |_| {}).expect("pull the default model");
-    let dir = std::env::temp_dir().join(format!("pregate-ref-carve-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("tmp dir");
+    let dir = common::tmp_dir("carve");
     let carved = dir.join("s2a2e16.gguf");
     let opts = pregate::carve::CarveOptions {
         calib_tokens: 256,

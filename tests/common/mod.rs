@@ -29,8 +29,33 @@ impl Rng {
     }
 }
 
+/// A folder for one test's files, under cargo's folder for integration tests' files
+/// (target/tmp). The first call in a test binary removes what earlier runs of the same
+/// binary left there: folders of a process that is gone, or of an earlier process that had
+/// this one's id (a carve refuses to overwrite what it finds).
 pub fn tmp_dir(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("pregate-test-{}-{name}", std::process::id()));
+    static SWEEP: std::sync::Once = std::sync::Once::new();
+    let root = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
+    let prefix = format!("{}-", env!("CARGO_CRATE_NAME"));
+    let pid = std::process::id();
+    SWEEP.call_once(|| {
+        let Ok(entries) = std::fs::read_dir(&root) else {
+            return;
+        };
+        for e in entries.flatten() {
+            let file = e.file_name().to_string_lossy().into_owned();
+            let Some(rest) = file.strip_prefix(&prefix) else {
+                continue;
+            };
+            let owner = rest.split('-').next().and_then(|p| p.parse::<u32>().ok());
+            let running =
+                owner.is_some_and(|p| p != pid && Path::new("/proc").join(p.to_string()).exists());
+            if !running {
+                let _ = std::fs::remove_dir_all(e.path());
+            }
+        }
+    });
+    let d = root.join(format!("{prefix}{pid}-{name}"));
     std::fs::create_dir_all(&d).expect("tmp dir");
     d
 }
