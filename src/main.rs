@@ -1295,7 +1295,7 @@ fn cmd_simulate(a: SimulateArgs) -> Result<()> {
 }
 
 /// Per-layer caches under `kind`: misses with the slots split by DP over the layers' miss
-/// curves, misses with an even split, that split, the even share, and the curves' layers.
+/// curves, misses with an even split, that DP split, and the even share.
 fn per_layer_misses(
     trace: &pregate::moe::ExpertTrace,
     kind: PolicyKind,

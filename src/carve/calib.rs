@@ -45,25 +45,33 @@ fn read_text(path: &PathBuf) -> Result<String> {
 /// `max` tokens of `all` in windows of `seq_len`, evenly spaced from its start to its end
 /// (all of it when it is no longer than `max`). Windows never overlap.
 pub fn spread(all: &[u32], max: usize, seq_len: usize) -> Vec<u32> {
-    if all.len() <= max {
-        return all.to_vec();
-    }
-    let seq_len = seq_len.clamp(1, max.max(1));
-    let windows = max.div_ceil(seq_len);
-    if windows < 2 || all.len() < windows * seq_len {
-        // Too little text to space the windows apart.
-        return all[..max].to_vec();
-    }
-    // Window w starts at w/(windows-1) of the way to the last full window's start, so
-    // consecutive starts are at least seq_len apart.
-    let last = all.len() - seq_len;
+    let Some((starts, seq_len)) = spread_starts(all.len(), max, seq_len) else {
+        // All of it, or too little text to space the windows apart: its first max tokens.
+        return all[..max.min(all.len())].to_vec();
+    };
     let mut out = Vec::with_capacity(max);
-    for w in 0..windows {
-        let start = w * last / (windows - 1);
+    for start in starts {
         let len = seq_len.min(max - out.len());
         out.extend_from_slice(&all[start..start + len]);
     }
     out
+}
+
+/// Where [`spread`] starts its windows over a text of `len` tokens, and their length (the
+/// last may be cut to `max`); None when it takes the text's start instead.
+fn spread_starts(len: usize, max: usize, seq_len: usize) -> Option<(Vec<usize>, usize)> {
+    let seq_len = seq_len.clamp(1, max.max(1));
+    let windows = max.div_ceil(seq_len);
+    if len <= max || windows < 2 || len < windows * seq_len {
+        return None;
+    }
+    // Window w starts at w/(windows-1) of the way to the last full window's start, so
+    // consecutive starts are at least seq_len apart.
+    let last = len - seq_len;
+    Some((
+        (0..windows).map(|w| w * last / (windows - 1)).collect(),
+        seq_len,
+    ))
 }
 
 /// Windows that [`spread`]`(all, fitted_max, fitted_seq)` leaves out: up to `windows`
@@ -77,14 +85,9 @@ pub fn held_out(
     windows: usize,
     seq_len: usize,
 ) -> Vec<Vec<u32>> {
-    let fitted = fitted_seq.clamp(1, fitted_max.max(1));
-    let n = fitted_max.div_ceil(fitted);
-    if all.len() <= fitted_max || n < 2 || all.len() < n * fitted {
+    let Some((starts, fitted)) = spread_starts(all.len(), fitted_max, fitted_seq) else {
         return Vec::new();
-    }
-    // The same starts as `spread`'s windows.
-    let last = all.len() - fitted;
-    let starts: Vec<usize> = (0..n).map(|w| w * last / (n - 1)).collect();
+    };
     let gaps: Vec<(usize, usize)> = starts
         .windows(2)
         .map(|p| (p[0] + fitted, p[1]))
