@@ -10,10 +10,12 @@ use crate::error::{Error, Result};
 use crate::format::GgufFile;
 use crate::gpu::{Gpu, GpuOptions};
 use crate::model::chat::{ChatMessage, ChatTemplate};
+use crate::model::config::RecoveryFit;
 use crate::model::memory::VramBudget;
 use crate::model::offload::{Offload, OffloadOptions};
 use crate::model::tokenizer::TextStream;
 use crate::model::{Model, Sampler, SamplerConfig, Session, Tokenizer};
+use crate::moe::Routing;
 use crate::router::adaptive::{self, AdaptivePlan, AdaptiveProfile};
 
 /// Windows of calibration text adaptive gating measures its profile on, and their length:
@@ -43,6 +45,33 @@ pub struct Engine {
     pub tokenizer: Arc<Tokenizer>,
     pub path: PathBuf,
     ctx: usize,
+}
+
+/// Under `--routing pregate`, the carve's recovery fit made for the pre-gating router's
+/// choices (`carve --pregate-router`), when the model has one for this very router; else
+/// the layers' own fit stays.
+fn pick_recovery_fit(
+    file: &GgufFile,
+    config: &mut crate::model::ModelConfig,
+    router: Option<&crate::router::PreGateRouter>,
+) {
+    let (Some(m), Some(r)) = (config.moe.as_mut(), router) else {
+        return;
+    };
+    let Some(fitted_for) = file
+        .get(crate::carve::PREGATE_FIT_KEY)
+        .and_then(|v| v.as_str())
+    else {
+        return;
+    };
+    if fitted_for == r.fingerprint() {
+        m.fit = RecoveryFit::Pregate;
+        tracing::info!("using the recovery fit made for the pre-gating router's choices");
+    } else {
+        tracing::warn!(
+            "the model's recovery fit for pre-gating was made for another router; using the layers' fit (carve again with --pregate-router and this router)"
+        );
+    }
 }
 
 impl Engine {
@@ -76,6 +105,10 @@ impl Engine {
                 }
             }
         }
+        let router = crate::model::offload::load_router(path, &config, &opts.offload)?;
+        if opts.offload.routing == Routing::Pregate {
+            pick_recovery_fit(&file, &mut config, router.as_ref());
+        }
         let tokenizer = Tokenizer::load(path, &file)?;
         // Decide the context length and the expert slots (or refuse a budget too small)
         // before allocating.
@@ -94,7 +127,6 @@ impl Engine {
             vram_budget: arena_budget,
             ..opts.gpu.clone()
         };
-        let router = crate::model::offload::load_router(path, &config, &opts.offload)?;
         let layer_slots = plan
             .expert_slots
             .map(|s| Self::layer_slots(&file, &config, &tokenizer, router.as_ref(), opts, s))

@@ -326,6 +326,13 @@ struct CarveArgs {
     /// Do not bias the router's selection toward even expert load
     #[arg(long)]
     no_balance: bool,
+    /// Also fit the recovery for this pre-gating router's choices, so that the model runs
+    /// better under `--routing pregate` (stored beside the layers' own fit; each routing
+    /// uses its own). The router must come from `train-router` on this same carve: carve,
+    /// train the router, then carve again with the same options and this flag (the carve
+    /// is deterministic, and checks that its routers are the ones the router learned)
+    #[arg(long, value_name = "ROUTER")]
+    pregate_router: Option<PathBuf>,
     /// Replace the output file if it exists
     #[arg(long)]
     force: bool,
@@ -940,6 +947,7 @@ fn cmd_carve(a: CarveArgs) -> Result<()> {
         },
         recover: !a.no_recover,
         balance: !a.no_balance,
+        pregate_router: a.pregate_router,
         overwrite: a.force,
         gpu: GpuOptions {
             adapter: a.adapter,
@@ -1179,11 +1187,17 @@ fn cmd_train_router(a: TrainRouterArgs) -> Result<()> {
         opts.steps as u64,
         "training {bar:40} {pos}/{len} passes  loss {msg}",
     );
-    let (r, report) = router::train(&tokens, &trace, &opts, |step, _, loss| {
+    let (mut r, report) = router::train(&tokens, &trace, &opts, |step, _, loss| {
         pb.set_position(step as u64);
         pb.set_message(format!("{loss:.4}"));
     })?;
     pb.finish_and_clear();
+    // Which model it learned: `carve --pregate-router` checks it carved that one.
+    let c = &engine.model.config;
+    r.model = Some(pregate::carve::routers_fingerprint(
+        &engine.model.file,
+        c.n_layer,
+    ));
     r.save(&a.output)
         .with_context(|| format!("writing {}", a.output.display()))?;
     if a.json {

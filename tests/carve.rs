@@ -609,3 +609,148 @@ fn readme_recovery_accounts_for_neurons_that_several_clusters_keep() {
     let (e_rec, e_plain) = (distance_from(&want, &rec), distance_from(&want, &plain));
     assert!(e_rec < e_plain, "recover {e_rec} vs plain {e_plain}");
 }
+
+/// Logits of `path` under `--routing pregate` with `router` (as [`logits_with`]).
+fn pregate_logits(path: &Path, router: &Path) -> Vec<Vec<f32>> {
+    let opts = EngineOptions {
+        ctx: 64,
+        offload: pregate::model::offload::OffloadOptions {
+            routing: pregate::moe::Routing::Pregate,
+            router: Some(router.to_path_buf()),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let engine = Engine::load(path, &opts).expect("load");
+    let mut s = engine.session().expect("session");
+    let split = TOKENS.len() - 3;
+    let mut out = vec![s.next_logits(&TOKENS[..split]).expect("prefill")];
+    for &t in &TOKENS[split..] {
+        out.push(s.next_logits(&[t]).expect("decode"));
+    }
+    out
+}
+
+#[test]
+fn a_recovery_fit_for_the_pregate_routers_choices_runs_under_pregate_routing() {
+    let (dir, dense) = common::tiny_dense("carve_pregate_fit", 21);
+    let opts = CarveOptions {
+        n_experts: 8,
+        n_shared: 1,
+        n_active: 2,
+        calib: vec![calib_file(&dir)],
+        calib_tokens: 600,
+        seq_len: 200,
+        ..Default::default()
+    };
+    let base = dir.join("base.gguf");
+    carve::carve(&dense, &base, &opts, |_| {}).expect("carve");
+    // A router trained on the carve's own routing of its calibration text, as
+    // train-router makes it (recording the model it learned).
+    let engine = Engine::load(&base, &EngineOptions::default()).expect("load");
+    let tokens = carve::calib::tokens(&engine.tokenizer, &opts.calib, 600, 200).expect("tokens");
+    let trace = pregate::moe::trace::record_tokens(&engine, &tokens, |_, _| {}).expect("trace");
+    let train = pregate::router::TrainOptions {
+        buckets: 256,
+        ..Default::default()
+    };
+    let (mut router, _) =
+        pregate::router::train(&tokens, &trace, &train, |_, _, _| {}).expect("train");
+    router.model = Some(carve::routers_fingerprint(&engine.model.file, 2));
+    drop(engine);
+    let router_path = dir.join("router.safetensors");
+    router.save(&router_path).expect("save");
+
+    // Carving again with the router adds its fit and changes nothing else.
+    let fit = dir.join("fit.gguf");
+    let with = CarveOptions {
+        pregate_router: Some(router_path.clone()),
+        ..opts.clone()
+    };
+    carve::carve(&dense, &fit, &with, |_| {}).expect("carve for the router");
+    let (b, f) = (
+        pregate::format::GgufFile::open(&base).expect("open"),
+        pregate::format::GgufFile::open(&fit).expect("open"),
+    );
+    for t in &b.tensors {
+        let got = f.require(&t.name).expect("same tensors");
+        assert_eq!(f.bytes(got), b.bytes(t), "{} changed", t.name);
+    }
+    for l in 0..2 {
+        for s in [".weight", ".bias", "_shexp.weight"] {
+            let name = |p: &str| format!("blk.{l}.{p}{s}");
+            let pre = f
+                .require(&name("ffn_recover_pregate"))
+                .expect("pregate fit");
+            let own = f.require(&name("ffn_recover")).expect("layers' fit");
+            assert_eq!(pre.dims, own.dims);
+            assert_ne!(
+                f.bytes(pre),
+                f.bytes(own),
+                "{} is a fit of its own",
+                name("ffn_recover_pregate")
+            );
+        }
+    }
+    let marked = f.get(carve::PREGATE_FIT_KEY).and_then(|v| v.as_str());
+    assert_eq!(marked, Some(router.fingerprint().as_str()));
+
+    // Layer routing runs the layers' fit: bit-identical to the model without the second.
+    let bits = |a: &[Vec<f32>], b: &[Vec<f32>]| {
+        a.iter()
+            .flatten()
+            .zip(b.iter().flatten())
+            .all(|(x, y)| x.to_bits() == y.to_bits())
+    };
+    assert!(bits(
+        &logits(&base, None, &TOKENS),
+        &logits(&fit, None, &TOKENS)
+    ));
+    // Pre-gate routing with that router runs its own fit, closer to the dense model than
+    // the layers' fit is under the same choices.
+    let want = logits(&dense, None, &TOKENS);
+    let distance =
+        |got: &[Vec<f32>]| -> f32 { want.iter().zip(got).map(|(w, g)| max_abs_diff(w, g)).sum() };
+    let (own, other) = (
+        pregate_logits(&fit, &router_path),
+        pregate_logits(&base, &router_path),
+    );
+    assert!(!bits(&own, &other), "the pre-gate's fit is used");
+    let (d_own, d_other) = (distance(&own), distance(&other));
+    assert!(
+        d_own < d_other,
+        "pregate fit {d_own} vs layers' fit {d_other}"
+    );
+    // With another router, the model falls back to the layers' fit.
+    let smaller = pregate::router::TrainOptions {
+        buckets: 128,
+        ..train
+    };
+    let (mut stranger, _) =
+        pregate::router::train(&tokens, &trace, &smaller, |_, _, _| {}).expect("train");
+    let stranger_path = dir.join("stranger.safetensors");
+    stranger.save(&stranger_path).expect("save");
+    assert!(bits(
+        &pregate_logits(&fit, &stranger_path),
+        &pregate_logits(&base, &stranger_path)
+    ));
+
+    // A router trained on another carve is refused before anything is written.
+    stranger.model = Some("0".repeat(64));
+    stranger.save(&stranger_path).expect("save");
+    let refused = dir.join("refused.gguf");
+    let other = CarveOptions {
+        pregate_router: Some(stranger_path),
+        ..opts.clone()
+    };
+    let err = carve::carve(&dense, &refused, &other, |_| {}).expect_err("another carve's router");
+    assert!(err.to_string().contains("other routers"), "{err}");
+    assert!(!refused.exists());
+    // And a pregate fit needs the recovery fit.
+    let no_recover = CarveOptions {
+        recover: false,
+        ..with
+    };
+    let err = carve::carve(&dense, &refused, &no_recover, |_| {}).expect_err("--no-recover");
+    assert!(err.to_string().contains("--no-recover"), "{err}");
+}

@@ -23,11 +23,13 @@ use crate::engine::{Engine, EngineOptions};
 use crate::error::{Error, Result};
 use crate::gpu::GpuOptions;
 use crate::quant::DType;
+use crate::router::PreGateRouter;
 
 pub use partition::{partition_neurons, NeuronProfile, Partition, SharedBy};
 pub use readme::{ClusterLabels, ClusterSource};
 use recover::LinearRecovery;
 pub use recover::RouterFit;
+pub use tensors::{routers_fingerprint, PREGATE_FIT_KEY};
 use tensors::{MoeShape, Router};
 
 /// Carving method.
@@ -84,6 +86,10 @@ pub struct CarveOptions {
     /// CPU), not on the dense model's (one GPU pass). `readme` always takes the GPU pass:
     /// its k-means needs every layer's activations at once.
     pub sequential: bool,
+    /// Also fit the recovery for this pre-gating router's choices (`--routing pregate`),
+    /// written as `ffn_recover_pregate`. The router must have been trained on this very
+    /// carve: the carve checks the routers it makes against the ones the router learned.
+    pub pregate_router: Option<PathBuf>,
     /// Replace an existing output file.
     pub overwrite: bool,
     pub gpu: GpuOptions,
@@ -114,6 +120,7 @@ impl Default for CarveOptions {
             seed: 7,
             // Measured: S2A2E16 PPL 142 vs 161, and 50 s vs 300 s on the 2-core box.
             sequential: true,
+            pregate_router: None,
             overwrite: false,
             gpu: GpuOptions::default(),
         }
@@ -224,8 +231,14 @@ pub fn carve(
         )?;
         (t, None)
     };
-    let (shape, labels, writer) = if opts.sequential && opts.method == Method::Cmoe {
-        let (shape, writer) = sequential::carve_in_order(f, &c, &tokens, opts, &mut progress)?;
+    let pregate = match &opts.pregate_router {
+        Some(p) => Some(pregate_plan(p, &c, &tokens, opts)?),
+        None => None,
+    };
+    let plan = pregate.as_ref().map(|(_, plan)| plan);
+    let (shape, labels, mut writer) = if opts.sequential && opts.method == Method::Cmoe {
+        let (shape, writer) =
+            sequential::carve_in_order(f, &c, &tokens, opts, plan, &mut progress)?;
         (shape, None, writer)
     } else {
         let profiles = calib::profile(&engine, &tokens, opts, &mut progress)?;
@@ -238,7 +251,7 @@ pub fn carve(
         let mut writer = tensors::ExpertWriter::new(f, opts, layout.shape)?;
         for (l, (layer, part)) in profiles.iter().zip(&layout.parts).enumerate() {
             let down = writer.dense_down(l)?;
-            carve_layer(&mut writer, l, layer, part, &down, opts)?;
+            carve_layer(&mut writer, l, layer, part, &down, opts, plan)?;
             progress(CarveEvent::Carving {
                 done: l + 1,
                 total: c.n_layer,
@@ -247,6 +260,10 @@ pub fn carve(
         (layout.shape, layout.labels, writer)
     };
     tracing::info!(seconds = t0.elapsed().as_secs_f64(), "layers carved");
+    if let Some((router, _)) = &pregate {
+        check_pregate_router(router, &writer, opts)?;
+        writer.mark_pregate_fit(&router.fingerprint());
+    }
     progress(CarveEvent::Writing);
     let bytes_per_expert = writer.bytes_per_expert();
     writer.write(output)?;
@@ -281,6 +298,52 @@ pub fn carve(
     })
 }
 
+/// Loads `--pregate-router` and plans the calibration tokens with it.
+fn pregate_plan(
+    path: &Path,
+    c: &crate::model::ModelConfig,
+    tokens: &[u32],
+    opts: &CarveOptions,
+) -> Result<(PreGateRouter, recover::RouterPlan)> {
+    if !opts.recover {
+        return Err(Error::InvalidArgument(
+            "--pregate-router fits a recovery for the router's choices; it cannot go with --no-recover".into(),
+        ));
+    }
+    let router = PreGateRouter::load(path)?;
+    let n_routed = match opts.method {
+        Method::Cmoe => opts.n_experts.saturating_sub(opts.n_shared),
+        Method::Readme => opts.n_experts,
+    };
+    router.check_fits(c.n_layer, n_routed)?;
+    let plan = recover::RouterPlan::new(&router, tokens, opts.seq_len, opts.n_active);
+    Ok((router, plan))
+}
+
+/// A recovery fit for a router's choices only helps the model that router learned to
+/// predict: refuse a carve whose routers differ from those.
+fn check_pregate_router(
+    router: &PreGateRouter,
+    writer: &tensors::ExpertWriter,
+    opts: &CarveOptions,
+) -> Result<()> {
+    let path = opts.pregate_router.as_deref().unwrap_or(Path::new(""));
+    match &router.model {
+        Some(m) if *m != writer.routers_fingerprint() => Err(Error::Carve(format!(
+            "{} was trained on a carve with other routers than this one; carve with the options (and calibration text) of the model it was trained on, or train it on this model",
+            path.display()
+        ))),
+        Some(_) => Ok(()),
+        None => {
+            tracing::warn!(
+                "{} does not record the model it was trained on (an older train-router); its recovery fit assumes this carve is that model",
+                path.display()
+            );
+            Ok(())
+        }
+    }
+}
+
 fn warn_padding(shape: &MoeShape) {
     if shape.padding > 0 {
         tracing::warn!(
@@ -300,6 +363,7 @@ fn carve_layer(
     part: &Partition,
     down: &[f32],
     opts: &CarveOptions,
+    plan: Option<&recover::RouterPlan>,
 ) -> Result<(Router, Option<LinearRecovery>)> {
     let mut router = writer.representative_router(l, part, &layer.inputs)?;
     let d = writer.d_model();
@@ -318,12 +382,17 @@ fn carve_layer(
             router = Router::Linear(w);
         }
     }
-    let recovery = opts.recover.then(|| {
-        let choose = |x: &[f32]| router.select(x, opts.n_active);
+    let fit = |choose: &dyn Fn(usize, &[f32]) -> Vec<usize>| {
         let missing = recover::unchosen_output(&data, part, &outputs, choose);
         recover::fit_recovery(&data, &part.shared, &missing, opts.seq_len)
-    });
-    writer.add_layer(l, part, down, &router, recovery.as_ref())?;
+    };
+    let recovery = opts
+        .recover
+        .then(|| fit(&|_, x| router.select(x, opts.n_active)));
+    let for_plan = plan
+        .filter(|_| opts.recover)
+        .map(|p| fit(&|t, _| p.choices(t, l)));
+    writer.add_layer(l, part, down, &router, recovery.as_ref(), for_plan.as_ref())?;
     Ok((router, recovery))
 }
 

@@ -11,6 +11,7 @@ use nalgebra::DMatrix;
 use super::partition::Partition;
 use super::router;
 use super::sequential::matmul_t;
+use crate::router::PreGateRouter;
 
 /// What the router scores experts with.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -121,12 +122,13 @@ pub fn top_k_linear(x: &[f32], w: &[f32], k: usize) -> Vec<usize> {
 
 /// What the experts each token does not use would add to its FFN output, [n, d]
 /// row-major: the dense output minus the shared expert's and the chosen experts'
-/// (`outputs`: each routed expert's, from [`recover`]). `choose` is the router.
+/// (`outputs`: each routed expert's, from [`recover`]). `choose` picks token `t`'s
+/// experts from its position and FFN input.
 pub fn unchosen_output(
     data: &LayerData,
     part: &Partition,
     outputs: &[Vec<f32>],
-    choose: impl Fn(&[f32]) -> Vec<usize>,
+    choose: impl Fn(usize, &[f32]) -> Vec<usize>,
 ) -> Vec<f32> {
     let (d, d_ff) = (data.d, data.d_ff);
     let mut uses = vec![0u32; d_ff];
@@ -153,7 +155,7 @@ pub fn unchosen_output(
     };
     let rows = missing.chunks_exact_mut(d).zip(data.inputs.chunks_exact(d));
     for (t, (m, x)) in rows.enumerate() {
-        let chosen = choose(x);
+        let chosen = choose(t, x);
         for (e, y) in outputs.iter().enumerate() {
             let y = &y[t * d..(t + 1) * d];
             match (partition, chosen.contains(&e)) {
@@ -164,6 +166,40 @@ pub fn unchosen_output(
         }
     }
     missing
+}
+
+/// The pre-gating router's choices for the calibration tokens, every layer: the experts
+/// `--routing pregate` would run them with, so a recovery fit can be made for those.
+pub struct RouterPlan {
+    /// `[token][layer][k]`, flattened.
+    choices: Vec<u16>,
+    n_layer: usize,
+    k: usize,
+}
+
+impl RouterPlan {
+    /// Plans `tokens`, calibration windows of `window` tokens each planned on its own (as
+    /// a prompt would be), with `k` experts a token.
+    pub fn new(router: &PreGateRouter, tokens: &[u32], window: usize, k: usize) -> RouterPlan {
+        let choices = tokens
+            .chunks(window.max(1))
+            .flat_map(|w| router.plan_top(w, k))
+            .collect();
+        RouterPlan {
+            choices,
+            n_layer: router.config.n_layer,
+            k,
+        }
+    }
+
+    /// Token `t`'s experts in layer `l`.
+    pub fn choices(&self, t: usize, l: usize) -> Vec<usize> {
+        let at = (t * self.n_layer + l) * self.k;
+        self.choices[at..at + self.k]
+            .iter()
+            .map(|&e| e as usize)
+            .collect()
+    }
 }
 
 /// What the recovery fit adds to a carved layer, an estimate of what the unchosen

@@ -17,6 +17,7 @@ use crate::quant::dequantize;
 
 use super::calib::{add_tokens, dense_matrix, unit_norms, LayerCalibration};
 use super::partition::Partition;
+use super::recover::RouterPlan;
 use super::router::silu;
 use super::tensors::{ExpertWriter, MoeShape, Router};
 use super::{carve_layer, cmoe_partition, cmoe_shape, warn_padding, CarveEvent, CarveOptions};
@@ -255,6 +256,7 @@ pub(super) fn carve_in_order<'a>(
     c: &crate::model::ModelConfig,
     tokens: &[u32],
     opts: &'a CarveOptions,
+    plan: Option<&RouterPlan>,
     progress: &mut impl FnMut(CarveEvent),
 ) -> Result<(MoeShape, ExpertWriter<'a>)> {
     let (d, ff) = (c.d_model, c.d_ff);
@@ -275,7 +277,7 @@ pub(super) fn carve_in_order<'a>(
         let n = (&norms.0[..], &norms.1[..]);
         add_tokens(&mut layer, 0, &xn, &gate, &up, n, opts, &mut scratch);
         let part = cmoe_partition(&layer, &down, &shape, opts);
-        let (router, recovery) = carve_layer(&mut writer, l, &layer, &part, &down, opts)?;
+        let (router, recovery) = carve_layer(&mut writer, l, &layer, &part, &down, opts, plan)?;
         let h: Vec<f32> = gate.iter().zip(&up).map(|(g, u)| silu(*g) * u).collect();
         // At the carved k the runtime reads the recovery's shared down-projection.
         let mut down = down;

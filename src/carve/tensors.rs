@@ -3,6 +3,8 @@
 
 use std::path::Path;
 
+use sha2::{Digest, Sha256};
+
 use crate::error::{Error, Result};
 use crate::format::{GgufFile, GgufWriter, MetaValue, TensorInfo};
 use crate::quant::{dequantize, quantize, DType};
@@ -11,8 +13,41 @@ use super::partition::Partition;
 use super::recover::{LinearRecovery, RouterFit};
 use super::{CarveOptions, Method};
 
+/// Metadata naming the pre-gating router a model's `ffn_recover_pregate` fits are for.
+pub const PREGATE_FIT_KEY: &str = "pregate.moe.recover_pregate.router";
+
 /// Tensors start on 4 KiB boundaries so that a loader can read them page-aligned.
 const ALIGNMENT: u64 = 4096;
+
+/// The tensors of layer `l` that make its router's decisions, in the order
+/// [`routers_fingerprint`] hashes them.
+fn router_tensor_names(l: usize) -> [String; 3] {
+    [
+        "ffn_gate_inp.weight",
+        "ffn_up_inp.weight",
+        "exp_probs_b.bias",
+    ]
+    .map(|t| format!("blk.{l}.{t}"))
+}
+
+/// What identifies a mixture-of-experts model's routing: a sha256 of every layer's router
+/// tensors. A pre-gating router records the one of the model it learned (`train-router`),
+/// so that a carve fitting a recovery for its choices can check it carved that model.
+pub fn routers_fingerprint(f: &GgufFile, n_layer: usize) -> String {
+    let mut h = Sha256::new();
+    for l in 0..n_layer {
+        for name in router_tensor_names(l) {
+            if let Some(t) = f.tensor(&name) {
+                h.update(f.bytes(t));
+            }
+        }
+    }
+    hex(h)
+}
+
+fn hex(h: Sha256) -> String {
+    h.finalize().iter().map(|b| format!("{b:02x}")).collect()
+}
 
 /// A carved layer's router, as written to the file.
 pub enum Router {
@@ -62,6 +97,8 @@ pub struct ExpertWriter<'a> {
     d_ff: usize,
     out: GgufWriter,
     bytes_per_expert: u64,
+    /// Hashes the router tensors as they are written ([`routers_fingerprint`]).
+    routers: Sha256,
 }
 
 fn is_dense_ffn(name: &str) -> bool {
@@ -136,6 +173,7 @@ impl<'a> ExpertWriter<'a> {
             d_ff,
             out,
             bytes_per_expert: 0,
+            routers: Sha256::new(),
         })
     }
 
@@ -177,7 +215,8 @@ impl<'a> ExpertWriter<'a> {
         Ok(Router::Representative { rg, ru, bias })
     }
 
-    /// Adds layer `l`'s experts, shared expert, router and recovery fit.
+    /// Adds layer `l`'s experts, shared expert, router and recovery fits (for the layer's
+    /// own router, and for the pre-gating router's choices).
     pub fn add_layer(
         &mut self,
         l: usize,
@@ -185,6 +224,7 @@ impl<'a> ExpertWriter<'a> {
         dense_down: &[f32],
         router: &Router,
         recovery: Option<&LinearRecovery>,
+        pregate_fit: Option<&LinearRecovery>,
     ) -> Result<()> {
         let f = self.file;
         // Every expert of a layer has its size (readme: sized per layer, up to the shape's).
@@ -243,23 +283,12 @@ impl<'a> ExpertWriter<'a> {
             + dt.bytes_for(d64 * s64).unwrap_or(0);
         self.bytes_per_expert = self.bytes_per_expert.max(bytes);
 
-        let bytes = |v: &[f32]| bytemuck::cast_slice::<f32, u8>(v).to_vec();
-        if let Some(r) = recovery {
-            let w = quantize(dt, &r.weight)?;
-            self.out
-                .tensor(&name("ffn_recover.weight"), dt, &[d64, d64], w)?;
-            self.out.tensor(
-                &name("ffn_recover.bias"),
-                DType::F32,
-                &[d64],
-                bytes(&r.bias),
-            )?;
-            // The shared down-projection with the recovery's correction: the runtime reads
-            // it instead of ffn_down_shexp at the carved number of experts.
-            if let (Some(sd), true) = (&r.shared_down, n_sh > 0) {
-                let sd = quantize(dt, sd)?;
-                self.out
-                    .tensor(&name("ffn_recover_shexp.weight"), dt, &[n_sh, d64], sd)?;
+        for (r, prefix) in [
+            (recovery, "ffn_recover"),
+            (pregate_fit, "ffn_recover_pregate"),
+        ] {
+            if let Some(r) = r {
+                self.add_recovery(l, prefix, r, n_sh)?;
             }
         }
         let (rg, ru, bias) = match router {
@@ -267,21 +296,60 @@ impl<'a> ExpertWriter<'a> {
             Router::Linear(w) => (w, None, None),
         };
         let dims = [d64, routed];
-        self.out
-            .tensor(&name("ffn_gate_inp.weight"), DType::F32, &dims, bytes(rg))?;
-        if let Some(ru) = ru {
-            self.out
-                .tensor(&name("ffn_up_inp.weight"), DType::F32, &dims, bytes(ru))?;
-        }
-        if let Some(bias) = bias {
-            self.out.tensor(
-                &name("exp_probs_b.bias"),
-                DType::F32,
-                &[routed],
-                bytes(bias),
-            )?;
+        let [gate_inp, up_inp, probs_b] = router_tensor_names(l);
+        let tensors = [
+            (gate_inp, &dims[..], Some(rg)),
+            (up_inp, &dims[..], ru),
+            (probs_b, &[routed][..], bias),
+        ];
+        for (name, dims, v) in tensors {
+            if let Some(v) = v {
+                let v = bytemuck::cast_slice::<f32, u8>(v).to_vec();
+                self.routers.update(&v);
+                self.out.tensor(&name, DType::F32, dims, v)?;
+            }
         }
         Ok(())
+    }
+
+    /// Writes a recovery fit as `blk.{l}.{prefix}.weight` and `.bias`, and its corrected
+    /// shared down-projection as `blk.{l}.{prefix}_shexp.weight`.
+    fn add_recovery(
+        &mut self,
+        l: usize,
+        prefix: &str,
+        r: &LinearRecovery,
+        n_sh: u64,
+    ) -> Result<()> {
+        let (dt, d64) = (self.opts.down_type, self.d as u64);
+        let name = |s: &str| format!("blk.{l}.{prefix}{s}");
+        let w = quantize(dt, &r.weight)?;
+        self.out.tensor(&name(".weight"), dt, &[d64, d64], w)?;
+        let bias = bytemuck::cast_slice::<f32, u8>(&r.bias).to_vec();
+        self.out.tensor(&name(".bias"), DType::F32, &[d64], bias)?;
+        // The shared down-projection with the recovery's correction: the runtime reads
+        // it instead of ffn_down_shexp wherever the fit is used.
+        if let (Some(sd), true) = (&r.shared_down, n_sh > 0) {
+            let sd = quantize(dt, sd)?;
+            self.out
+                .tensor(&name("_shexp.weight"), dt, &[n_sh, d64], sd)?;
+        }
+        Ok(())
+    }
+
+    /// The fingerprint of the routers written so far ([`routers_fingerprint`] of the
+    /// finished file).
+    pub fn routers_fingerprint(&self) -> String {
+        hex(self.routers.clone())
+    }
+
+    /// Records in the file the pre-gating router (its [`PreGateRouter::fingerprint`]) that
+    /// the `ffn_recover_pregate` fits were made for.
+    ///
+    /// [`PreGateRouter::fingerprint`]: crate::router::PreGateRouter::fingerprint
+    pub fn mark_pregate_fit(&mut self, router: &str) {
+        self.out
+            .meta(PREGATE_FIT_KEY, MetaValue::String(router.to_string()));
     }
 
     /// Bytes of one routed expert of one layer (gate + up + down; the largest layer's).

@@ -119,17 +119,27 @@ fn moe_section(f: &GgufFile, s: &mut String) {
         mib(total),
         100.0 * expert_bytes as f64 / total.max(1) as f64
     );
-    let recover: u64 = f
-        .tensors
-        .iter()
-        .filter(|t| t.name.contains(".ffn_recover"))
-        .map(|t| t.n_bytes)
-        .sum();
+    let fit_bytes = |pregate: bool| -> u64 {
+        f.tensors
+            .iter()
+            .filter(|t| t.name.contains(".ffn_recover"))
+            .filter(|t| t.name.contains(".ffn_recover_pregate") == pregate)
+            .map(|t| t.n_bytes)
+            .sum()
+    };
+    let (recover, pregate) = (fit_bytes(false), fit_bytes(true));
     if recover > 0 {
         let _ = writeln!(
             s,
             "  recovery fits (carve's estimate of the unused experts, used at {used} per token): {}",
             mib(recover)
+        );
+    }
+    if pregate > 0 {
+        let _ = writeln!(
+            s,
+            "  recovery fits for a pre-gating router's choices (used under --routing pregate with that router): {}",
+            mib(pregate)
         );
     }
 }

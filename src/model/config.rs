@@ -49,6 +49,18 @@ pub struct MoeConfig {
     pub shared_ff: usize,
     pub score: RouteScore,
     pub weights: RouteWeights,
+    /// Which of the carve's recovery fits runs (the engine picks the pre-gate's own when
+    /// `--routing pregate` runs with the router it was fitted for).
+    pub fit: RecoveryFit,
+}
+
+/// A carve's recovery fits: one for the layers' own routers, and optionally one for a
+/// pre-gating router's choices (`carve --pregate-router`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum RecoveryFit {
+    #[default]
+    Layers,
+    Pregate,
 }
 
 /// Most routed experts a layer may have (moe_route.wgsl's MAX_EXPERTS).
@@ -69,6 +81,16 @@ impl MoeConfig {
     /// Whether a carve's recovery fit applies at this many experts a token.
     pub fn recovering(&self) -> bool {
         recovery_applies(self.n_used, self.fitted_used, self.n_expert)
+    }
+
+    /// Layer `l`'s tensors of the fit in use: the map, its bias, and the corrected shared
+    /// down-projection.
+    pub fn recovery_tensors(&self, l: usize) -> [String; 3] {
+        let p = match self.fit {
+            RecoveryFit::Layers => "ffn_recover",
+            RecoveryFit::Pregate => "ffn_recover_pregate",
+        };
+        [".weight", ".bias", "_shexp.weight"].map(|s| format!("blk.{l}.{p}{s}"))
     }
 
     fn from_gguf(f: &GgufFile, arch: &str) -> Result<Option<MoeConfig>> {
@@ -95,6 +117,7 @@ impl MoeConfig {
             n_expert,
             n_used,
             fitted_used: n_used,
+            fit: RecoveryFit::Layers,
             expert_ff: f.get_u64(&key("expert_feed_forward_length"))? as usize,
             shared_ff: f
                 .get(&key("expert_shared_feed_forward_length"))

@@ -8,7 +8,7 @@ use crate::error::{Error, Result};
 use crate::format::GgufFile;
 use crate::quant::DType;
 
-use super::config::{ModelConfig, MoeConfig};
+use super::config::ModelConfig;
 use super::session::{DEFAULT_UBATCH, TOPK_CAP};
 
 #[derive(Clone, Debug, Default, serde::Serialize)]
@@ -195,18 +195,28 @@ pub fn plan(f: &GgufFile, c: &ModelConfig, ctx: usize) -> MemoryPlan {
         // routed experts, which are counted apart (they may live in cache slots).
         let prefix = n("ffn_");
         let routed = EXPERT_PARTS.map(|part| n(&format!("ffn_{part}_exps.weight")));
-        // A carve's recovery tensors load only where its fit applies, the shared expert's
-        // down-projection from one of two tensors (model/weights.rs).
-        let recovering = c.moe.as_ref().is_some_and(MoeConfig::recovering);
+        // A carve's recovery tensors load only where its fit applies, and only the fit in
+        // use; the shared expert's down-projection from one of its tensors
+        // (model/weights.rs).
+        let fit = c
+            .moe
+            .as_ref()
+            .filter(|m| m.recovering())
+            .map(|m| m.recovery_tensors(l));
         let shared_down = c
             .moe
             .as_ref()
             .map(|m| super::weights::shared_down_name(f, l, m));
+        let recovery = |name: &str| name.starts_with(&n("ffn_recover"));
         let loaded = |name: &str| match name {
-            _ if name == n("ffn_down_shexp.weight") || name == n("ffn_recover_shexp.weight") => {
+            _ if name == n("ffn_down_shexp.weight")
+                || recovery(name) && name.ends_with("_shexp.weight") =>
+            {
                 shared_down.as_deref() == Some(name)
             }
-            _ if name.starts_with(&n("ffn_recover")) => recovering,
+            _ if recovery(name) => fit
+                .as_ref()
+                .is_some_and(|f| f[..2].iter().any(|t| t == name)),
             _ => name != n("ffn_norm.weight"),
         };
         for t in f.tensors.iter().filter(|t| t.name.starts_with(&prefix)) {

@@ -145,7 +145,7 @@ fn mlp(
 /// The tensor layer `l`'s shared expert takes its down-projection from: a carve's recovery
 /// fit corrects it (`ffn_recover_shexp`), used wherever the fit applies.
 pub(crate) fn shared_down_name(f: &GgufFile, l: usize, m: &MoeConfig) -> String {
-    let fitted = format!("blk.{l}.ffn_recover_shexp.weight");
+    let [_, _, fitted] = m.recovery_tensors(l);
     match f.tensor(&fitted) {
         Some(_) if m.recovering() => fitted,
         _ => format!("blk.{l}.ffn_down_shexp.weight"),
@@ -189,6 +189,7 @@ fn moe_weights(
 ) -> Result<MoeWeights> {
     let n = |s: &str| format!("blk.{l}.{s}");
     let e = m.n_expert;
+    let [fit_weight, fit_bias, _] = m.recovery_tensors(l);
     // Layers may have experts (and shared experts) of their own sizes, up to the file's
     // expert_feed_forward_length: a readme carve sizes each layer to its clusters.
     let width = |name: &str, most: usize| -> Result<usize> {
@@ -244,12 +245,12 @@ fn moe_weights(
             }
             None => None,
         },
-        recover: match f.tensor(&n("ffn_recover.weight")) {
+        recover: match (f.tensor(&fit_weight), m.recovering()) {
             // Fitted for the carved number of experts per token (all experts active is
             // the dense model).
-            Some(_) if m.recovering() => Some((
-                matrix(gpu, f, &n("ffn_recover.weight"), d, d)?,
-                optional_vector(gpu, f, &n("ffn_recover.bias"), d)?,
+            (Some(_), true) => Some((
+                matrix(gpu, f, &fit_weight, d, d)?,
+                optional_vector(gpu, f, &fit_bias, d)?,
             )),
             _ => None,
         },

@@ -19,6 +19,7 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use safetensors::tensor::{Dtype, TensorView};
+use sha2::{Digest, Sha256};
 
 use crate::error::{Error, Result};
 
@@ -29,6 +30,8 @@ pub use train::{train, Accuracy, TrainOptions, TrainReport};
 pub const FAMILIES: usize = 3;
 
 const KIND_NGRAM: &str = "ngram-softmax";
+/// Metadata: the routers' fingerprint of the model the router was trained on.
+const MODEL_KEY: &str = "pregate.model_routers";
 const KIND_MLP: &str = "ngram-mlp";
 
 /// The router's architecture (`train-router --arch`).
@@ -68,6 +71,10 @@ pub struct PreGateRouter {
     pub(crate) body: Body,
     /// [n_layer][n_expert]
     pub(crate) bias: Vec<f32>,
+    /// The routers of the model it learned to predict
+    /// ([`crate::carve::routers_fingerprint`]; None: trained before pregate
+    /// recorded it).
+    pub model: Option<String>,
 }
 
 fn mix(a: u64, b: u64) -> u64 {
@@ -107,6 +114,7 @@ impl PreGateRouter {
             config,
             body,
             bias: vec![0.0; n_layer * n_expert],
+            model: None,
         })
     }
 
@@ -194,6 +202,22 @@ impl PreGateRouter {
             .collect()
     }
 
+    /// What identifies this router's decisions: a sha256 of its config and parameters
+    /// (a model records the router its `ffn_recover_pregate` fit was made for).
+    pub fn fingerprint(&self) -> String {
+        let mut h = Sha256::new();
+        h.update(format!("{:?}", self.config));
+        let mut params = vec![&self.bias];
+        match &self.body {
+            Body::Table(w) => params.push(w),
+            Body::Mlp(m) => params.extend(m.tensors(&self.config).into_iter().map(|(_, v, _)| v)),
+        }
+        for p in params {
+            h.update(bytemuck::cast_slice::<f32, u8>(p));
+        }
+        h.finalize().iter().map(|b| format!("{b:02x}")).collect()
+    }
+
     /// Checks that this router was trained for a model of `n_layer` MoE layers of
     /// `n_expert` experts.
     pub fn check_fits(&self, n_layer: usize, n_expert: usize) -> Result<()> {
@@ -245,6 +269,11 @@ impl PreGateRouter {
         ]
         .into_iter()
         .map(|(k, v)| (k.to_string(), v))
+        .chain(
+            self.model
+                .iter()
+                .map(|m| (MODEL_KEY.to_string(), m.clone())),
+        )
         .collect();
         let bytes = safetensors::serialize(tensors, Some(meta))
             .map_err(|e| Error::InvalidArgument(format!("router: {e}")))?;
@@ -282,6 +311,7 @@ impl PreGateRouter {
             },
         };
         let mut r = PreGateRouter::new(config, 0)?;
+        r.model = m.get(MODEL_KEY).cloned();
         let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| bad(e.to_string()))?;
         let mut dsts: Vec<(&str, &mut Vec<f32>)> = vec![("bias", &mut r.bias)];
         match &mut r.body {
