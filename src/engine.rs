@@ -66,6 +66,14 @@ fn pick_recovery_fit(
     };
     if fitted_for == r.fingerprint() {
         m.fit = RecoveryFit::Pregate;
+        // Fitted for the router's top-k, which may differ from the layers' (`carve
+        // --pregate-experts`).
+        if let Some(k) = file
+            .get(crate::carve::PREGATE_FIT_EXPERTS_KEY)
+            .and_then(|v| v.as_u64())
+        {
+            m.fitted_used = k as usize;
+        }
         tracing::info!("using the recovery fit made for the pre-gating router's choices");
     } else {
         tracing::warn!(
@@ -92,6 +100,12 @@ impl Engine {
         let mut config = crate::model::ModelConfig::from_gguf(&file)?;
         if let Some(k) = opts.experts_per_token {
             config.set_experts_per_token(k)?;
+        }
+        let router = crate::model::offload::load_router(path, &config, &opts.offload)?;
+        if opts.offload.routing == Routing::Pregate {
+            pick_recovery_fit(&file, &mut config, router.as_ref());
+        }
+        if opts.experts_per_token.is_some() {
             // Far more experts than the carve's lose its recovery fit: say so, unless all
             // run (then the model is the dense one and needs none).
             let recovery = file.tensors.iter().any(|t| t.name.contains(".ffn_recover"));
@@ -104,10 +118,6 @@ impl Engine {
                     );
                 }
             }
-        }
-        let router = crate::model::offload::load_router(path, &config, &opts.offload)?;
-        if opts.offload.routing == Routing::Pregate {
-            pick_recovery_fit(&file, &mut config, router.as_ref());
         }
         let tokenizer = Tokenizer::load(path, &file)?;
         // Decide the context length and the expert slots (or refuse a budget too small)

@@ -333,6 +333,11 @@ struct CarveArgs {
     /// is deterministic, and checks that its routers are the ones the router learned)
     #[arg(long, value_name = "ROUTER")]
     pregate_router: Option<PathBuf>,
+    /// Experts a token the pre-gate's fit is made for, to run with `--routing pregate
+    /// --experts-per-token K` (default: --active). On the default model a fit for 3 runs
+    /// the pre-gate at 3 experts as well as the layers' own routing at 3
+    #[arg(long, value_name = "K", requires = "pregate_router")]
+    pregate_experts: Option<usize>,
     /// Replace the output file if it exists
     #[arg(long)]
     force: bool,
@@ -948,6 +953,7 @@ fn cmd_carve(a: CarveArgs) -> Result<()> {
         recover: !a.no_recover,
         balance: !a.no_balance,
         pregate_router: a.pregate_router,
+        pregate_experts: a.pregate_experts,
         overwrite: a.force,
         gpu: GpuOptions {
             adapter: a.adapter,

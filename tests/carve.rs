@@ -735,6 +735,28 @@ fn a_recovery_fit_for_the_pregate_routers_choices_runs_under_pregate_routing() {
         &pregate_logits(&base, &stranger_path)
     ));
 
+    // A fit for the router's top 3 records it; 0 experts is refused.
+    let three = dir.join("three.gguf");
+    let for_three = CarveOptions {
+        pregate_experts: Some(3),
+        ..with.clone()
+    };
+    carve::carve(&dense, &three, &for_three, |_| {}).expect("carve for top 3");
+    let t = pregate::format::GgufFile::open(&three).expect("open");
+    let k = t
+        .get(carve::PREGATE_FIT_EXPERTS_KEY)
+        .and_then(|v| v.as_u64());
+    assert_eq!(k, Some(3));
+    let name = "blk.1.ffn_recover_pregate.weight";
+    let (a, b) = (t.require(name).expect("fit"), f.require(name).expect("fit"));
+    assert_ne!(t.bytes(a), f.bytes(b), "fitted for other choices");
+    let zero = CarveOptions {
+        pregate_experts: Some(0),
+        ..with.clone()
+    };
+    let err = carve::carve(&dense, &dir.join("zero.gguf"), &zero, |_| {}).expect_err("k 0");
+    assert!(err.to_string().contains("--pregate-experts"), "{err}");
+
     // A router trained on another carve is refused before anything is written.
     stranger.model = Some("0".repeat(64));
     stranger.save(&stranger_path).expect("save");

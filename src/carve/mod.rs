@@ -29,7 +29,7 @@ pub use partition::{partition_neurons, NeuronProfile, Partition, SharedBy};
 pub use readme::{ClusterLabels, ClusterSource};
 use recover::LinearRecovery;
 pub use recover::RouterFit;
-pub use tensors::{routers_fingerprint, PREGATE_FIT_KEY};
+pub use tensors::{routers_fingerprint, PREGATE_FIT_EXPERTS_KEY, PREGATE_FIT_KEY};
 use tensors::{MoeShape, Router};
 
 /// Carving method.
@@ -90,6 +90,9 @@ pub struct CarveOptions {
     /// written as `ffn_recover_pregate`. The router must have been trained on this very
     /// carve: the carve checks the routers it makes against the ones the router learned.
     pub pregate_router: Option<PathBuf>,
+    /// Experts a token the pre-gate's fit is for (None: `n_active`). Fitted for three, the
+    /// pre-gate at three experts a token runs as well as layer routing does.
+    pub pregate_experts: Option<usize>,
     /// Replace an existing output file.
     pub overwrite: bool,
     pub gpu: GpuOptions,
@@ -121,6 +124,7 @@ impl Default for CarveOptions {
             // Measured: S2A2E16 PPL 142 vs 161, and 50 s vs 300 s on the 2-core box.
             sequential: true,
             pregate_router: None,
+            pregate_experts: None,
             overwrite: false,
             gpu: GpuOptions::default(),
         }
@@ -251,7 +255,8 @@ pub fn carve(
         let mut writer = tensors::ExpertWriter::new(f, opts, layout.shape)?;
         for (l, (layer, part)) in profiles.iter().zip(&layout.parts).enumerate() {
             let down = writer.dense_down(l)?;
-            carve_layer(&mut writer, l, layer, part, &down, opts, plan)?;
+            let pregate = plan.map(|plan| PregateFit { plan, stream: None });
+            carve_layer(&mut writer, l, layer, part, &down, opts, pregate)?;
             progress(CarveEvent::Carving {
                 done: l + 1,
                 total: c.n_layer,
@@ -262,7 +267,7 @@ pub fn carve(
     tracing::info!(seconds = t0.elapsed().as_secs_f64(), "layers carved");
     if let Some((router, _)) = &pregate {
         check_pregate_router(router, &writer, opts)?;
-        writer.mark_pregate_fit(&router.fingerprint());
+        writer.mark_pregate_fit(&router.fingerprint(), pregate_experts(opts));
     }
     progress(CarveEvent::Writing);
     let bytes_per_expert = writer.bytes_per_expert();
@@ -298,6 +303,12 @@ pub fn carve(
     })
 }
 
+/// Experts a token the pre-gate's recovery is fitted for (`--pregate-experts`, else the
+/// carve's).
+fn pregate_experts(opts: &CarveOptions) -> usize {
+    opts.pregate_experts.unwrap_or(opts.n_active)
+}
+
 /// Loads `--pregate-router` and plans the calibration tokens with it.
 fn pregate_plan(
     path: &Path,
@@ -316,7 +327,14 @@ fn pregate_plan(
         Method::Readme => opts.n_experts,
     };
     router.check_fits(c.n_layer, n_routed)?;
-    let plan = recover::RouterPlan::new(&router, tokens, opts.seq_len, opts.n_active);
+    let k = pregate_experts(opts);
+    if k == 0 || k >= n_routed {
+        return Err(Error::InvalidArgument(format!(
+            "--pregate-experts must be between 1 and {} (the routed experts less one)",
+            n_routed.saturating_sub(1)
+        )));
+    }
+    let plan = recover::RouterPlan::new(&router, tokens, opts.seq_len, k);
     Ok((router, plan))
 }
 
@@ -354,8 +372,19 @@ fn warn_padding(shape: &MoeShape) {
     }
 }
 
+/// What a carve fits the pre-gate's recovery on: the router's choices for the calibration
+/// tokens, and (sequential carving) the layer's FFN inputs and activations on a stream
+/// that the pre-gate routed (None: the layers' own stream's).
+pub(crate) struct PregateFit<'a> {
+    pub plan: &'a recover::RouterPlan,
+    pub stream: Option<(&'a [f32], &'a [half::f16])>,
+}
+
+/// A layer's router and its recovery fits: for its own choices, and for the pre-gate's.
+type CarvedLayer = (Router, Option<LinearRecovery>, Option<LinearRecovery>);
+
 /// Carves layer `l` from its calibration into `writer`: the router (least squares or
-/// CMoE's representatives), the experts of `part`, and the recovery fit.
+/// CMoE's representatives), the experts of `part`, and the recovery fits.
 fn carve_layer(
     writer: &mut tensors::ExpertWriter,
     l: usize,
@@ -363,8 +392,8 @@ fn carve_layer(
     part: &Partition,
     down: &[f32],
     opts: &CarveOptions,
-    plan: Option<&recover::RouterPlan>,
-) -> Result<(Router, Option<LinearRecovery>)> {
+    pregate: Option<PregateFit>,
+) -> Result<CarvedLayer> {
     let mut router = writer.representative_router(l, part, &layer.inputs)?;
     let d = writer.d_model();
     let data = recover::LayerData {
@@ -382,18 +411,33 @@ fn carve_layer(
             router = Router::Linear(w);
         }
     }
-    let fit = |choose: &dyn Fn(usize, &[f32]) -> Vec<usize>| {
-        let missing = recover::unchosen_output(&data, part, &outputs, choose);
-        recover::fit_recovery(&data, &part.shared, &missing, opts.seq_len)
+    let fit = |data: &recover::LayerData,
+               outputs: &[Vec<f32>],
+               choose: &dyn Fn(usize, &[f32]) -> Vec<usize>| {
+        let missing = recover::unchosen_output(data, part, outputs, choose);
+        recover::fit_recovery(data, &part.shared, &missing, opts.seq_len)
     };
     let recovery = opts
         .recover
-        .then(|| fit(&|_, x| router.select(x, opts.n_active)));
-    let for_plan = plan
-        .filter(|_| opts.recover)
-        .map(|p| fit(&|t, _| p.choices(t, l)));
+        .then(|| fit(&data, &outputs, &|_, x| router.select(x, opts.n_active)));
+    let for_plan = pregate.filter(|_| opts.recover).map(|p| {
+        let choose = |t: usize, _: &[f32]| p.plan.choices(t, l);
+        match p.stream {
+            Some((inputs, hidden)) => {
+                let own = recover::LayerData {
+                    inputs,
+                    hidden,
+                    ..data
+                };
+                let outputs: Vec<Vec<f32>> =
+                    part.experts.iter().map(|e| own.output_of(e)).collect();
+                fit(&own, &outputs, &choose)
+            }
+            None => fit(&data, &outputs, &choose),
+        }
+    });
     writer.add_layer(l, part, down, &router, recovery.as_ref(), for_plan.as_ref())?;
-    Ok((router, recovery))
+    Ok((router, recovery, for_plan))
 }
 
 /// CMoE's shape: `n_experts` equal experts, block-aligned, `n_shared` of them shared.

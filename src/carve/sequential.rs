@@ -3,10 +3,14 @@
 //! of every calibration token is carried from layer to layer on the CPU: the layer's
 //! attention with its dense weights, then its FFN as carved (the shared neurons and the
 //! experts its router picks), so the next layer is profiled on what the carved model will
-//! feed it. Matrix products go through nalgebra's blocked GEMM, split across the cores.
+//! feed it. With a pre-gating router (`--pregate-router`), a second stream is carried
+//! with the router's choices and its own recovery fit, so that fit is made on the inputs
+//! `--routing pregate` gives each layer. Matrix products go through nalgebra's blocked
+//! GEMM, split across the cores.
 
 use std::ops::Range;
 
+use half::f16;
 use nalgebra::DMatrix;
 
 use crate::error::Result;
@@ -17,10 +21,12 @@ use crate::quant::dequantize;
 
 use super::calib::{add_tokens, dense_matrix, unit_norms, LayerCalibration};
 use super::partition::Partition;
-use super::recover::RouterPlan;
+use super::recover::{LinearRecovery, RouterPlan};
 use super::router::silu;
-use super::tensors::{ExpertWriter, MoeShape, Router};
-use super::{carve_layer, cmoe_partition, cmoe_shape, warn_padding, CarveEvent, CarveOptions};
+use super::tensors::{ExpertWriter, MoeShape};
+use super::{
+    carve_layer, cmoe_partition, cmoe_shape, warn_padding, CarveEvent, CarveOptions, PregateFit,
+};
 
 /// `x` [n, k] times `w`ᵀ, `w` [m, k], both row-major: [n, m] row-major.
 pub fn matmul_t(x: &[f32], w: &[f32], k: usize) -> Vec<f32> {
@@ -218,26 +224,26 @@ impl<'a> ResidualStream<'a> {
 }
 
 /// The carved FFN's output on the calibration tokens: each token's silu(gate)·up `h`
-/// [n, d_ff], kept on the shared neurons and those of the `k` experts its router picks
-/// from `xn` [n, d], times the dense down-projection `down` [d, d_ff].
-pub fn carved_ffn(
+/// [n, d_ff], kept on the shared neurons and those of the experts `choose` picks for
+/// token t from its `xn` row [d], times the dense down-projection `down` [d, d_ff].
+fn carved_ffn(
     h: &[f32],
     xn: &[f32],
     d: usize,
     part: &Partition,
-    router: &Router,
-    k: usize,
+    choose: impl Fn(usize, &[f32]) -> Vec<usize>,
     down: &[f32],
 ) -> Vec<f32> {
     let n = xn.len() / d.max(1);
     let d_ff = h.len() / n.max(1);
     let mut kept = vec![0f32; h.len()];
-    for ((hr, kr), x) in h
+    for (t, ((hr, kr), x)) in h
         .chunks_exact(d_ff)
         .zip(kept.chunks_exact_mut(d_ff))
         .zip(xn.chunks_exact(d))
+        .enumerate()
     {
-        let chosen = router.select(x, k);
+        let chosen = choose(t, x);
         let active = part
             .shared
             .iter()
@@ -264,6 +270,12 @@ pub(super) fn carve_in_order<'a>(
     warn_padding(&shape);
     let mut writer = ExpertWriter::new(f, opts, shape)?;
     let mut stream = ResidualStream::new(f, c, tokens, opts.seq_len)?;
+    // With a pre-gating router, a second stream that it routes: its fit is made on the
+    // inputs `--routing pregate` will give each layer, not the layers' routing's.
+    let mut pregate_stream = match plan {
+        Some(_) => Some(ResidualStream::new(f, c, tokens, opts.seq_len)?),
+        None => None,
+    };
     let mut scratch = Vec::new();
     for l in 0..c.n_layer {
         let xn = stream.attention(l)?;
@@ -277,36 +289,84 @@ pub(super) fn carve_in_order<'a>(
         let n = (&norms.0[..], &norms.1[..]);
         add_tokens(&mut layer, 0, &xn, &gate, &up, n, opts, &mut scratch);
         let part = cmoe_partition(&layer, &down, &shape, opts);
-        let (router, recovery) = carve_layer(&mut writer, l, &layer, &part, &down, opts, plan)?;
-        let h: Vec<f32> = gate.iter().zip(&up).map(|(g, u)| silu(*g) * u).collect();
-        // At the carved k the runtime reads the recovery's shared down-projection.
-        let mut down = down;
-        if let Some(sd) = recovery.as_ref().and_then(|r| r.shared_down.as_ref()) {
-            let s = part.shared.len();
-            for (row, fit) in down.chunks_exact_mut(ff).zip(sd.chunks_exact(s)) {
-                for (&i, &v) in part.shared.iter().zip(fit) {
-                    if i < ff {
-                        row[i] = v;
-                    }
-                }
+        let own = match &mut pregate_stream {
+            Some(s) => {
+                let x = s.attention(l)?;
+                let h = activations(&matmul_t(&x, &gate_w, d), &matmul_t(&x, &up_w, d));
+                let h16: Vec<f16> = h.iter().map(|v| f16::from_f32(*v)).collect();
+                Some((x, h, h16))
             }
+            None => None,
+        };
+        let pregate = plan.map(|plan| PregateFit {
+            plan,
+            stream: own.as_ref().map(|(x, _, h16)| (&x[..], &h16[..])),
+        });
+        let (router, recovery, for_plan) =
+            carve_layer(&mut writer, l, &layer, &part, &down, opts, pregate)?;
+        let h = activations(&gate, &up);
+        let by_router = |_: usize, x: &[f32]| router.select(x, opts.n_active);
+        let layer_out = carved_output(&h, &xn, d, &part, &down, by_router, recovery.as_ref());
+        stream.add(&layer_out);
+        if let (Some(s), Some((x, h, _)), Some(plan)) = (&mut pregate_stream, &own, plan) {
+            let by_plan = |t: usize, _: &[f32]| plan.choices(t, l);
+            s.add(&carved_output(
+                h,
+                x,
+                d,
+                &part,
+                &down,
+                by_plan,
+                for_plan.as_ref(),
+            ));
         }
-        let mut y = carved_ffn(&h, &xn, d, &part, &router, opts.n_active, &down);
-        if let Some(r) = &recovery {
-            let lin = matmul_t(&xn, &r.weight, d);
-            for (row, lin) in y.chunks_exact_mut(d).zip(lin.chunks_exact(d)) {
-                for ((y, l), b) in row.iter_mut().zip(lin).zip(&r.bias) {
-                    *y += l + b;
-                }
-            }
-        }
-        stream.add(&y);
         progress(CarveEvent::Carving {
             done: l + 1,
             total: c.n_layer,
         });
     }
     Ok((shape, writer))
+}
+
+/// silu(gate) · up of every neuron.
+fn activations(gate: &[f32], up: &[f32]) -> Vec<f32> {
+    gate.iter().zip(up).map(|(g, u)| silu(*g) * u).collect()
+}
+
+/// The carved FFN's output on a stream: the experts `choose` picks for each token, and
+/// the recovery fit (its map, and its shared down-projection in place of the dense one's
+/// shared columns), as the runtime computes it.
+fn carved_output(
+    h: &[f32],
+    xn: &[f32],
+    d: usize,
+    part: &Partition,
+    down: &[f32],
+    choose: impl Fn(usize, &[f32]) -> Vec<usize>,
+    recovery: Option<&LinearRecovery>,
+) -> Vec<f32> {
+    let ff = down.len() / d.max(1);
+    let mut down = down.to_vec();
+    if let Some(sd) = recovery.and_then(|r| r.shared_down.as_ref()) {
+        let s = part.shared.len();
+        for (row, fit) in down.chunks_exact_mut(ff).zip(sd.chunks_exact(s)) {
+            for (&i, &v) in part.shared.iter().zip(fit) {
+                if i < ff {
+                    row[i] = v;
+                }
+            }
+        }
+    }
+    let mut y = carved_ffn(h, xn, d, part, choose, &down);
+    if let Some(r) = recovery {
+        let lin = matmul_t(xn, &r.weight, d);
+        for (row, lin) in y.chunks_exact_mut(d).zip(lin.chunks_exact(d)) {
+            for ((y, l), b) in row.iter_mut().zip(lin).zip(&r.bias) {
+                *y += l + b;
+            }
+        }
+    }
+    y
 }
 
 #[cfg(test)]

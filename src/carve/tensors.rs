@@ -16,6 +16,9 @@ use super::{CarveOptions, Method};
 /// Metadata naming the pre-gating router a model's `ffn_recover_pregate` fits are for.
 pub const PREGATE_FIT_KEY: &str = "pregate.moe.recover_pregate.router";
 
+/// Metadata: the experts a token the `ffn_recover_pregate` fits were made for.
+pub const PREGATE_FIT_EXPERTS_KEY: &str = "pregate.moe.recover_pregate.experts_per_token";
+
 /// Tensors start on 4 KiB boundaries so that a loader can read them page-aligned.
 const ALIGNMENT: u64 = 4096;
 
@@ -344,12 +347,16 @@ impl<'a> ExpertWriter<'a> {
     }
 
     /// Records in the file the pre-gating router (its [`PreGateRouter::fingerprint`]) that
-    /// the `ffn_recover_pregate` fits were made for.
+    /// the `ffn_recover_pregate` fits were made for, at its top `experts_per_token`.
     ///
     /// [`PreGateRouter::fingerprint`]: crate::router::PreGateRouter::fingerprint
-    pub fn mark_pregate_fit(&mut self, router: &str) {
+    pub fn mark_pregate_fit(&mut self, router: &str, experts_per_token: usize) {
         self.out
-            .meta(PREGATE_FIT_KEY, MetaValue::String(router.to_string()));
+            .meta(PREGATE_FIT_KEY, MetaValue::String(router.to_string()))
+            .meta(
+                PREGATE_FIT_EXPERTS_KEY,
+                MetaValue::U32(experts_per_token as u32),
+            );
     }
 
     /// Bytes of one routed expert of one layer (gate + up + down; the largest layer's).
