@@ -656,8 +656,30 @@ fn a_recovery_fit_for_the_pregate_routers_choices_runs_under_pregate_routing() {
     };
     let (mut router, _) =
         pregate::router::train(&tokens, &trace, &train, |_, _, _| {}).expect("train");
-    router.model = Some(carve::routers_fingerprint(&engine.model.file, 2));
+    let fingerprint = carve::routers_fingerprint(&engine.model.file, 2);
+    router.model = Some(fingerprint.clone());
     drop(engine);
+    // train-router records it too.
+    let cli_router = dir.join("cli.safetensors");
+    let calib = opts.calib[0].to_str().expect("path");
+    let (m, o) = (
+        base.to_str().expect("path"),
+        cli_router.to_str().expect("path"),
+    );
+    let args = [
+        "train-router",
+        "-m",
+        m,
+        "--calib",
+        calib,
+        "--tokens",
+        "600",
+        "-o",
+        o,
+    ];
+    common::run_cli(&args);
+    let trained = pregate::router::PreGateRouter::load(&cli_router).expect("load");
+    assert_eq!(trained.model, Some(fingerprint));
     let router_path = dir.join("router.safetensors");
     router.save(&router_path).expect("save");
 
