@@ -29,13 +29,7 @@ fn load(path: &Path, k: Option<usize>, budget: VramBudget) -> Engine {
 
 /// Logits after a prefill (grouped kernels), then after each of three decode steps.
 fn run(engine: &Engine) -> Vec<Vec<f32>> {
-    let mut s = engine.session().expect("session");
-    let split = TOKENS.len() - 3;
-    let mut out = vec![s.next_logits(&TOKENS[..split]).expect("prefill")];
-    for &t in &TOKENS[split..] {
-        out.push(s.next_logits(&[t]).expect("decode"));
-    }
-    out
+    common::step_logits(engine, &TOKENS)
 }
 
 fn assert_close(want: &[Vec<f32>], got: &[Vec<f32>], tol: f32, what: &str) {

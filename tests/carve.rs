@@ -28,14 +28,8 @@ fn logits_with(
     };
     opts.gpu.layout = layout;
     let engine = Engine::load(path, &opts).expect("load");
-    let mut s = engine.session().expect("session");
     // A prefill of most tokens, then decode steps: both MoE paths.
-    let split = tokens.len() - 3;
-    let mut out = vec![s.next_logits(&tokens[..split]).expect("prefill")];
-    for &t in &tokens[split..] {
-        out.push(s.next_logits(&[t]).expect("decode"));
-    }
-    out
+    common::step_logits(&engine, tokens)
 }
 
 const TOKENS: [u32; 12] = [102, 110, 32, 105, 116, 101, 109, 95, 51, 40, 120, 58];
@@ -542,18 +536,24 @@ fn sequential_carving_keeps_the_invariant_and_runs_like_the_reference() {
     );
 }
 
-#[test]
-fn linear_recovery_runs_like_the_reference_and_brings_the_carve_closer_to_dense() {
-    let (dir, dense) = common::tiny_dense("carve_recover", 21);
-    let opts = CarveOptions {
+/// S1A2E8 with the default (least-squares) router and recovery, on `dir`'s calibration
+/// text.
+fn recovering_opts(dir: &Path) -> CarveOptions {
+    CarveOptions {
         n_experts: 8,
         n_shared: 1,
         n_active: 2,
-        calib: vec![calib_file(&dir)],
+        calib: vec![calib_file(dir)],
         calib_tokens: 600,
         seq_len: 200,
         ..Default::default()
-    };
+    }
+}
+
+#[test]
+fn linear_recovery_runs_like_the_reference_and_brings_the_carve_closer_to_dense() {
+    let (dir, dense) = common::tiny_dense("carve_recover", 21);
+    let opts = recovering_opts(&dir);
     assert!(opts.recover, "recovery is the default");
     let (rec, plain) = carve_with_and_without_recovery(&dir, &dense, &opts);
     let f = pregate::format::GgufFile::open(&rec).expect("open");
@@ -621,28 +621,13 @@ fn pregate_logits(path: &Path, router: &Path) -> Vec<Vec<f32>> {
         },
         ..Default::default()
     };
-    let engine = Engine::load(path, &opts).expect("load");
-    let mut s = engine.session().expect("session");
-    let split = TOKENS.len() - 3;
-    let mut out = vec![s.next_logits(&TOKENS[..split]).expect("prefill")];
-    for &t in &TOKENS[split..] {
-        out.push(s.next_logits(&[t]).expect("decode"));
-    }
-    out
+    common::step_logits(&Engine::load(path, &opts).expect("load"), &TOKENS)
 }
 
 #[test]
 fn a_recovery_fit_for_the_pregate_routers_choices_runs_under_pregate_routing() {
     let (dir, dense) = common::tiny_dense("carve_pregate_fit", 21);
-    let opts = CarveOptions {
-        n_experts: 8,
-        n_shared: 1,
-        n_active: 2,
-        calib: vec![calib_file(&dir)],
-        calib_tokens: 600,
-        seq_len: 200,
-        ..Default::default()
-    };
+    let opts = recovering_opts(&dir);
     let base = dir.join("base.gguf");
     carve::carve(&dense, &base, &opts, |_| {}).expect("carve");
     // A router trained on the carve's own routing of its calibration text, as

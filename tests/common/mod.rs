@@ -698,6 +698,18 @@ pub fn carve_tiny(tag: &str, experts: usize, shared: usize, active: usize) -> (P
     (dense, out)
 }
 
+/// Logits after a prefill of all but the last three of `tokens` (the grouped expert
+/// kernels), then after each of three decode steps.
+pub fn step_logits(engine: &pregate::Engine, tokens: &[u32]) -> Vec<Vec<f32>> {
+    let mut s = engine.session().expect("session");
+    let split = tokens.len() - 3;
+    let mut out = vec![s.next_logits(&tokens[..split]).expect("prefill")];
+    for &t in &tokens[split..] {
+        out.push(s.next_logits(&[t]).expect("decode"));
+    }
+    out
+}
+
 /// Runs the pregate binary with `args`, asserts it succeeded, and returns its stdout.
 pub fn run_cli(args: &[&str]) -> String {
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_pregate"))
