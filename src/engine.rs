@@ -62,6 +62,11 @@ fn pick_recovery_fit(
         .get(crate::carve::PREGATE_FIT_KEY)
         .and_then(|v| v.as_str())
     else {
+        if m.recovering() && file.tensors.iter().any(|t| t.name.contains(".ffn_recover")) {
+            tracing::info!(
+                "the carve's recovery fit was made for the layers' choices; `carve --pregate-router` gives the pre-gate one of its own (better perplexity under --routing pregate)"
+            );
+        }
         return;
     };
     if fitted_for == r.fingerprint() {
