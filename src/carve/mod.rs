@@ -424,6 +424,9 @@ fn carve_layer(
         let choose = |t: usize, _: &[f32]| p.plan.choices(t, l);
         match p.stream {
             Some((inputs, hidden)) => {
+                // Every expert's output on every token again, on the other stream: free
+                // the first set before (a large model's are gigabytes).
+                drop(std::mem::take(&mut outputs));
                 let own = recover::LayerData {
                     inputs,
                     hidden,
