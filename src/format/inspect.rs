@@ -136,9 +136,13 @@ fn moe_section(f: &GgufFile, s: &mut String) {
         );
     }
     if pregate > 0 {
+        let k = f
+            .get(crate::carve::PREGATE_FIT_EXPERTS_KEY)
+            .and_then(|v| v.as_u64())
+            .unwrap_or(used as u64);
         let _ = writeln!(
             s,
-            "  recovery fits for a pre-gating router's choices (used under --routing pregate with that router): {}",
+            "  recovery fits for a pre-gating router's top {k} (used under --routing pregate with that router): {}",
             mib(pregate)
         );
     }
