@@ -52,6 +52,7 @@ pub struct Engine {
 /// the layers' own fit stays.
 fn pick_recovery_fit(
     file: &GgufFile,
+    recovery: bool,
     config: &mut crate::model::ModelConfig,
     router: Option<&crate::router::PreGateRouter>,
 ) {
@@ -62,7 +63,7 @@ fn pick_recovery_fit(
         .get(crate::carve::PREGATE_FIT_KEY)
         .and_then(|v| v.as_str())
     else {
-        if m.recovering() && file.tensors.iter().any(|t| t.name.contains(".ffn_recover")) {
+        if recovery && m.recovering() {
             tracing::info!(
                 "the carve's recovery fit was made for the layers' choices; `carve --pregate-router` gives the pre-gate one of its own (better perplexity under --routing pregate)"
             );
@@ -106,14 +107,15 @@ impl Engine {
         if let Some(k) = opts.experts_per_token {
             config.set_experts_per_token(k)?;
         }
+        // Whether the carve fitted a recovery (what the experts a token skips would add).
+        let recovery = file.tensors.iter().any(|t| t.name.contains(".ffn_recover"));
         let router = crate::model::offload::load_router(path, &config, &opts.offload)?;
         if opts.offload.routing == Routing::Pregate {
-            pick_recovery_fit(&file, &mut config, router.as_ref());
+            pick_recovery_fit(&file, recovery, &mut config, router.as_ref());
         }
         if opts.experts_per_token.is_some() {
             // Far more experts than the carve's lose its recovery fit: say so, unless all
             // run (then the model is the dense one and needs none).
-            let recovery = file.tensors.iter().any(|t| t.name.contains(".ffn_recover"));
             if let Some(m) = config.moe.as_ref() {
                 if recovery && !m.recovering() && m.n_used < m.n_expert {
                     tracing::warn!(

@@ -242,11 +242,7 @@ fn assemble(
         }
     }
     out.sync_all()?;
-    let digest: String = hasher
-        .finalize()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
+    let digest = crate::format::hex_digest(hasher);
     if done != m.size {
         return Err(Error::Download(format!(
             "{}: got {done} bytes, expected {}",

@@ -265,8 +265,8 @@ pub fn carve(
         (layout.shape, layout.labels, writer)
     };
     tracing::info!(seconds = t0.elapsed().as_secs_f64(), "layers carved");
-    if let Some((router, _)) = &pregate {
-        check_pregate_router(router, &writer, opts)?;
+    if let (Some((router, _)), Some(path)) = (&pregate, &opts.pregate_router) {
+        check_pregate_router(router, path, &writer)?;
         writer.mark_pregate_fit(&router.fingerprint(), pregate_experts(opts));
     }
     progress(CarveEvent::Writing);
@@ -342,10 +342,9 @@ fn pregate_plan(
 /// predict: refuse a carve whose routers differ from those.
 fn check_pregate_router(
     router: &PreGateRouter,
+    path: &Path,
     writer: &tensors::ExpertWriter,
-    opts: &CarveOptions,
 ) -> Result<()> {
-    let path = opts.pregate_router.as_deref().unwrap_or(Path::new(""));
     match &router.model {
         Some(m) if *m != writer.routers_fingerprint() => Err(Error::Carve(format!(
             "{} was trained on a carve with other routers than this one; carve with the options (and calibration text) of the model it was trained on, or train it on this model",

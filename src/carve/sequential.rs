@@ -8,6 +8,7 @@
 //! `--routing pregate` gives each layer. Matrix products go through nalgebra's blocked
 //! GEMM, split across the cores.
 
+use std::borrow::Cow;
 use std::ops::Range;
 
 use half::f16;
@@ -272,10 +273,9 @@ pub(super) fn carve_in_order<'a>(
     let mut stream = ResidualStream::new(f, c, tokens, opts.seq_len)?;
     // With a pre-gating router, a second stream that it routes: its fit is made on the
     // inputs `--routing pregate` will give each layer, not the layers' routing's.
-    let mut pregate_stream = match plan {
-        Some(_) => Some(ResidualStream::new(f, c, tokens, opts.seq_len)?),
-        None => None,
-    };
+    let mut pregate_stream = plan
+        .map(|p| ResidualStream::new(f, c, tokens, opts.seq_len).map(|s| (p, s)))
+        .transpose()?;
     let mut scratch = Vec::new();
     for l in 0..c.n_layer {
         let xn = stream.attention(l)?;
@@ -289,8 +289,9 @@ pub(super) fn carve_in_order<'a>(
         let n = (&norms.0[..], &norms.1[..]);
         add_tokens(&mut layer, 0, &xn, &gate, &up, n, opts, &mut scratch);
         let part = cmoe_partition(&layer, &down, &shape, opts);
+        // The pre-gate's stream at this layer: its FFN inputs and activations.
         let own = match &mut pregate_stream {
-            Some(s) => {
+            Some((_, s)) => {
                 let x = s.attention(l)?;
                 let h = activations(&matmul_t(&x, &gate_w, d), &matmul_t(&x, &up_w, d));
                 let h16: Vec<f16> = h.iter().map(|v| f16::from_f32(*v)).collect();
@@ -298,7 +299,7 @@ pub(super) fn carve_in_order<'a>(
             }
             None => None,
         };
-        let pregate = plan.map(|plan| PregateFit {
+        let pregate = pregate_stream.as_ref().map(|&(plan, _)| PregateFit {
             plan,
             stream: own.as_ref().map(|(x, _, h16)| (&x[..], &h16[..])),
         });
@@ -308,17 +309,10 @@ pub(super) fn carve_in_order<'a>(
         let by_router = |_: usize, x: &[f32]| router.select(x, opts.n_active);
         let layer_out = carved_output(&h, &xn, d, &part, &down, by_router, recovery.as_ref());
         stream.add(&layer_out);
-        if let (Some(s), Some((x, h, _)), Some(plan)) = (&mut pregate_stream, &own, plan) {
+        if let (Some((plan, s)), Some((x, h, _))) = (&mut pregate_stream, &own) {
             let by_plan = |t: usize, _: &[f32]| plan.choices(t, l);
-            s.add(&carved_output(
-                h,
-                x,
-                d,
-                &part,
-                &down,
-                by_plan,
-                for_plan.as_ref(),
-            ));
+            let out = carved_output(h, x, d, &part, &down, by_plan, for_plan.as_ref());
+            s.add(&out);
         }
         progress(CarveEvent::Carving {
             done: l + 1,
@@ -346,10 +340,10 @@ fn carved_output(
     recovery: Option<&LinearRecovery>,
 ) -> Vec<f32> {
     let ff = down.len() / d.max(1);
-    let mut down = down.to_vec();
+    let mut down = Cow::Borrowed(down);
     if let Some(sd) = recovery.and_then(|r| r.shared_down.as_ref()) {
         let s = part.shared.len();
-        for (row, fit) in down.chunks_exact_mut(ff).zip(sd.chunks_exact(s)) {
+        for (row, fit) in down.to_mut().chunks_exact_mut(ff).zip(sd.chunks_exact(s)) {
             for (&i, &v) in part.shared.iter().zip(fit) {
                 if i < ff {
                     row[i] = v;

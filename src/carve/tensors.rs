@@ -45,11 +45,7 @@ pub fn routers_fingerprint(f: &GgufFile, n_layer: usize) -> String {
             }
         }
     }
-    hex(h)
-}
-
-fn hex(h: Sha256) -> String {
-    h.finalize().iter().map(|b| format!("{b:02x}")).collect()
+    crate::format::hex_digest(h)
 }
 
 /// A carved layer's router, as written to the file.
@@ -343,7 +339,7 @@ impl<'a> ExpertWriter<'a> {
     /// The fingerprint of the routers written so far ([`routers_fingerprint`] of the
     /// finished file).
     pub fn routers_fingerprint(&self) -> String {
-        hex(self.routers.clone())
+        crate::format::hex_digest(self.routers.clone())
     }
 
     /// Records in the file the pre-gating router (its [`PreGateRouter::fingerprint`]) that

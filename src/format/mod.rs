@@ -23,6 +23,12 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> crate::error::Result<()> {
     })
 }
 
+/// A sha256 as the lowercase hex that checksum lists and metadata carry.
+pub fn hex_digest(h: sha2::Sha256) -> String {
+    use sha2::Digest;
+    h.finalize().iter().map(|b| format!("{b:02x}")).collect()
+}
+
 /// Reads a whole file; a failure names it.
 pub fn read_all(path: &Path) -> crate::error::Result<Vec<u8>> {
     std::fs::read(path).map_err(|cause| crate::error::Error::Open {

@@ -30,9 +30,9 @@ pub use train::{train, Accuracy, TrainOptions, TrainReport};
 pub const FAMILIES: usize = 3;
 
 const KIND_NGRAM: &str = "ngram-softmax";
+const KIND_MLP: &str = "ngram-mlp";
 /// Metadata: the routers' fingerprint of the model the router was trained on.
 const MODEL_KEY: &str = "pregate.model_routers";
-const KIND_MLP: &str = "ngram-mlp";
 
 /// The router's architecture (`train-router --arch`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
@@ -215,7 +215,7 @@ impl PreGateRouter {
         for p in params {
             h.update(bytemuck::cast_slice::<f32, u8>(p));
         }
-        h.finalize().iter().map(|b| format!("{b:02x}")).collect()
+        crate::format::hex_digest(h)
     }
 
     /// Checks that this router was trained for a model of `n_layer` MoE layers of
