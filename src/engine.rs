@@ -56,6 +56,7 @@ fn pick_recovery_fit(
     config: &mut crate::model::ModelConfig,
     router: Option<&crate::router::PreGateRouter>,
 ) {
+    let n_layer = config.n_layer;
     let (Some(m), Some(r)) = (config.moe.as_mut(), router) else {
         return;
     };
@@ -70,22 +71,30 @@ fn pick_recovery_fit(
         }
         return;
     };
-    if fitted_for == r.fingerprint() {
-        m.fit = RecoveryFit::Pregate;
-        // Fitted for the router's top-k, which may differ from the layers' (`carve
-        // --pregate-experts`).
-        if let Some(k) = file
-            .get(crate::carve::PREGATE_FIT_EXPERTS_KEY)
-            .and_then(|v| v.as_u64())
-        {
-            m.fitted_used = k as usize;
-        }
-        tracing::info!("using the recovery fit made for the pre-gating router's choices");
-    } else {
+    if fitted_for != r.fingerprint() {
         tracing::warn!(
             "the model's recovery fit for pre-gating was made for another router; using the layers' fit (carve again with --pregate-router and this router)"
         );
+        return;
     }
+    let missing =
+        (0..n_layer).find(|&l| file.tensor(&RecoveryFit::Pregate.tensors(l)[0]).is_none());
+    if let Some(l) = missing {
+        tracing::warn!(
+            "the model names a recovery fit for this pre-gating router but layer {l} has none (an edited or damaged file?); using the layers' fit"
+        );
+        return;
+    }
+    m.fit = RecoveryFit::Pregate;
+    // Fitted for the router's top-k, which may differ from the layers' (`carve
+    // --pregate-experts`).
+    if let Some(k) = file
+        .get(crate::carve::PREGATE_FIT_EXPERTS_KEY)
+        .and_then(|v| v.as_u64())
+    {
+        m.fitted_used = k as usize;
+    }
+    tracing::info!("using the recovery fit made for the pre-gating router's choices");
 }
 
 impl Engine {

@@ -728,6 +728,22 @@ fn a_recovery_fit_for_the_pregate_routers_choices_runs_under_pregate_routing() {
         d_own < d_other,
         "pregate fit {d_own} vs layers' fit {d_other}"
     );
+    // A file that names the fit but lost a layer of it runs the layers' fit too.
+    let damaged = dir.join("damaged.gguf");
+    let mut w = pregate::format::GgufWriter::new();
+    for (k, v) in f.metadata.iter().filter(|(k, _)| *k != "general.alignment") {
+        w.meta(k, v.clone());
+    }
+    for t in f
+        .tensors
+        .iter()
+        .filter(|t| t.name != "blk.1.ffn_recover_pregate.weight")
+    {
+        w.tensor(&t.name, t.dtype, &t.dims, f.bytes(t).to_vec())
+            .expect("tensor");
+    }
+    w.write(&damaged).expect("write");
+    assert!(bits(&pregate_logits(&damaged, &router_path), &other));
     // With another router, the model falls back to the layers' fit.
     let smaller = pregate::router::TrainOptions {
         buckets: 128,

@@ -63,6 +63,18 @@ pub enum RecoveryFit {
     Pregate,
 }
 
+impl RecoveryFit {
+    /// Layer `l`'s tensors of this fit: the map, its bias, and the corrected shared
+    /// down-projection.
+    pub fn tensors(self, l: usize) -> [String; 3] {
+        let p = match self {
+            RecoveryFit::Layers => "ffn_recover",
+            RecoveryFit::Pregate => "ffn_recover_pregate",
+        };
+        [".weight", ".bias", "_shexp.weight"].map(|s| format!("blk.{l}.{p}{s}"))
+    }
+}
+
 /// Most routed experts a layer may have (moe_route.wgsl's MAX_EXPERTS).
 pub const MAX_EXPERTS: usize = 128;
 
@@ -86,11 +98,7 @@ impl MoeConfig {
     /// Layer `l`'s tensors of the fit in use: the map, its bias, and the corrected shared
     /// down-projection.
     pub fn recovery_tensors(&self, l: usize) -> [String; 3] {
-        let p = match self.fit {
-            RecoveryFit::Layers => "ffn_recover",
-            RecoveryFit::Pregate => "ffn_recover_pregate",
-        };
-        [".weight", ".bias", "_shexp.weight"].map(|s| format!("blk.{l}.{p}{s}"))
+        self.fit.tensors(l)
     }
 
     fn from_gguf(f: &GgufFile, arch: &str) -> Result<Option<MoeConfig>> {
