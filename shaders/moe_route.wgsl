@@ -7,7 +7,10 @@
 // Adaptive gating (AdapMoE): after the top-k, expert j > 0 is dropped (id SKIP, weight 0)
 // once the experts before it hold at least `keep[layer]` of the chosen experts' mass (their
 // probabilities; for carved models, whose experts all weigh 1, their raw scores); keep > 1
-// keeps all (fixed top-k). `conf` gets each token's top-1 share of that mass, and
+// keeps all (fixed top-k). With flags & 2 (the norm signal, least-squares carved routers,
+// whose scores predict each expert's output norm) a token instead keeps only its top-1
+// once 1 - (the other chosen experts' scores) / |x| reaches `keep`, x the residual stream.
+// `conf` gets each token's confidence (the top-1 share, or that norm signal), and
 // with flags & 1 `n_active` counts [kept experts, routed tokens] for the run's metrics.
 // For prefill, `group` lists each expert's (token, slot) pairs so the grouped expert kernels
 // (moe.wgsl) read each expert's weights once per tile of tokens, and `combine` adds each
@@ -39,6 +42,7 @@ struct Params {
 @group(0) @binding(10) var<storage, read> keep: array<f32>;        // [n_layer]
 @group(0) @binding(11) var<storage, read_write> n_active: array<atomic<u32>, 2>;
 @group(0) @binding(12) var<storage, read_write> conf: array<f32>;  // [n_tokens]
+@group(0) @binding(13) var<storage, read> xres: array<f32>;        // [n_tokens, d_model]
 
 const SKIP: u32 = 0xffffffffu;
 
@@ -146,6 +150,17 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
         }
         workgroupBarrier();
     }
+    // The norm signal (flags & 2) compares the experts after the top-1 with the residual
+    // stream: its norm, reduced over the workgroup.
+    let norm_signal = (p.flags & 2u) != 0u;
+    var local_ss = 0.0;
+    if (norm_signal) {
+        for (var i = lid; i < p.d_model; i += 64u) {
+            let v = xres[t * p.d_model + i];
+            local_ss += v * v;
+        }
+    }
+    let xnorm = sqrt(reduce_sum(lid, local_ss));
     if (lid == 0u) {
         // The mass adaptive gating measures: the probabilities, or for a carved model
         // (every expert weighted 1) the raw scores, which estimate each expert's output
@@ -160,10 +175,19 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
         var kept = 0u;
         var kept_sum = 0.0;
         let top1 = mass_of(t * p.n_used);
+        // The token's confidence: its top-1 share of the mass, or with the norm signal
+        // one less how far the experts after the top-1 would move the residual (the sum
+        // of their scores, a least-squares router's predicted output norms, over |x|);
+        // then a token keeps only its top-1 once the confidence reaches `keep`.
+        var c = select(1.0, top1 / total, total > 0.0);
+        if (norm_signal) {
+            c = 1.0 - min(1.0, (total - top1) / max(xnorm, 1e-30));
+        }
         for (var j = 0u; j < p.n_used; j++) {
             let o = t * p.n_used + j;
             let m = mass_of(o);
-            if (adaptive && j > 0u && cum >= enough) {
+            let enough_here = select(cum >= enough, c >= keep[p.layer], norm_signal);
+            if (adaptive && j > 0u && enough_here) {
                 ids[o] = SKIP;
                 wts[o] = 0.0;
             } else {
@@ -183,7 +207,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
                 wts[o] = wts[o] / kept_sum;
             }
         }
-        conf[t] = select(1.0, top1 / total, total > 0.0);
+        conf[t] = c;
         if ((p.flags & 1u) != 0u) {
             atomicAdd(&n_active[0], kept);
             atomicAdd(&n_active[1], 1u);

@@ -174,3 +174,61 @@ fn a_measured_profile_cuts_active_experts_within_its_budget() {
     assert!(v["ppl"].as_f64().unwrap().is_finite());
     assert!(profile.exists());
 }
+
+#[test]
+fn a_least_squares_carve_drops_where_the_norm_signal_passes_the_threshold() {
+    let (dir, dense) = common::tiny_dense("adaptive_norm_signal", 21);
+    let carved = dir.join("lsq.gguf");
+    let opts = pregate::carve::CarveOptions {
+        n_experts: 8,
+        n_shared: 1,
+        n_active: 2,
+        calib: vec![common::calib_file(&dir)],
+        calib_tokens: 600,
+        seq_len: 200,
+        recover: false,
+        ..Default::default()
+    };
+    pregate::carve::carve(&dense, &carved, &opts, |_| {}).expect("carve");
+    let engine = load(&carved, None, VramBudget::All);
+    let moe = engine.model.config.moe.clone().expect("moe");
+    assert_eq!(moe.confidence, pregate::model::config::Confidence::Norm);
+    let (layers, k) = (engine.model.config.n_layer, moe.n_used);
+
+    let mut s = engine.session().expect("session");
+    let (_, conf) = s.route_pass(&TOKENS).expect("route");
+    assert!(conf.iter().all(|c| (0.0..=1.0).contains(c)), "{conf:?}");
+    // Per layer, the median confidence as the threshold: about half the tokens drop.
+    let keep: Vec<f32> = (0..layers)
+        .map(|l| {
+            let mut c: Vec<f32> = conf.iter().skip(l).step_by(layers).copied().collect();
+            c.sort_by(f32::total_cmp);
+            c[c.len() / 2]
+        })
+        .collect();
+    engine.model.set_adaptive_keep(&keep).unwrap();
+    let mut s = engine.session().expect("session");
+    let (ids, again) = s.route_pass(&TOKENS).expect("route");
+    // The first layer's confidence does not depend on the threshold (later layers see
+    // the stream the cuts before them changed).
+    let first = |c: &[f32]| c.iter().step_by(layers).copied().collect::<Vec<f32>>();
+    assert_eq!(first(&conf), first(&again));
+    let mut dropped = 0;
+    for (i, c) in again.iter().enumerate() {
+        let (t, l) = (i / layers, i % layers);
+        let slot = &ids[(t * layers + l) * k..(t * layers + l + 1) * k];
+        // A dropped expert shows as a repeat of the token's first.
+        let top1_only = slot[1..].iter().all(|&e| e == slot[0]);
+        assert_eq!(
+            top1_only,
+            *c >= keep[l],
+            "token {t}, layer {l}: confidence {c}"
+        );
+        dropped += usize::from(top1_only);
+    }
+    let pairs = conf.len();
+    assert!(
+        dropped >= pairs / 3 && dropped < pairs,
+        "{dropped} of {pairs}"
+    );
+}

@@ -285,6 +285,78 @@ fn elementwise_ops_match_cpu() {
 }
 
 #[test]
+fn adaptive_routing_drops_by_the_share_or_by_the_norm_signal() {
+    // A least-squares router's scores (logits mode, every weight 1): top-2 of 6 experts for
+    // 5 tokens; the token keeps only its top-1 where its confidence reaches `keep`.
+    let g = gpu();
+    let (n_expert, k, tokens, d) = (6usize, 2usize, 5usize, 40usize);
+    let mut rng = Rng::new(9);
+    let scores: Vec<f32> = rng.vec(tokens * n_expert, 2.0);
+    let x: Vec<f32> = rng.vec(tokens * d, 0.6);
+    let keep = 0.55f32;
+    let (gb, xb) = (upload(&g, &scores), upload(&g, &x));
+    let bias = upload(&g, &[0.0; 6]);
+    let keep_b = upload(&g, &[keep]);
+    for norm in [false, true] {
+        let ids = g.storage("ids", (4 * tokens * k) as u64).expect("ids");
+        let wts = g.storage("wts", (4 * tokens * k) as u64).expect("wts");
+        let conf = g.storage("conf", (4 * tokens) as u64).expect("conf");
+        let active = g.storage("active", 16).expect("active");
+        let dummy = g.storage("dummy", 16).expect("dummy");
+        let out = ops::RouteOut {
+            ids: &ids,
+            wts: &wts,
+            conf: &conf,
+            keep: &keep_b,
+            active: &active,
+            layer: 0,
+            count: false,
+            residual: norm.then_some((&*xb, d as u32)),
+            dummy: &dummy,
+        };
+        let mut b = DispatchBuilder::new(&g);
+        let (score, weights) = (ops::RouteScore::Logits, ops::RouteWeights::Ones);
+        let (e, kk, n) = (n_expert as u32, k as u32, tokens as u32);
+        ops::moe_route(&mut b, score, weights, e, kk, n, &gb, &gb, &bias, &out);
+        g.run_once(&b.finish(&g).expect("plan")).expect("run");
+        let got_ids: Vec<u32> = g
+            .read_f32(&ids, tokens * k)
+            .expect("read")
+            .iter()
+            .map(|v| v.to_bits())
+            .collect();
+        let got_conf = g.read_f32(&conf, tokens).expect("read");
+        let mut dropped = 0;
+        for t in 0..tokens {
+            let row = &scores[t * n_expert..(t + 1) * n_expert];
+            let mut order: Vec<usize> = (0..n_expert).collect();
+            order.sort_by(|&a, &b| row[b].total_cmp(&row[a]));
+            let (s1, s2) = (row[order[0]].max(0.0), row[order[1]].max(0.0));
+            let xt = &x[t * d..(t + 1) * d];
+            let want_conf = match norm {
+                true => 1.0 - (s2 / xt.iter().map(|v| v * v).sum::<f32>().sqrt()).min(1.0),
+                false if s1 + s2 > 0.0 => s1 / (s1 + s2),
+                false => 1.0,
+            };
+            assert!(
+                (got_conf[t] - want_conf).abs() < 1e-5,
+                "token {t}, norm {norm}"
+            );
+            assert_eq!(got_ids[t * k], order[0] as u32);
+            let top1_only = want_conf >= keep;
+            let want1 = if top1_only { u32::MAX } else { order[1] as u32 };
+            assert_eq!(got_ids[t * k + 1], want1, "token {t}, norm {norm}");
+            dropped += usize::from(top1_only);
+        }
+        // The data exercises both outcomes under each signal.
+        assert!(
+            dropped > 0 && dropped < tokens,
+            "norm {norm}: {dropped} dropped"
+        );
+    }
+}
+
+#[test]
 fn argmax_softmax_and_nll_match_cpu() {
     let g = gpu();
     let mut rng = Rng::new(6);

@@ -52,6 +52,20 @@ pub struct MoeConfig {
     /// Which of the carve's recovery fits runs (the engine picks the pre-gate's own when
     /// `--routing pregate` runs with the router it was fitted for).
     pub fit: RecoveryFit,
+    /// What adaptive gating measures a token's confidence by (moe_route.wgsl).
+    pub confidence: Confidence,
+}
+
+/// Adaptive gating's per-token signal: where it is high, the experts after the top-1 go.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Confidence {
+    /// The top-1 expert's share of the chosen experts' mass (probabilities; a carved
+    /// model's raw scores).
+    Share,
+    /// One less the sum of the other chosen experts' scores over the residual's norm: a
+    /// least-squares router predicts each expert's output norm, so this is how far
+    /// dropping them would move the stream, relative to its size.
+    Norm,
 }
 
 /// A carve's recovery fits: one for the layers' own routers, and optionally one for a
@@ -126,6 +140,10 @@ impl MoeConfig {
             n_used,
             fitted_used: n_used,
             fit: RecoveryFit::Layers,
+            confidence: match router {
+                Some("lsq") => Confidence::Norm,
+                _ => Confidence::Share,
+            },
             expert_ff: f.get_u64(&key("expert_feed_forward_length"))? as usize,
             shared_ff: f
                 .get(&key("expert_shared_feed_forward_length"))

@@ -9,7 +9,7 @@ use crate::gpu::ops::{
 };
 use crate::gpu::{DispatchBuilder, DispatchList, Kernel, Mark, Matrix};
 
-use super::config::MoeConfig;
+use super::config::{Confidence, MoeConfig};
 use super::offload::next_moe_layer;
 use super::session::{StateBuffers, SCORE_ROWS, TOPK_CAP};
 use super::weights::{Ffn, Mlp, Model, MoeWeights, Weights};
@@ -111,6 +111,8 @@ fn route(
         active: &w.active_experts,
         layer: layer as u32,
         count,
+        residual: (moe.confidence == Confidence::Norm).then_some((&*s.x, m.gate_exps.cols as u32)),
+        dummy: &s.dummy,
     };
     ops::moe_route(
         b,
@@ -171,7 +173,7 @@ fn ffn_experts(
         ops::moe_group(b, e, k, n, &s.expert_ids, &groups);
     }
     if let Some((nl, next)) = p.predict {
-        // Decode only (n == 1): the prediction's top-1 share goes to `dummy`.
+        // Decode only (n == 1): the prediction's confidence goes to `dummy`.
         let out = (&*s.pred_ids, &*s.pred_wts, &*s.dummy);
         route(b, s, p.weights, next, moe, nl, n, out, false);
     }
@@ -329,7 +331,7 @@ pub fn build(
                     ops::matmul(&mut b, w, &s.xn, 0, n, &s.x, bias.as_ref(), add, &s.dummy);
                 }
                 if output == Output::Route {
-                    // Ids [n_layer, ub, k], then top-1 shares [n_layer, ub] (as bits).
+                    // Ids [n_layer, ub, k], then confidences [n_layer, ub] (as bits).
                     let (k, ub, layers) = (moe.n_used as u32, s.ub as u32, c.n_layer as u32);
                     ops::copy_u32(&mut b, &s.route, l as u32 * ub * k, &s.expert_ids, n * k);
                     let conf_at = layers * ub * k + l as u32 * ub;

@@ -43,7 +43,7 @@ pub struct StateBuffers {
     pub router_u: GpuBuffer,      // [ub, n_expert]
     pub expert_ids: GpuBuffer,    // [ub, n_used] u32, written by the router on the GPU
     pub expert_wts: GpuBuffer,    // [ub, n_used]
-    pub expert_conf: GpuBuffer,   // [ub] f32: each token's top-1 share of its experts' mass
+    pub expert_conf: GpuBuffer,   // [ub] f32: each token's confidence (config::Confidence)
     pub expert_lists: GpuBuffer,  // [n_expert, ub] u32: each expert's slots (prefill)
     pub expert_counts: GpuBuffer, // [n_expert] u32
     pub shared_gate: GpuBuffer,   // [ub] qwen2moe's shared-expert gate logits
@@ -61,7 +61,7 @@ pub struct StateBuffers {
     /// Per layer [ub, d_model + 2 d_ff]: FFN input, gate and up (Output::Capture only).
     pub capture: Vec<GpuBuffer>,
     /// [n_layer, ub, n_used] u32 expert ids of every MoE layer, then [n_layer, ub] f32
-    /// top-1 shares (Output::Route).
+    /// confidences (Output::Route).
     pub route: GpuBuffer,
     pub logits: GpuBuffer,   // [SCORE_ROWS, vocab]
     pub ids: GpuBuffer,      // [ub] u32
@@ -136,7 +136,7 @@ impl StateBuffers {
             router_u: g.storage("router u", ubx * n_expert)?,
             expert_ids: g.storage("expert ids", ubx * n_expert)?,
             expert_wts: g.storage("expert weights", ubx * n_expert)?,
-            expert_conf: g.storage("expert top-1 shares", ubx)?,
+            expert_conf: g.storage("expert confidence", ubx)?,
             expert_lists: g.storage("expert lists", ubx * n_expert)?,
             expert_counts: g.storage("expert counts", f * n_expert)?,
             shared_gate: g.storage("shared gate", ubx)?,
@@ -320,8 +320,8 @@ impl Session {
         Ok(self.route_pass(tokens)?.0)
     }
 
-    /// [`Session::route_trace`]'s ids, and each token's top-1 share of the mass adaptive
-    /// gating thresholds (probabilities, or raw scores for carved models) per layer
+    /// [`Session::route_trace`]'s ids, and each token's confidence, which adaptive gating
+    /// thresholds ([`Confidence`](crate::model::config::Confidence)), per layer
     /// (`[token][layer]`).
     pub fn route_pass(&mut self, tokens: &[u32]) -> Result<(Vec<u32>, Vec<f32>)> {
         let c = self.model.config.clone();

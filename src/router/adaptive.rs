@@ -1,6 +1,9 @@
 //! Adaptive gating (AdapMoE): a token whose router is confident gets fewer experts. Per
-//! layer l and token t, with c the top-1 expert's share of the chosen experts' probability
-//! mass, dropping the other experts costs about `s_l (1 - c)^2` in loss, where the layer's
+//! layer l and token t, with c the token's confidence (the top-1 expert's share of the
+//! chosen experts' probability mass; for a least-squares carved router, one less the
+//! other chosen experts' predicted output norms over the residual's norm, i.e. how far
+//! dropping them moves the stream: see [`Confidence`]), dropping the other experts costs
+//! about `s_l (1 - c)^2` in loss, where the layer's
 //! sensitivity `s_l` is measured once on calibration text: the loss increase when layer l
 //! alone keeps only its top-1 expert for every token, over the mean `(1 - c)^2` there. One
 //! global knob λ then drops experts wherever `s_l (1 - c)^2 < λ`, i.e. where `c` passes the
@@ -15,6 +18,8 @@
 use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result};
+#[cfg(doc)]
+use crate::model::config::Confidence;
 use crate::model::weights::Ffn;
 use crate::model::Session;
 
@@ -92,11 +97,13 @@ pub fn check_quality(quality_pct: f64) -> Result<()> {
     Ok(())
 }
 
-/// What a profile's numbers mean: 3 = measured on text the carve left out, with top-1
-/// shares of the kernel's adaptive mass (raw scores for carved models); 2 = the same on
+/// What a profile's numbers mean: 4 = confidences by the model's [`Confidence`] (the
+/// norm signal for least-squares carved routers); 3 = measured on text the carve left
+/// out, with top-1 shares of the kernel's adaptive mass (raw scores for carved models);
+/// 2 = the same on
 /// the carve's own calibration tokens, where its recovery fit flatters every cut; 0 = an
 /// older profile (softmax shares). Any but the current is measured again.
-pub const PROFILE_VERSION: u32 = 3;
+pub const PROFILE_VERSION: u32 = 4;
 
 /// The keep threshold that leaves every expert (above any share).
 pub const KEEP_ALL: f32 = 2.0;

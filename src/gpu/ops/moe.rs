@@ -48,6 +48,10 @@ pub struct RouteOut<'a> {
     pub active: &'a wgpu::Buffer,
     pub layer: u32,
     pub count: bool,
+    /// The residual stream [n_tokens, d_model], for the norm signal (None: the top-1
+    /// share; `dummy` is bound).
+    pub residual: Option<(&'a wgpu::Buffer, u32)>,
+    pub dummy: &'a wgpu::Buffer,
 }
 
 /// Writes each token's `n_used` expert ids and weights from router outputs `g` (and `u`).
@@ -70,9 +74,9 @@ pub fn moe_route(
         n_tokens,
         score_mode: score as u32,
         weights_mode: weights as u32,
-        d_model: 0,
+        d_model: out.residual.map_or(0, |(_, d)| d),
         layer: out.layer,
-        flags: u32::from(out.count),
+        flags: u32::from(out.count) | if out.residual.is_some() { 2 } else { 0 },
     };
     b.push(
         Kernel::MoeRoute,
@@ -86,6 +90,7 @@ pub fn moe_route(
             Bind::whole(10, out.keep),
             Bind::whole(11, out.active),
             Bind::whole(12, out.conf),
+            Bind::whole(13, out.residual.map_or(out.dummy, |(x, _)| x)),
         ],
         [n_tokens, 1, 1],
     );
