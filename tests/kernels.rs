@@ -302,7 +302,6 @@ fn adaptive_routing_drops_by_the_share_or_by_the_norm_signal() {
         let wts = g.storage("wts", (4 * tokens * k) as u64).expect("wts");
         let conf = g.storage("conf", (4 * tokens) as u64).expect("conf");
         let active = g.storage("active", 16).expect("active");
-        let dummy = g.storage("dummy", 16).expect("dummy");
         let out = ops::RouteOut {
             ids: &ids,
             wts: &wts,
@@ -312,7 +311,6 @@ fn adaptive_routing_drops_by_the_share_or_by_the_norm_signal() {
             layer: 0,
             count: false,
             residual: norm.then_some((&*xb, d as u32)),
-            dummy: &dummy,
         };
         let mut b = DispatchBuilder::new(&g);
         let (score, weights) = (ops::RouteScore::Logits, ops::RouteWeights::Ones);

@@ -112,7 +112,6 @@ fn route(
         layer: layer as u32,
         count,
         residual: (moe.confidence == Confidence::Norm).then_some((&*s.x, m.gate_exps.cols as u32)),
-        dummy: &s.dummy,
     };
     ops::moe_route(
         b,

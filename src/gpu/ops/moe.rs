@@ -49,9 +49,8 @@ pub struct RouteOut<'a> {
     pub layer: u32,
     pub count: bool,
     /// The residual stream [n_tokens, d_model], for the norm signal (None: the top-1
-    /// share; `dummy` is bound).
+    /// share).
     pub residual: Option<(&'a wgpu::Buffer, u32)>,
-    pub dummy: &'a wgpu::Buffer,
 }
 
 /// Writes each token's `n_used` expert ids and weights from router outputs `g` (and `u`).
@@ -90,7 +89,8 @@ pub fn moe_route(
             Bind::whole(10, out.keep),
             Bind::whole(11, out.active),
             Bind::whole(12, out.conf),
-            Bind::whole(13, out.residual.map_or(out.dummy, |(x, _)| x)),
+            // Unread without the norm signal: any read-only buffer (`dummy` may be `conf`).
+            Bind::whole(13, out.residual.map_or(g, |(x, _)| x)),
         ],
         [n_tokens, 1, 1],
     );
