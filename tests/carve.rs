@@ -190,20 +190,8 @@ fn carve_rejects_bad_input_and_writes_nothing() {
 
     // A model without a gated FFN (no ffn_gate in layer 0) cannot be carved.
     let file = pregate::format::GgufFile::open(&dense).expect("open");
-    let mut w = pregate::format::GgufWriter::new();
-    for (k, v) in &file.metadata {
-        w.meta(k, v.clone());
-    }
-    for t in file
-        .tensors
-        .iter()
-        .filter(|t| t.name != "blk.0.ffn_gate.weight")
-    {
-        w.tensor(&t.name, t.dtype, &t.dims, file.bytes(t).to_vec())
-            .expect("tensor");
-    }
     let gateless = dir.join("gateless.gguf");
-    w.write(&gateless).expect("write");
+    common::copy_without_tensor(&file, "blk.0.ffn_gate.weight", &gateless);
     let err = carve::carve(&gateless, &out, &base, |_| {}).expect_err("no gate");
     assert!(err.to_string().contains("no gated FFN"), "{err}");
     assert!(!out.exists());
@@ -730,19 +718,7 @@ fn a_recovery_fit_for_the_pregate_routers_choices_runs_under_pregate_routing() {
     );
     // A file that names the fit but lost a layer of it runs the layers' fit too.
     let damaged = dir.join("damaged.gguf");
-    let mut w = pregate::format::GgufWriter::new();
-    for (k, v) in f.metadata.iter().filter(|(k, _)| *k != "general.alignment") {
-        w.meta(k, v.clone());
-    }
-    for t in f
-        .tensors
-        .iter()
-        .filter(|t| t.name != "blk.1.ffn_recover_pregate.weight")
-    {
-        w.tensor(&t.name, t.dtype, &t.dims, f.bytes(t).to_vec())
-            .expect("tensor");
-    }
-    w.write(&damaged).expect("write");
+    common::copy_without_tensor(&f, "blk.1.ffn_recover_pregate.weight", &damaged);
     assert!(bits(&pregate_logits(&damaged, &router_path), &other));
     // With another router, the model falls back to the layers' fit.
     let smaller = pregate::router::TrainOptions {

@@ -723,3 +723,20 @@ pub fn run_cli(args: &[&str]) -> String {
     );
     String::from_utf8(out.stdout).expect("utf8 stdout")
 }
+
+/// Writes `file` to `out` without the tensor `name` (the writer sets its own alignment).
+pub fn copy_without_tensor(file: &pregate::format::GgufFile, name: &str, out: &Path) {
+    let mut w = pregate::format::GgufWriter::new();
+    for (k, v) in file
+        .metadata
+        .iter()
+        .filter(|(k, _)| *k != "general.alignment")
+    {
+        w.meta(k, v.clone());
+    }
+    for t in file.tensors.iter().filter(|t| t.name != name) {
+        w.tensor(&t.name, t.dtype, &t.dims, file.bytes(t).to_vec())
+            .expect("tensor");
+    }
+    w.write(out).expect("write");
+}
