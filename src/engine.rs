@@ -210,15 +210,17 @@ impl Engine {
 
     /// Adaptive gating (AdapMoE): tokens whose router is confident use fewer experts, for a
     /// predicted perplexity cost of `quality_pct` percent (0: off, the fixed top-k). The
-    /// per-layer sensitivities come from `profile` (default `MODEL.adaptive.json`); when
-    /// it does not exist they are measured on the built-in calibration corpus
-    /// (`progress(done, total)` counts the passes). The thresholds' real cost is then
-    /// measured on those tokens and lowered until it fits; both are saved in the profile,
-    /// so a later run with the same quality measures nothing.
+    /// per-layer sensitivities come from `profile` (default `MODEL.adaptive.json`, or
+    /// `MODEL.adaptive-ID.json` for text of one's own); when it does not exist they are
+    /// measured on `calib` (text files; none: the built-in corpus's windows that the carve
+    /// left out), `progress(done, total)` counting the passes. The thresholds' real cost
+    /// is then measured on those tokens and lowered until it fits; both are saved in the
+    /// profile, so a later run with the same quality and text measures nothing.
     pub fn set_adaptive(
         &mut self,
         quality_pct: f64,
         profile: Option<&Path>,
+        calib: &[PathBuf],
         progress: impl FnMut(usize, usize),
     ) -> Result<&AdaptivePlan> {
         adaptive::check_quality(quality_pct)?;
@@ -237,9 +239,11 @@ impl Engine {
         let plan = if quality_pct == 0.0 {
             AdaptivePlan::off(c.n_layer)
         } else {
+            let tokens = self.adaptive_tokens(calib)?;
+            let source = (!calib.is_empty()).then(|| adaptive::calibration_id(&tokens));
             let path = profile
                 .map(Path::to_path_buf)
-                .unwrap_or_else(|| adaptive::default_profile_path(&self.path));
+                .unwrap_or_else(|| adaptive::default_profile_path(&self.path, source.as_deref()));
             let saved = match path.exists() {
                 true => Some(AdaptiveProfile::load(&path)?).filter(|p| {
                     let current = p.version == adaptive::PROFILE_VERSION;
@@ -255,16 +259,26 @@ impl Engine {
             };
             if let Some(p) = &saved {
                 p.check_fits(c.n_layer)?;
+                if p.calib != source {
+                    return Err(Error::InvalidArgument(format!(
+                        "{} was measured on {}, not on {}: give another --adaptive-profile, or delete it to measure again",
+                        path.display(),
+                        adaptive::describe_calibration(p.calib.as_deref()),
+                        adaptive::describe_calibration(source.as_deref()),
+                    )));
+                }
             }
             match saved.as_ref().map(|p| p.plan(quality_pct)).transpose()? {
                 // This quality was measured before: nothing to run.
                 Some(plan) if plan.measured_cost_pct.is_some() => plan,
                 _ => {
-                    let tokens = self.adaptive_tokens()?;
                     let mut session = self.session()?;
                     let mut prof = match saved {
                         Some(p) => p,
-                        None => adaptive::measure(&mut session, &tokens, progress)?,
+                        None => adaptive::AdaptiveProfile {
+                            calib: source,
+                            ..adaptive::measure(&mut session, &tokens, progress)?
+                        },
                     };
                     prof.check_fits(c.n_layer)?;
                     let plan = adaptive::validate(&mut session, &tokens, &mut prof, quality_pct)?;
@@ -285,13 +299,18 @@ impl Engine {
         Ok(self.adaptive.insert(plan))
     }
 
-    /// Adaptive gating's calibration text: [`ADAPTIVE_WINDOWS`] windows of the built-in
-    /// corpus that a default carve did not profile. Measured on the carve's own tokens, the
-    /// recovery fit is in-sample: there dropping an expert looked free in half the layers
-    /// and `--adaptive 2` cost 3.3% on other text (BENCHMARKS.md).
-    fn adaptive_tokens(&self) -> Result<Vec<Vec<u32>>> {
+    /// Adaptive gating's calibration text: [`ADAPTIVE_WINDOWS`] windows spread over the
+    /// user's `files`, or else of the built-in corpus where a default carve did not profile.
+    /// Measured on the carve's own tokens, the recovery fit is in-sample: there dropping an
+    /// expert looked free in half the layers and `--adaptive 2` cost 3.3% on other text
+    /// (BENCHMARKS.md).
+    fn adaptive_tokens(&self, files: &[PathBuf]) -> Result<Vec<Vec<u32>>> {
         use crate::carve::{calib, CarveOptions};
-        let seq = ADAPTIVE_WINDOW.min(self.ctx.saturating_sub(1));
+        let seq = ADAPTIVE_WINDOW.min(self.ctx.saturating_sub(1)).max(2);
+        if !files.is_empty() {
+            let tokens = calib::tokens(&self.tokenizer, files, ADAPTIVE_WINDOWS * seq, seq)?;
+            return Ok(tokens.chunks(seq).map(<[u32]>::to_vec).collect());
+        }
         let all = self.tokenizer.encode(calib::BUILTIN_CORPUS, false)?;
         let carve = CarveOptions::default();
         let windows = calib::held_out(

@@ -123,9 +123,15 @@ struct ModelArgs {
     /// MODEL.adaptive.json
     #[arg(long, default_value_t = 0.0, value_name = "QUALITY")]
     adaptive: f64,
-    /// Adaptive-gating profile (default: MODEL.adaptive.json next to the model)
+    /// Adaptive-gating profile (default: MODEL.adaptive.json next to the model, or
+    /// MODEL.adaptive-ID.json with --adaptive-calib)
     #[arg(long, value_name = "PATH")]
     adaptive_profile: Option<PathBuf>,
+    /// Measure adaptive gating's profile on these text files, text like what you will run
+    /// (default: built-in text the carve left out; which layers are cheap to cut depends
+    /// on the text). 1024 tokens are taken, spread over the files
+    #[arg(long, value_name = "FILE", num_args = 1..)]
+    adaptive_calib: Vec<PathBuf>,
 }
 
 /// The runtime's policies (Belady needs the whole future: it lives in `simulate`).
@@ -535,6 +541,9 @@ fn resolve(spec: &str) -> Result<PathBuf> {
 }
 
 fn load(m: &ModelArgs) -> Result<Engine> {
+    if !m.adaptive_calib.is_empty() && m.adaptive == 0.0 {
+        bail!("--adaptive-calib measures adaptive gating's profile: give --adaptive QUALITY too");
+    }
     let path = resolve(&m.model)?;
     let budget = VramBudget::parse(&m.vram_budget)?;
     let opts = EngineOptions {
@@ -571,10 +580,15 @@ fn load(m: &ModelArgs) -> Result<Engine> {
     if m.adaptive != 0.0 {
         let pb = bar(0, "measuring layer sensitivity {bar:40} {pos}/{len} passes");
         let plan = engine
-            .set_adaptive(m.adaptive, m.adaptive_profile.as_deref(), |done, total| {
-                pb.set_length(total as u64);
-                pb.set_position(done as u64);
-            })
+            .set_adaptive(
+                m.adaptive,
+                m.adaptive_profile.as_deref(),
+                &m.adaptive_calib,
+                |done, total| {
+                    pb.set_length(total as u64);
+                    pb.set_position(done as u64);
+                },
+            )
             .context("adaptive gating")?;
         pb.finish_and_clear();
         eprintln!(

@@ -62,7 +62,7 @@ fn quality_zero_is_the_fixed_top_k_and_top1_everywhere_is_one_expert() {
     );
 
     // Back to quality 0: bit-identical to the fixed top-k.
-    engine.set_adaptive(0.0, None, |_, _| {}).unwrap();
+    engine.set_adaptive(0.0, None, &[], |_, _| {}).unwrap();
     let again = run(&engine);
     for (w, g) in fixed.iter().zip(&again) {
         assert!(w.iter().zip(g).all(|(a, b)| a.to_bits() == b.to_bits()));
@@ -107,7 +107,7 @@ fn a_measured_profile_cuts_active_experts_within_its_budget() {
     let _ = std::fs::remove_file(&profile);
     let mut passes = 0;
     let plan = engine
-        .set_adaptive(20.0, None, |done, _| passes = done)
+        .set_adaptive(20.0, None, &[], |done, _| passes = done)
         .expect("adaptive")
         .clone();
     // One routing pass, the base NLL, one pass per MoE layer; saved for the next run.
@@ -139,12 +139,12 @@ fn a_measured_profile_cuts_active_experts_within_its_budget() {
     // The profile is read back, not measured again; a wrong one is an error.
     let mut again = load(&carved, None, VramBudget::All);
     again
-        .set_adaptive(20.0, None, |_, _| panic!("measured again"))
+        .set_adaptive(20.0, None, &[], |_, _| panic!("measured again"))
         .unwrap();
     std::fs::write(&profile, b"{ not json").unwrap();
-    let err = again.set_adaptive(20.0, None, |_, _| {}).unwrap_err();
+    let err = again.set_adaptive(20.0, None, &[], |_, _| {}).unwrap_err();
     assert!(err.to_string().contains("adaptive"), "{err}");
-    assert!(again.set_adaptive(-1.0, None, |_, _| {}).is_err());
+    assert!(again.set_adaptive(-1.0, None, &[], |_, _| {}).is_err());
     drop(again);
 
     // The CLI: eval --adaptive reports the mean active experts (the profile is found
@@ -231,4 +231,69 @@ fn a_least_squares_carve_drops_where_the_norm_signal_passes_the_threshold() {
         dropped >= pairs / 3 && dropped < pairs,
         "{dropped} of {pairs}"
     );
+}
+
+#[test]
+fn a_profile_measured_on_ones_own_text_is_kept_apart_and_reused_only_for_it() {
+    let (_, carved) = carve_tiny("adaptive_own_text", 8, 1, 2);
+    let dir = carved.parent().unwrap().to_path_buf();
+    let own = dir.join("own.txt");
+    let own_text = [own.clone()];
+    let text: String = (0..60)
+        .map(|i| format!("def f_{i}(x):\n    return x + {}\n", i % 5))
+        .collect();
+    std::fs::write(&own, &text).unwrap();
+    let builtin = carved.with_extension("adaptive.json");
+    let _ = std::fs::remove_file(&builtin);
+
+    let mut engine = load(&carved, None, VramBudget::All);
+    let plan = engine
+        .set_adaptive(20.0, None, &own_text, |_, _| {})
+        .expect("adaptive on own text")
+        .clone();
+    assert!(plan.measured_cost_pct.is_some());
+    // Kept beside the model under the text's id; the built-in text's profile is untouched.
+    assert!(!builtin.exists());
+    let saved: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| {
+            let name = p.file_name().unwrap().to_string_lossy().into_owned();
+            name.starts_with("carved.adaptive-") && name.ends_with(".json")
+        })
+        .collect();
+    assert_eq!(saved.len(), 1, "{saved:?}");
+    let prof = pregate::router::adaptive::AdaptiveProfile::load(&saved[0]).unwrap();
+    let id = prof.calib.clone().expect("calibration id");
+    assert_eq!(id.len(), 16);
+    assert!(saved[0].to_string_lossy().contains(&id[..8]));
+    // All of this short text's tokens (fewer than four 256-token windows), nothing else.
+    let n_text = engine.tokenizer.encode(&text, false).unwrap().len();
+    assert_eq!(prof.tokens, n_text.min(4 * 256));
+
+    // The same text again: read back, not measured.
+    let mut again = load(&carved, None, VramBudget::All);
+    again
+        .set_adaptive(20.0, None, &own_text, |_, _| panic!("measured again"))
+        .unwrap();
+    // That profile asked for with other text is refused, naming both.
+    let err = again
+        .set_adaptive(20.0, Some(&saved[0]), &[], |_, _| {})
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("calibration text") && err.contains("built-in"),
+        "{err}"
+    );
+
+    // The CLI refuses --adaptive-calib without --adaptive (it would do nothing).
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_pregate"))
+        .args(["eval", "-m", carved.to_str().unwrap(), "-f"])
+        .arg(&own)
+        .arg("--adaptive-calib")
+        .arg(&own)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--adaptive QUALITY"));
 }

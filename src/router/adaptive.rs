@@ -44,6 +44,10 @@ pub struct AdaptiveProfile {
     pub version: u32,
     /// Calibration tokens scored.
     pub tokens: usize,
+    /// Which text they came from: None for the built-in corpus's windows that the carve
+    /// left out, else [`calibration_id`] of the user's tokens (`--adaptive-calib`).
+    #[serde(default)]
+    pub calib: Option<String>,
     /// Their mean NLL with every layer at its full top-k.
     pub base_nll: f64,
     pub layers: Vec<LayerSensitivity>,
@@ -286,6 +290,7 @@ pub fn measure(
     Ok(AdaptiveProfile {
         version: PROFILE_VERSION,
         tokens: windows.iter().map(Vec::len).sum(),
+        calib: None,
         base_nll,
         layers,
         validated: Vec::new(),
@@ -388,9 +393,36 @@ fn mean_and_se(v: &[f64]) -> (f64, f64) {
     (m, (var / n).sqrt())
 }
 
-/// Where a model's adaptive-gating profile is kept by default.
-pub fn default_profile_path(model: &Path) -> PathBuf {
-    model.with_extension("adaptive.json")
+/// Where a model's adaptive-gating profile is kept by default: `MODEL.adaptive.json` for
+/// the built-in calibration text, `MODEL.adaptive-ID.json` for a user's (`calib`, from
+/// [`calibration_id`]), so that profiles of different texts live side by side.
+pub fn default_profile_path(model: &Path, calib: Option<&str>) -> PathBuf {
+    match calib {
+        None => model.with_extension("adaptive.json"),
+        Some(id) => model.with_extension(format!("adaptive-{}.json", &id[..id.len().min(8)])),
+    }
+}
+
+/// Names calibration windows by a sha256 of their tokens (16 hex digits): a profile is
+/// reused only for the text it was measured on.
+pub fn calibration_id(windows: &[Vec<u32>]) -> String {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    for w in windows {
+        h.update((w.len() as u64).to_le_bytes());
+        for t in w {
+            h.update(t.to_le_bytes());
+        }
+    }
+    crate::format::hex_digest(h)[..16].to_string()
+}
+
+/// Says which text a profile was measured on, for an error message.
+pub fn describe_calibration(calib: Option<&str>) -> String {
+    match calib {
+        None => "the built-in calibration text".into(),
+        Some(id) => format!("calibration text {id}"),
+    }
 }
 
 #[cfg(test)]
@@ -403,6 +435,7 @@ mod tests {
         AdaptiveProfile {
             version: PROFILE_VERSION,
             tokens: 100,
+            calib: None,
             base_nll: 2.0,
             validated: Vec::new(),
             layers: vec![
