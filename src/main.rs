@@ -119,8 +119,8 @@ struct ModelArgs {
     experts_per_token: Option<usize>,
     /// Adaptive gating (AdapMoE): confident tokens use fewer experts, for this predicted
     /// perplexity cost in percent (0 = off). Per-layer sensitivities are measured once on
-    /// built-in text the carve did not see (minutes on a CPU) and kept in
-    /// MODEL.adaptive.json
+    /// built-in text the carve did not see, or on --adaptive-calib text (minutes on a CPU),
+    /// and kept next to the model
     #[arg(long, default_value_t = 0.0, value_name = "QUALITY")]
     adaptive: f64,
     /// Adaptive-gating profile (default: MODEL.adaptive.json next to the model, or
