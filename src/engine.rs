@@ -239,8 +239,13 @@ impl Engine {
         let plan = if quality_pct == 0.0 {
             AdaptivePlan::off(c.n_layer)
         } else {
-            let tokens = self.adaptive_tokens(calib)?;
-            let source = (!calib.is_empty()).then(|| adaptive::calibration_id(&tokens));
+            // The user's text is read now (its id names the profile); the built-in
+            // corpus only when a measurement needs it (158k tokens: 0.3 s a start).
+            let own = match calib.is_empty() {
+                true => None,
+                false => Some(self.adaptive_tokens(calib)?),
+            };
+            let source = own.as_deref().map(adaptive::calibration_id);
             let path = profile
                 .map(Path::to_path_buf)
                 .unwrap_or_else(|| adaptive::default_profile_path(&self.path, source.as_deref()));
@@ -272,6 +277,10 @@ impl Engine {
                 // This quality was measured before: nothing to run.
                 Some(plan) if plan.measured_cost_pct.is_some() => plan,
                 _ => {
+                    let tokens = match own {
+                        Some(t) => t,
+                        None => self.adaptive_tokens(&[])?,
+                    };
                     let mut session = self.session()?;
                     let mut prof = match saved {
                         Some(p) => p,

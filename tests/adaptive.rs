@@ -286,6 +286,20 @@ fn a_profile_measured_on_ones_own_text_is_kept_apart_and_reused_only_for_it() {
         "{err}"
     );
 
+    // An empty calibration file is named, and nothing is written.
+    let empty = dir.join("empty.txt");
+    std::fs::write(&empty, "").unwrap();
+    let before = std::fs::read_dir(&dir).unwrap().count();
+    let err = again
+        .set_adaptive(20.0, None, std::slice::from_ref(&empty), |_, _| {})
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("calibration text is empty") && err.contains("empty.txt"),
+        "{err}"
+    );
+    assert_eq!(std::fs::read_dir(&dir).unwrap().count(), before);
+
     // The CLI refuses --adaptive-calib without --adaptive (it would do nothing).
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_pregate"))
         .args(["eval", "-m", carved.to_str().unwrap(), "-f"])

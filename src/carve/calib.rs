@@ -30,7 +30,14 @@ pub fn tokens(tok: &Tokenizer, files: &[PathBuf], max: usize, seq_len: usize) ->
     }
     let out = spread(&all, max, seq_len);
     if out.is_empty() {
-        return Err(Error::Carve("the calibration set is empty".into()));
+        return Err(Error::InvalidArgument(format!(
+            "the calibration text is empty ({})",
+            files
+                .iter()
+                .map(|p| p.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        )));
     }
     Ok(out)
 }
