@@ -1,5 +1,6 @@
 // Router top-k: per token, probabilities over the routed experts, then the n_used experts of
-// largest probability + bias (the bias balances load and affects selection only).
+// largest probability + bias (the bias balances load and affects selection only). The fixed
+// top-k keeps the first n_base of them (n_used > n_base leaves adaptive gating room to add).
 // score_mode 0 (CMoE, training-free): score_e = |u_e * silu(g_e)|, softmax over e.
 // score_mode 1 (native MoE): g holds the router logits, softmax over e.
 // weights_mode 0: every weight 1 (CMoE: all experts active == the dense FFN);
@@ -8,8 +9,10 @@
 // once the experts before it hold at least `keep[layer]` of the chosen experts' mass (their
 // probabilities; for carved models, whose experts all weigh 1, their raw scores); keep > 1
 // keeps all (fixed top-k). With flags & 2 (the norm signal, least-squares carved routers,
-// whose scores predict each expert's output norm) a token instead keeps only its top-1
-// once 1 - (the other chosen experts' scores) / |x| reaches `keep`, x the residual stream.
+// whose scores predict each expert's output norm) each expert after the top-1 is judged on
+// its own: dropped once 1 - its score / |x| reaches `keep` (x the residual stream), so
+// dropping it moves the stream little; the experts past n_base are kept where it does not
+// (a token the router is unsure of gets more than the fixed top-k).
 // `conf` gets each token's confidence (the top-1 share, or that norm signal), and
 // with flags & 1 `n_active` counts [kept experts, routed tokens] for the run's metrics.
 // For prefill, `group` lists each expert's (token, slot) pairs so the grouped expert kernels
@@ -27,6 +30,10 @@ struct Params {
     d_model: u32,
     layer: u32,
     flags: u32,
+    n_base: u32,
+    _pad0: u32,
+    _pad1: u32,
+    _pad2: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -166,7 +173,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
         // (every expert weighted 1) the raw scores, which estimate each expert's output
         // size (CMoE's |u·silu(g)|, the least-squares router's predicted norm).
         var total = 0.0;
-        for (var j = 0u; j < p.n_used; j++) {
+        for (var j = 0u; j < p.n_base; j++) {
             total += mass_of(t * p.n_used + j);
         }
         let adaptive = keep[p.layer] <= 1.0;
@@ -176,9 +183,9 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
         var kept_sum = 0.0;
         let top1 = mass_of(t * p.n_used);
         // The token's confidence: its top-1 share of the mass, or with the norm signal
-        // one less how far the experts after the top-1 would move the residual (the sum
-        // of their scores, a least-squares router's predicted output norms, over |x|);
-        // then a token keeps only its top-1 once the confidence reaches `keep`.
+        // one less how far the fixed top-k's experts after the top-1 would move the
+        // residual (the sum of their scores, a least-squares router's predicted output
+        // norms, over |x|), which adaptive gating's profile measures.
         var c = select(1.0, top1 / total, total > 0.0);
         if (norm_signal) {
             c = 1.0 - min(1.0, (total - top1) / max(xnorm, 1e-30));
@@ -186,8 +193,13 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
         for (var j = 0u; j < p.n_used; j++) {
             let o = t * p.n_used + j;
             let m = mass_of(o);
-            let enough_here = select(cum >= enough, c >= keep[p.layer], norm_signal);
-            if (adaptive && j > 0u && enough_here) {
+            // Without adaptive gating the slots past the fixed top-k hold nothing.
+            var drop = j >= p.n_base;
+            if (adaptive && j > 0u) {
+                let c_j = 1.0 - min(1.0, m / max(xnorm, 1e-30));
+                drop = select(drop || cum >= enough, c_j >= keep[p.layer], norm_signal);
+            }
+            if (drop) {
                 ids[o] = SKIP;
                 wts[o] = 0.0;
             } else {

@@ -16,7 +16,10 @@ use crate::model::offload::{Offload, OffloadOptions};
 use crate::model::tokenizer::TextStream;
 use crate::model::{Model, Sampler, SamplerConfig, Session, Tokenizer};
 use crate::moe::Routing;
-use crate::router::adaptive::{self, AdaptivePlan, AdaptiveProfile};
+use crate::router::adaptive::{self, AdaptiveMax, AdaptivePlan, AdaptiveProfile};
+
+const ADAPTIVE_NEEDS_LAYER_ROUTING: &str =
+    "adaptive gating thresholds the layers' own routers: use it with --routing layer";
 
 /// Windows of calibration text adaptive gating measures its profile on, and their length:
 /// at 1024 tokens a layer's measured cost has a standard error of about 0.7% perplexity.
@@ -34,6 +37,9 @@ pub struct EngineOptions {
     pub budget: VramBudget,
     /// How experts are cached when the budget leaves them out of VRAM.
     pub offload: OffloadOptions,
+    /// How many experts adaptive gating ([`Engine::set_adaptive`]) may give a token. Past
+    /// the top-k this sizes the expert buffers, so it is set at load.
+    pub adaptive_max: AdaptiveMax,
 }
 
 pub struct Engine {
@@ -118,6 +124,18 @@ impl Engine {
         }
         // Whether the carve fitted a recovery (what the experts a token skips would add).
         let recovery = file.tensors.iter().any(|t| t.name.contains(".ffn_recover"));
+        let max = match opts.adaptive_max {
+            AdaptiveMax::TopK => None,
+            AdaptiveMax::Auto => Some(None),
+            AdaptiveMax::Experts(n) => Some(Some(n)),
+        };
+        if let Some(max) = max.filter(|_| config.moe.is_some()) {
+            if opts.offload.routing != Routing::Layer {
+                return Err(Error::InvalidArgument(ADAPTIVE_NEEDS_LAYER_ROUTING.into()));
+            }
+            let slots = config.set_adaptive_slots(max, recovery)?;
+            tracing::info!("adaptive gating may give a token up to {slots} experts");
+        }
         let router = crate::model::offload::load_router(path, &config, &opts.offload)?;
         if opts.offload.routing == Routing::Pregate {
             pick_recovery_fit(&file, recovery, &mut config, router.as_ref());
@@ -202,14 +220,15 @@ impl Engine {
             })
             .collect();
         let tokens = crate::carve::calib::tokens(tokenizer, &[], 2048, 512)?;
-        let slots =
-            crate::moe::sizing::split_by_plan(router, &tokens, moe.n_used, uniform, &moe_layer);
+        let k = (moe.n_used, moe.n_slots);
+        let slots = crate::moe::sizing::split_by_plan(router, &tokens, k, uniform, &moe_layer);
         tracing::info!("lookahead: expert slots per layer {slots:?} (split by miss curves)");
         Ok(slots)
     }
 
-    /// Adaptive gating (AdapMoE): tokens whose router is confident use fewer experts, for a
-    /// predicted perplexity cost of `quality_pct` percent (0: off, the fixed top-k). The
+    /// Adaptive gating (AdapMoE): tokens whose router is confident use fewer experts (and,
+    /// where [`EngineOptions::adaptive_max`] left room past the top-k, unsure ones more),
+    /// for a perplexity cost of `quality_pct` percent (0: off, the fixed top-k). The
     /// per-layer sensitivities come from `profile` (default `MODEL.adaptive.json`, or
     /// `MODEL.adaptive-ID.json` for text of one's own); when it does not exist they are
     /// measured on `calib` (text files; none: the built-in corpus's windows that the carve
@@ -231,11 +250,9 @@ impl Engine {
             ));
         }
         if quality_pct != 0.0 && self.model.routing != crate::moe::Routing::Layer {
-            return Err(Error::InvalidArgument(
-                "adaptive gating thresholds the layers' own routers: use it with --routing layer"
-                    .into(),
-            ));
+            return Err(Error::InvalidArgument(ADAPTIVE_NEEDS_LAYER_ROUTING.into()));
         }
+        let extra_slots = c.moe.as_ref().map_or(0, |m| m.n_slots - m.n_used);
         let plan = if quality_pct == 0.0 {
             AdaptivePlan::off(c.n_layer)
         } else {
@@ -273,7 +290,11 @@ impl Engine {
                     )));
                 }
             }
-            match saved.as_ref().map(|p| p.plan(quality_pct)).transpose()? {
+            match saved
+                .as_ref()
+                .map(|p| p.plan(quality_pct, extra_slots))
+                .transpose()?
+            {
                 // This quality was measured before: nothing to run.
                 Some(plan) if plan.measured_cost_pct.is_some() => plan,
                 _ => {

@@ -17,6 +17,7 @@ use pregate::model::memory::VramBudget;
 use pregate::model::offload::OffloadOptions;
 use pregate::moe::{PolicyKind, Prefetch, Routing};
 use pregate::pull::{self, PullEvent, DEFAULT_MODEL};
+use pregate::router::adaptive::AdaptiveMax;
 use pregate::{Engine, EngineOptions, GenerateParams, SamplerConfig};
 
 #[derive(Parser)]
@@ -117,7 +118,8 @@ struct ModelArgs {
     /// Experts per token in MoE layers: a count, or `all` (default: the model's)
     #[arg(long, value_parser = parse_experts)]
     experts_per_token: Option<usize>,
-    /// Adaptive gating (AdapMoE): confident tokens use fewer experts, for this predicted
+    /// Adaptive gating (AdapMoE): tokens the router is sure of use fewer experts, and on a
+    /// least-squares carve tokens it is unsure of more (--adaptive-max-experts), for this
     /// perplexity cost in percent (0 = off). Per-layer sensitivities are measured once on
     /// built-in text the carve did not see, or on --adaptive-calib text (minutes on a CPU),
     /// and kept next to the model
@@ -132,6 +134,11 @@ struct ModelArgs {
     /// on the text). 1024 tokens are taken, spread over the files
     #[arg(long, value_name = "FILE", num_args = 1..)]
     adaptive_calib: Vec<PathBuf>,
+    /// Most experts adaptive gating may give a token. Past the top-k it also adds experts
+    /// where a token's router is unsure (carves with a least-squares router; default: as
+    /// many as the carve's recovery fit covers, at most twice the top-k). The top-k: only drop
+    #[arg(long, value_name = "N")]
+    adaptive_max_experts: Option<usize>,
 }
 
 /// The runtime's policies (Belady needs the whole future: it lives in `simulate`).
@@ -544,6 +551,14 @@ fn load(m: &ModelArgs) -> Result<Engine> {
     if !m.adaptive_calib.is_empty() && m.adaptive == 0.0 {
         bail!("--adaptive-calib measures adaptive gating's profile: give --adaptive QUALITY too");
     }
+    if m.adaptive_max_experts.is_some() && m.adaptive == 0.0 {
+        bail!("--adaptive-max-experts bounds adaptive gating: give --adaptive QUALITY too");
+    }
+    let adaptive_max = match (m.adaptive != 0.0, m.adaptive_max_experts) {
+        (false, _) => AdaptiveMax::TopK,
+        (true, None) => AdaptiveMax::Auto,
+        (true, Some(n)) => AdaptiveMax::Experts(n),
+    };
     let path = resolve(&m.model)?;
     let budget = VramBudget::parse(&m.vram_budget)?;
     let opts = EngineOptions {
@@ -566,6 +581,7 @@ fn load(m: &ModelArgs) -> Result<Engine> {
             routing: m.routing,
             router: m.router.clone(),
         },
+        adaptive_max,
     };
     let pb = bar(0, "loading {bar:40} {pos}/{len} layers");
     let mut engine = Engine::load_with_progress(&path, &opts, |done, total| {
@@ -591,11 +607,21 @@ fn load(m: &ModelArgs) -> Result<Engine> {
             )
             .context("adaptive gating")?;
         pb.finish_and_clear();
-        eprintln!(
-            "adaptive gating: {:.2}% perplexity cost on the calibration tokens, about {:.0}% of token-layer pairs on their top-1 expert",
+        let (cost, mean, top1) = (
             plan.measured_cost_pct.unwrap_or(plan.predicted_cost_pct),
-            100.0 * plan.predicted_top1_share
+            plan.mean_experts,
+            plan.predicted_top1_share,
         );
+        match (mean, engine.model.config.moe.as_ref()) {
+            (Some(mean), Some(moe)) => eprintln!(
+                "adaptive gating: {cost:.2}% perplexity cost on the calibration tokens, {mean:.2} experts a token there (fixed: {}, at most {})",
+                moe.n_used, moe.n_slots
+            ),
+            _ => eprintln!(
+                "adaptive gating: {cost:.2}% perplexity cost on the calibration tokens, about {:.0}% of token-layer pairs on their top-1 expert",
+                100.0 * top1
+            ),
+        }
     }
     tracing::info!(adapter = %engine.gpu().adapter_name(), "model loaded");
     Ok(engine)

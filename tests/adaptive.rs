@@ -9,6 +9,7 @@ use std::path::Path;
 use common::{carve_tiny, max_abs_diff};
 use pregate::model::memory::VramBudget;
 use pregate::model::offload::OffloadOptions;
+use pregate::router::adaptive::AdaptiveMax;
 use pregate::{Engine, EngineOptions};
 
 const TOKENS: [u32; 12] = [102, 110, 32, 105, 116, 101, 109, 95, 51, 40, 120, 58];
@@ -175,9 +176,9 @@ fn a_measured_profile_cuts_active_experts_within_its_budget() {
     assert!(profile.exists());
 }
 
-#[test]
-fn a_least_squares_carve_drops_where_the_norm_signal_passes_the_threshold() {
-    let (dir, dense) = common::tiny_dense("adaptive_norm_signal", 21);
+/// A carve whose least-squares router gives the norm signal (7 routed experts, top-2).
+fn carve_least_squares(tag: &str) -> std::path::PathBuf {
+    let (dir, dense) = common::tiny_dense(tag, 21);
     let carved = dir.join("lsq.gguf");
     let opts = pregate::carve::CarveOptions {
         n_experts: 8,
@@ -190,6 +191,12 @@ fn a_least_squares_carve_drops_where_the_norm_signal_passes_the_threshold() {
         ..Default::default()
     };
     pregate::carve::carve(&dense, &carved, &opts, |_| {}).expect("carve");
+    carved
+}
+
+#[test]
+fn a_least_squares_carve_drops_where_the_norm_signal_passes_the_threshold() {
+    let carved = carve_least_squares("adaptive_norm_signal");
     let engine = load(&carved, None, VramBudget::All);
     let moe = engine.model.config.moe.clone().expect("moe");
     assert_eq!(moe.confidence, pregate::model::config::Confidence::Norm);
@@ -310,4 +317,80 @@ fn a_profile_measured_on_ones_own_text_is_kept_apart_and_reused_only_for_it() {
         .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("--adaptive QUALITY"));
+}
+
+#[test]
+fn room_past_the_top_k_changes_nothing_at_quality_zero_and_adds_experts_where_unsure() {
+    let carved = carve_least_squares("adaptive_room");
+    let fixed = load(&carved, None, VramBudget::All);
+    let want = run(&fixed);
+    drop(fixed);
+    let load_wide = |budget| {
+        Engine::load(
+            &carved,
+            &EngineOptions {
+                ctx: 300,
+                budget,
+                adaptive_max: AdaptiveMax::Auto,
+                ..Default::default()
+            },
+        )
+        .expect("load")
+    };
+    let mut wide = load_wide(VramBudget::All);
+    let moe = wide.model.config.moe.clone().expect("moe");
+    // No recovery fit to bound it: twice the top-k.
+    assert_eq!((moe.n_used, moe.n_slots), (2, 4));
+    // Without a threshold the slots past the top-k stay empty: bit-identical.
+    let got = run(&wide);
+    for (w, g) in want.iter().zip(&got) {
+        assert!(w.iter().zip(g).all(|(a, b)| a.to_bits() == b.to_bits()));
+    }
+    assert_eq!(wide.metrics().mean_active_experts, Some(2.0));
+
+    // Threshold 1 keeps every expert whose predicted output is positive: here all four,
+    // which is what four experts a token computes.
+    let layers = wide.model.config.n_layer;
+    wide.model.set_adaptive_keep(&vec![1.0; layers]).unwrap();
+    wide.reset_metrics();
+    let all = run(&wide);
+    assert_eq!(wide.metrics().mean_active_experts, Some(4.0));
+    let four = load(&carved, Some(4), VramBudget::All);
+    assert_close(&run(&four), &all, 1e-5, "threshold 1 with room vs k = 4");
+    drop(four);
+
+    // A quality setting is searched both ways and recorded with its room and its mean
+    // experts; a drop-only engine does not reuse it.
+    let profile = carved.with_extension("adaptive.json");
+    let _ = std::fs::remove_file(&profile);
+    let plan = wide
+        .set_adaptive(20.0, None, &[], |_, _| {})
+        .expect("adaptive")
+        .clone();
+    let mean = plan.mean_experts.expect("mean experts measured");
+    assert!((1.0..=4.0).contains(&mean), "{mean}");
+    assert!(plan.measured_cost_pct.unwrap() <= 20.0 + 1e-9);
+    let saved = pregate::router::adaptive::AdaptiveProfile::load(&profile).unwrap();
+    assert_eq!(saved.validated.len(), 1);
+    assert_eq!(saved.validated[0].extra_slots, 2);
+    assert_eq!(saved.validated[0].mean_experts, Some(mean));
+    let mut narrow = load(&carved, None, VramBudget::All);
+    narrow.set_adaptive(20.0, None, &[], |_, _| {}).unwrap();
+    let saved = pregate::router::adaptive::AdaptiveProfile::load(&profile).unwrap();
+    assert_eq!(saved.validated.len(), 2);
+    assert_eq!(saved.validated[1].extra_slots, 0);
+
+    // Under a budget the cache holds a token's four at once; the run is the resident one.
+    let resident = load_wide(VramBudget::All);
+    resident.model.set_adaptive_keep(&plan.keep).unwrap();
+    let want = run(&resident);
+    drop(resident);
+    let small = load_wide(VramBudget::ExpertShare(0.01));
+    small.model.set_adaptive_keep(&plan.keep).unwrap();
+    assert_close(
+        &want,
+        &run(&small),
+        1e-5,
+        "with room, offloaded vs resident",
+    );
 }

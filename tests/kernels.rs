@@ -309,6 +309,7 @@ fn adaptive_routing_drops_by_the_share_or_by_the_norm_signal() {
             keep: &keep_b,
             active: &active,
             layer: 0,
+            base: k as u32,
             count: false,
             residual: norm.then_some((&*xb, d as u32)),
         };
@@ -351,6 +352,82 @@ fn adaptive_routing_drops_by_the_share_or_by_the_norm_signal() {
             dropped > 0 && dropped < tokens,
             "norm {norm}: {dropped} dropped"
         );
+    }
+}
+
+#[test]
+fn adaptive_routing_with_room_judges_each_expert_and_adds_past_the_top_k() {
+    // Top-2 with 4 slots, by the norm signal: each expert after the top-1 stays where its
+    // score over |x| is above 1 - keep, the ones past the top-2 included; without adaptive
+    // gating (keep above 1) the slots past the top-2 hold nothing.
+    let g = gpu();
+    let (n_expert, base, slots, tokens, d) = (6usize, 2usize, 4usize, 24usize, 40usize);
+    let mut rng = Rng::new(11);
+    let scores: Vec<f32> = rng.vec(tokens * n_expert, 2.0);
+    let x: Vec<f32> = rng.vec(tokens * d, 0.6);
+    let (gb, xb) = (upload(&g, &scores), upload(&g, &x));
+    let bias = upload(&g, &[0.0; 6]);
+    for keep in [0.55f32, 2.0] {
+        let keep_b = upload(&g, &[keep]);
+        let ids = g.storage("ids", (4 * tokens * slots) as u64).expect("ids");
+        let wts = g.storage("wts", (4 * tokens * slots) as u64).expect("wts");
+        let conf = g.storage("conf", (4 * tokens) as u64).expect("conf");
+        let active = g.storage("active", 16).expect("active");
+        let out = ops::RouteOut {
+            ids: &ids,
+            wts: &wts,
+            conf: &conf,
+            keep: &keep_b,
+            active: &active,
+            layer: 0,
+            base: base as u32,
+            count: true,
+            residual: Some((&*xb, d as u32)),
+        };
+        let mut b = DispatchBuilder::new(&g);
+        let (score, weights) = (ops::RouteScore::Logits, ops::RouteWeights::Ones);
+        let (e, kk, n) = (n_expert as u32, slots as u32, tokens as u32);
+        ops::moe_route(&mut b, score, weights, e, kk, n, &gb, &gb, &bias, &out);
+        g.run_once(&b.finish(&g).expect("plan")).expect("run");
+        let got: Vec<u32> = g
+            .read_f32(&ids, tokens * slots)
+            .expect("read")
+            .iter()
+            .map(|v| v.to_bits())
+            .collect();
+        let counted: Vec<u32> = g
+            .read_f32(&active, 2)
+            .expect("read")
+            .iter()
+            .map(|v| v.to_bits())
+            .collect();
+        let (mut kept_past, mut dropped_in, mut kept) = (0, 0, 0u32);
+        for t in 0..tokens {
+            let row = &scores[t * n_expert..(t + 1) * n_expert];
+            let mut order: Vec<usize> = (0..n_expert).collect();
+            order.sort_by(|&a, &b| row[b].total_cmp(&row[a]));
+            let xt = &x[t * d..(t + 1) * d];
+            let norm = xt.iter().map(|v| v * v).sum::<f32>().sqrt();
+            for j in 0..slots {
+                let stays = match keep > 1.0 {
+                    true => j < base,
+                    false => j == 0 || 1.0 - (row[order[j]].max(0.0) / norm).min(1.0) < keep,
+                };
+                let want = if stays { order[j] as u32 } else { u32::MAX };
+                assert_eq!(got[t * slots + j], want, "token {t} slot {j} keep {keep}");
+                kept += u32::from(stays);
+                kept_past += usize::from(stays && j >= base);
+                dropped_in += usize::from(!stays && j < base);
+            }
+        }
+        assert_eq!(counted, vec![kept, tokens as u32], "keep {keep}");
+        if keep < 1.0 {
+            // The data exercises adding past the top-k and dropping within it.
+            assert!(
+                kept_past > 0 && dropped_in > 0,
+                "{kept_past} added, {dropped_in} dropped"
+            );
+        }
     }
 }
 

@@ -40,6 +40,10 @@ pub struct MoeConfig {
     pub n_expert: usize,
     /// Experts each token uses (the model's default, or --experts-per-token).
     pub n_used: usize,
+    /// Expert slots a token has in the kernels and buffers: `n_used`, or more where
+    /// adaptive gating may give a token its router is unsure of extra experts
+    /// ([`ModelConfig::set_adaptive_slots`]).
+    pub n_slots: usize,
     /// Experts each token uses as the file says: a carved model's recovery map
     /// (`ffn_recover`) was fitted for this many ([`recovery_applies`] says when it is used).
     pub fitted_used: usize,
@@ -138,6 +142,7 @@ impl MoeConfig {
         Ok(Some(MoeConfig {
             n_expert,
             n_used,
+            n_slots: n_used,
             fitted_used: n_used,
             fit: RecoveryFit::Layers,
             confidence: match router {
@@ -184,7 +189,42 @@ impl ModelConfig {
             ));
         }
         moe.n_used = k.min(moe.n_expert);
+        moe.n_slots = moe.n_used;
         Ok(())
+    }
+
+    /// Lets adaptive gating add experts where a token's router is unsure, as well as drop
+    /// them where it is sure: up to `max` a token (None: as many as the carve's recovery
+    /// fit still helps at, at most twice the top-k; `has_fit` says whether the model has
+    /// one). Only for the norm signal, where a least-squares router's score estimates each
+    /// expert's own output, so each can be judged alone; others keep the top-k as the
+    /// most. Returns the slots a token now has.
+    pub fn set_adaptive_slots(&mut self, max: Option<usize>, has_fit: bool) -> Result<usize> {
+        let Some(moe) = self.moe.as_mut() else {
+            return Ok(0);
+        };
+        if let Some(m) = max {
+            if m < moe.n_used {
+                return Err(Error::InvalidArgument(format!(
+                    "--adaptive-max-experts {m} is below the {} experts a token uses",
+                    moe.n_used
+                )));
+            }
+            if m > moe.n_used && moe.confidence != Confidence::Norm {
+                return Err(Error::InvalidArgument(
+                    "--adaptive-max-experts above the top-k needs a carve with a least-squares router (its scores estimate each expert's output)".into(),
+                ));
+            }
+        }
+        moe.n_slots = match max {
+            Some(m) => m.min(moe.n_expert),
+            None if moe.confidence != Confidence::Norm => moe.n_used,
+            None => (moe.n_used..=(2 * moe.n_used).min(moe.n_expert))
+                .take_while(|&k| !has_fit || recovery_applies(k, moe.fitted_used, moe.n_expert))
+                .last()
+                .unwrap_or(moe.n_used),
+        };
+        Ok(moe.n_slots)
     }
 
     /// Floats per token the FFN's intermediate buffers must hold.
@@ -268,7 +308,57 @@ impl ModelConfig {
 
 #[cfg(test)]
 mod tests {
-    use super::recovery_applies;
+    use super::*;
+
+    /// S2A2E16's shape: 14 routed experts, top-2, with the signal `confidence`.
+    fn carved(confidence: Confidence) -> ModelConfig {
+        ModelConfig {
+            arch: Arch::Qwen2,
+            n_layer: 2,
+            d_model: 8,
+            d_ff: 32,
+            n_head: 2,
+            n_kv_head: 1,
+            head_dim: 4,
+            rope_base: 1e4,
+            rope_mode: RopeMode::Neox,
+            rms_eps: 1e-6,
+            ctx_train: 64,
+            vocab: 16,
+            moe: Some(MoeConfig {
+                n_expert: 14,
+                n_used: 2,
+                n_slots: 2,
+                fitted_used: 2,
+                expert_ff: 2,
+                shared_ff: 4,
+                score: RouteScore::Logits,
+                weights: RouteWeights::Ones,
+                fit: RecoveryFit::Layers,
+                confidence,
+            }),
+        }
+    }
+
+    #[test]
+    fn adaptive_room_is_bounded_by_the_recovery_fit_and_needs_the_norm_signal() {
+        let slots = |c: Confidence, max, fit| carved(c).set_adaptive_slots(max, fit);
+        // The fit helps up to 4 of 14 when fitted for 2; without one, twice the top-k.
+        assert_eq!(slots(Confidence::Norm, None, true).unwrap(), 4);
+        assert_eq!(slots(Confidence::Norm, None, false).unwrap(), 4);
+        assert_eq!(slots(Confidence::Norm, Some(8), true).unwrap(), 8);
+        assert_eq!(slots(Confidence::Norm, Some(99), true).unwrap(), 14);
+        assert!(slots(Confidence::Norm, Some(1), true).is_err());
+        // The share signal judges the experts together: no room by default, an error asked.
+        assert_eq!(slots(Confidence::Share, None, true).unwrap(), 2);
+        assert_eq!(slots(Confidence::Share, Some(2), true).unwrap(), 2);
+        assert!(slots(Confidence::Share, Some(3), true).is_err());
+        // --experts-per-token resets the room.
+        let mut c = carved(Confidence::Norm);
+        c.set_adaptive_slots(None, true).unwrap();
+        c.set_experts_per_token(3).unwrap();
+        assert_eq!(c.moe.as_ref().map(|m| m.n_slots), Some(3));
+    }
 
     #[test]
     fn the_recovery_fit_applies_at_fewer_experts_and_a_few_more() {

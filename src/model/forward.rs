@@ -102,7 +102,7 @@ fn route(
     if let Some(ru) = &m.router_up {
         ops::matmul(b, ru, &s.xn, 0, n, &s.router_u, None, store, &s.dummy);
     }
-    let (e, k) = (moe.n_expert as u32, moe.n_used as u32);
+    let (e, k) = (moe.n_expert as u32, moe.n_slots as u32);
     let out = RouteOut {
         ids,
         wts,
@@ -110,6 +110,7 @@ fn route(
         keep: &w.adaptive_keep,
         active: &w.active_experts,
         layer: layer as u32,
+        base: moe.n_used as u32,
         count,
         residual: (moe.confidence == Confidence::Norm).then_some((&*s.x, m.gate_exps.cols as u32)),
     };
@@ -151,7 +152,7 @@ fn ffn_experts(
     n: u32,
     p: &ExpertPlan,
 ) {
-    let (e, k, ff) = (moe.n_expert as u32, moe.n_used as u32, m.expert_ff as u32);
+    let (e, k, ff) = (moe.n_expert as u32, moe.n_slots as u32, m.expert_ff as u32);
     if p.pregate {
         // The pre-gating router decided on the host: this layer's row of its plan.
         let off = (p.layer * s.plan_stride * 4) as u64;
@@ -331,7 +332,7 @@ pub fn build(
                 }
                 if output == Output::Route {
                     // Ids [n_layer, ub, k], then confidences [n_layer, ub] (as bits).
-                    let (k, ub, layers) = (moe.n_used as u32, s.ub as u32, c.n_layer as u32);
+                    let (k, ub, layers) = (moe.n_slots as u32, s.ub as u32, c.n_layer as u32);
                     ops::copy_u32(&mut b, &s.route, l as u32 * ub * k, &s.expert_ids, n * k);
                     let conf_at = layers * ub * k + l as u32 * ub;
                     ops::copy_u32(&mut b, &s.route, conf_at, &s.expert_conf, n);

@@ -136,8 +136,8 @@ impl MemoryPlan {
 
 /// Host-mapped staging buffers (one expert each) for uploads into cache slots: enough for
 /// two tokens' worth of one layer's experts, at most 8.
-pub fn staging_buffers(n_used: usize) -> usize {
-    (2 * n_used).clamp(2, 8)
+pub fn staging_buffers(n_slots: usize) -> usize {
+    (2 * n_slots).clamp(2, 8)
 }
 
 /// The routed expert tensors of a layer: `blk.N.ffn_{part}_exps.weight`.
@@ -169,7 +169,7 @@ pub fn kv_bytes_per_token(c: &ModelConfig) -> u64 {
 pub fn plan(f: &GgufFile, c: &ModelConfig, ctx: usize) -> MemoryPlan {
     let mut p = MemoryPlan {
         n_expert: c.moe.as_ref().map_or(0, |m| m.n_expert),
-        staging_buffers: staging_buffers(c.moe.as_ref().map_or(0, |m| m.n_used)),
+        staging_buffers: staging_buffers(c.moe.as_ref().map_or(0, |m| m.n_slots)),
         embedding: gpu_bytes(f, "token_embd.weight"),
         lm_head: gpu_bytes(f, "output.weight"),
         norms: gpu_bytes(f, "output_norm.weight"),
@@ -272,7 +272,7 @@ pub fn plan(f: &GgufFile, c: &ModelConfig, ctx: usize) -> MemoryPlan {
 /// The context length to use: `requested` (0: the model's, capped at 4096) if it fits the
 /// budget; with no explicit request, the longest context that fits (at least 256 tokens).
 /// MoE models under a budget get expert cache slots for what remains after the resident
-/// parts: at least `n_used` per layer, so that one token's experts fit at once.
+/// parts: at least `n_slots` per layer, so that one token's experts fit at once.
 pub fn fit(
     f: &GgufFile,
     c: &ModelConfig,
@@ -286,7 +286,7 @@ pub fn fit(
         requested
     };
     let full = plan(f, c, ctx);
-    let n_used = c.moe.as_ref().map_or(0, |m| m.n_used);
+    let n_slots = c.moe.as_ref().map_or(0, |m| m.n_slots);
     let budget = match budget {
         VramBudget::All => return Ok(full),
         VramBudget::ExpertShare(share) => {
@@ -296,7 +296,7 @@ pub fn fit(
                 ));
             }
             let slots =
-                ((share * full.n_expert as f64).round() as usize).clamp(n_used, full.n_expert);
+                ((share * full.n_expert as f64).round() as usize).clamp(n_slots, full.n_expert);
             return Ok(full.with_slots(Some(slots)));
         }
         VramBudget::Bytes(b) => b,
@@ -312,14 +312,14 @@ pub fn fit(
         let base = p.with_slots(Some(0)).total();
         let per_slot = p.n_moe_layers as u64 * p.slot_bytes;
         let slots = (budget.checked_sub(base)? / per_slot.max(1)) as usize;
-        (slots >= n_used.max(1)).then_some(slots)
+        (slots >= n_slots.max(1)).then_some(slots)
     };
     if let Some(slots) = slots_in(&full) {
         return Ok(full.with_slots(Some(slots)));
     }
     // Shrink the context (when the user did not ask for one) to what fits.
     let min_ctx = 256.min(ctx);
-    let min_slots = (full.n_moe_layers > 0).then_some(n_used.max(1));
+    let min_slots = (full.n_moe_layers > 0).then_some(n_slots.max(1));
     let fixed = plan(f, c, min_ctx).with_slots(min_slots);
     if requested == 0 && fixed.total() <= budget {
         let room = (budget - fixed.total()) / kv_bytes_per_token(c);

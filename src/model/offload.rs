@@ -121,10 +121,10 @@ impl Offload {
                 "expert offload needs a mixture-of-experts model".into(),
             ));
         };
-        if let Some(s) = layer_slots.iter().find(|s| **s < moe.n_used) {
+        if let Some(s) = layer_slots.iter().find(|s| **s < moe.n_slots) {
             return Err(Error::InvalidArgument(format!(
-                "{s} expert slots in a layer cannot hold one token's {} experts; raise --vram-budget or lower --experts-per-token",
-                moe.n_used
+                "{s} expert slots in a layer cannot hold one token's {} experts; raise --vram-budget or lower --experts-per-token (or --adaptive-max-experts)",
+                moe.n_slots
             )));
         }
         if opts.policy == PolicyKind::Lookahead && model.router.is_none() {
@@ -328,7 +328,7 @@ pub fn encode_offloaded(
     mut enc: wgpu::CommandEncoder,
 ) -> Result<wgpu::CommandEncoder> {
     let g = &model.gpu;
-    let k = model.config.moe.as_ref().map_or(0, |m| m.n_used);
+    let k = model.config.moe.as_ref().map_or(0, |m| m.n_slots);
     let new_encoder = || {
         g.device
             .create_command_encoder(&wgpu::CommandEncoderDescriptor {

@@ -41,13 +41,13 @@ pub struct StateBuffers {
     pub up: GpuBuffer,            // [ub, ffn_width]
     pub router_g: GpuBuffer,      // [ub, n_expert] router outputs (MoE)
     pub router_u: GpuBuffer,      // [ub, n_expert]
-    pub expert_ids: GpuBuffer,    // [ub, n_used] u32, written by the router on the GPU
-    pub expert_wts: GpuBuffer,    // [ub, n_used]
+    pub expert_ids: GpuBuffer,    // [ub, n_slots] u32, written by the router on the GPU
+    pub expert_wts: GpuBuffer,    // [ub, n_slots]
     pub expert_conf: GpuBuffer,   // [ub] f32: each token's confidence (config::Confidence)
     pub expert_lists: GpuBuffer,  // [n_expert, ub] u32: each expert's slots (prefill)
     pub expert_counts: GpuBuffer, // [n_expert] u32
     pub shared_gate: GpuBuffer,   // [ub] qwen2moe's shared-expert gate logits
-    pub expert_out: GpuBuffer,    // [ub * n_used, d_model] per-slot down outputs (prefill)
+    pub expert_out: GpuBuffer,    // [ub * n_slots, d_model] per-slot down outputs (prefill)
     pub expert_h: GpuBuffer,      // [ub, ffn_width] silu(gate) * up of the experts (prefill)
     pub pred_ids: GpuBuffer,      // [n_expert] u32: the next layer's experts, predicted
     pub pred_wts: GpuBuffer,      // [n_expert]
@@ -60,7 +60,7 @@ pub struct StateBuffers {
     pub plan_stride: usize,
     /// Per layer [ub, d_model + 2 d_ff]: FFN input, gate and up (Output::Capture only).
     pub capture: Vec<GpuBuffer>,
-    /// [n_layer, ub, n_used] u32 expert ids of every MoE layer, then [n_layer, ub] f32
+    /// [n_layer, ub, n_slots] u32 expert ids of every MoE layer, then [n_layer, ub] f32
     /// confidences (Output::Route).
     pub route: GpuBuffer,
     pub logits: GpuBuffer,   // [SCORE_ROWS, vocab]
@@ -111,7 +111,7 @@ impl StateBuffers {
         let plan_stride = (ub * c.moe.as_ref().map_or(0, |m| m.n_expert)).next_multiple_of(64);
         let moe_layers = u64::from(c.moe.is_some());
         let route_bytes =
-            (ubx * c.n_layer as u64 * (1 + c.moe.as_ref().map_or(0, |m| m.n_used)) as u64).max(16);
+            (ubx * c.n_layer as u64 * (1 + c.moe.as_ref().map_or(0, |m| m.n_slots)) as u64).max(16);
         Ok(StateBuffers {
             ctx,
             ub,
@@ -314,7 +314,7 @@ impl Session {
     }
 
     /// Runs `tokens` through an MoE model and returns, per token, every layer's chosen
-    /// expert ids: `[token][layer][n_used]`, flattened. An expert that adaptive gating
+    /// expert ids: `[token][layer][n_slots]`, flattened. An expert that adaptive gating
     /// dropped appears as the token's first (a repeat needs no load).
     pub fn route_trace(&mut self, tokens: &[u32]) -> Result<Vec<u32>> {
         Ok(self.route_pass(tokens)?.0)
@@ -330,7 +330,7 @@ impl Session {
                 "expert traces need a mixture-of-experts model (see `pregate carve`)".into(),
             ));
         };
-        let (ub, k, layers) = (self.bufs.ub, moe.n_used, c.n_layer);
+        let (ub, k, layers) = (self.bufs.ub, moe.n_slots, c.n_layer);
         self.check_tokens(tokens, &[])?;
         let mut ids_out = Vec::with_capacity(tokens.len() * layers * k);
         let mut conf_out = Vec::with_capacity(tokens.len() * layers);

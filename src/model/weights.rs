@@ -313,7 +313,7 @@ impl Model {
                         &format!("blk.{l}.ffn_down.weight"),
                     )?),
                     Some(m) => {
-                        let s = slots.map(|s| s.get(l).copied().unwrap_or(m.n_used));
+                        let s = slots.map(|s| s.get(l).copied().unwrap_or(m.n_slots));
                         Ffn::Moe(Box::new(moe_weights(g, f, l, m, d, s)?))
                     }
                 },

@@ -75,12 +75,13 @@ pub fn split_slots(curves: &[Vec<u64>], total: usize, min: usize) -> Option<Vec<
 /// pre-gating router's plan of `tokens` (calibration text) stands in for one. The curves are
 /// LFU's, because in decode the plan knows no future token and lookahead falls back to the
 /// experts' recent use rates, which is LFU. `uniform` slots per MoE layer (`moe_layer[l]`)
-/// is the total to split; each layer keeps at least `k` (one token's experts). Dense layers
-/// keep `uniform` (they have no pool).
+/// is the total to split, the plan's `k` experts a token; each layer keeps at least `min`
+/// (one token's experts: more than `k` where adaptive gating may add). Dense layers keep
+/// `uniform` (they have no pool).
 pub fn split_by_plan(
     router: &crate::router::PreGateRouter,
     tokens: &[u32],
-    k: usize,
+    (k, min): (usize, usize),
     uniform: usize,
     moe_layer: &[bool],
 ) -> Vec<usize> {
@@ -101,7 +102,7 @@ pub fn split_by_plan(
         .map(|(c, _)| c)
         .collect();
     let total = uniform * moe_curves.len();
-    let Some(split) = split_slots(&moe_curves, total, k.min(e)) else {
+    let Some(split) = split_slots(&moe_curves, total, min.max(k).min(e)) else {
         return vec![uniform; n_layer];
     };
     let mut it = split.into_iter();

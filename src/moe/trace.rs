@@ -165,7 +165,7 @@ pub fn record_tokens(
     }
     let mut session = engine.session()?;
     let window = session.ctx();
-    let mut choices = Vec::with_capacity(tokens.len() * c.n_layer * moe.n_used);
+    let mut choices = Vec::with_capacity(tokens.len() * c.n_layer * moe.n_slots);
     for (i, w) in tokens.chunks(window).enumerate() {
         session.reset();
         choices.extend(session.route_trace(w)?.into_iter().map(|e| e as u16));
@@ -174,7 +174,7 @@ pub fn record_tokens(
     Ok(ExpertTrace {
         n_layers: c.n_layer as u32,
         experts_per_layer: moe.n_expert as u32,
-        k: moe.n_used as u32,
+        k: moe.n_slots as u32,
         choices,
         plan: None,
     })

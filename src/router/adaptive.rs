@@ -14,6 +14,12 @@
 //! or even helpful to cut by chance, and trusting that cut every such layer at once.
 //! Layer costs do not simply add up either, so [`validate`] then measures the cost of the
 //! chosen thresholds on the calibration tokens and lowers λ until it fits the budget.
+//!
+//! With the norm signal each expert after the top-1 is judged alone, by its own predicted
+//! output over |x| against the same threshold, so a token may also keep experts past the
+//! top-k where they would move the stream far ([`AdaptiveMax`]): the sensitivities are
+//! still those of cutting to the top-1, which no longer predict the gains, so [`validate`]
+//! then also raises λ while the measured cost leaves room.
 
 use std::path::{Path, PathBuf};
 
@@ -62,6 +68,27 @@ pub struct Validated {
     pub quality_pct: f64,
     pub lambda: f64,
     pub measured_cost_pct: f64,
+    /// Expert slots a token had past the top-k (experts gating could add); 0 in older
+    /// profiles.
+    #[serde(default)]
+    pub extra_slots: usize,
+    /// Mean experts a token kept on the calibration tokens (None in older profiles).
+    #[serde(default)]
+    pub mean_experts: Option<f64>,
+}
+
+/// How many experts adaptive gating may give a token.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum AdaptiveMax {
+    /// The top-k: gating only drops experts where a token's router is sure.
+    #[default]
+    TopK,
+    /// Also adds where it is unsure, up to as many as the carve's recovery fit covers, at
+    /// most twice the top-k (what `--adaptive` does): on the default carve this cut 3 points
+    /// more perplexity at the same mean experts (BENCHMARKS.md).
+    Auto,
+    /// Up to this many a token.
+    Experts(usize),
 }
 
 /// Per-layer keep thresholds (moe_route.wgsl's `keep`) and what the profile predicts.
@@ -74,8 +101,11 @@ pub struct AdaptivePlan {
     pub measured_cost_pct: Option<f64>,
     /// Predicted perplexity cost in percent on the calibration tokens.
     pub predicted_cost_pct: f64,
-    /// Predicted share of (token, MoE layer) pairs that keep only their top-1 expert.
+    /// Predicted share of (token, MoE layer) pairs that keep only their top-1 expert
+    /// (from the top-k's profile: experts added past it are not predicted).
     pub predicted_top1_share: f64,
+    /// Mean experts a token kept on the calibration tokens (after [`validate`]).
+    pub mean_experts: Option<f64>,
 }
 
 impl AdaptivePlan {
@@ -87,6 +117,7 @@ impl AdaptivePlan {
             measured_cost_pct: Some(0.0),
             predicted_cost_pct: 0.0,
             predicted_top1_share: 0.0,
+            mean_experts: None,
         }
     }
 }
@@ -126,15 +157,22 @@ impl LayerSensitivity {
 }
 
 impl AdaptiveProfile {
-    /// Thresholds for a perplexity cost of `quality_pct` percent (0: off, every expert kept).
-    pub fn plan(&self, quality_pct: f64) -> Result<AdaptivePlan> {
+    /// Thresholds for a perplexity cost of `quality_pct` percent (0: off, every expert
+    /// kept), with `extra_slots` slots a token past the top-k: the validated λ when that
+    /// setting was measured, else the profile's prediction.
+    pub fn plan(&self, quality_pct: f64, extra_slots: usize) -> Result<AdaptivePlan> {
         check_quality(quality_pct)?;
         if quality_pct == 0.0 {
             return Ok(AdaptivePlan::off(self.layers.len()));
         }
-        if let Some(v) = self.validated.iter().find(|v| v.quality_pct == quality_pct) {
+        let measured = self
+            .validated
+            .iter()
+            .find(|v| v.quality_pct == quality_pct && v.extra_slots == extra_slots);
+        if let Some(v) = measured {
             return Ok(AdaptivePlan {
                 measured_cost_pct: Some(v.measured_cost_pct),
+                mean_experts: v.mean_experts,
                 ..self.plan_at(v.lambda)
             });
         }
@@ -161,6 +199,7 @@ impl AdaptiveProfile {
             measured_cost_pct: None,
             predicted_cost_pct: (cost.exp() - 1.0) * 100.0,
             predicted_top1_share: top1,
+            mean_experts: None,
         }
     }
 
@@ -308,13 +347,17 @@ fn token_nll(session: &mut Session, windows: &[Vec<u32>]) -> Result<Vec<f64>> {
     Ok(out)
 }
 
-/// Most calibration passes [`validate`] spends lowering λ.
+/// Most calibration passes [`validate`] spends on λ: lowering it for the top-k, and
+/// searching both ways where gating may also add experts.
 const VALIDATE_PASSES: usize = 5;
+const VALIDATE_PASSES_ADDING: usize = 6;
 
 /// Measures the thresholds `profile.plan(quality_pct)` chooses on `windows` (those of the
-/// profile) and lowers λ until their real cost fits the budget (at most
-/// VALIDATE_PASSES passes; if none fits, the fixed top-k). Records the result in the
-/// profile and leaves the model at its fixed top-k.
+/// profile) and lowers λ until their real cost fits the budget (if none fits, the fixed
+/// top-k). Where the model leaves tokens slots past the top-k, the profile's λ
+/// underrates what the added experts give back, so λ is then raised (doubled) while the
+/// cost fits, and bisected once it does not. Records the result, and the mean experts a
+/// token kept, in the profile and leaves the model at its fixed top-k.
 pub fn validate(
     session: &mut Session,
     windows: &[Vec<u32>],
@@ -323,7 +366,12 @@ pub fn validate(
 ) -> Result<AdaptivePlan> {
     let model = session.model.clone();
     let n_layer = model.config.n_layer;
-    let mut plan = profile.plan(quality_pct)?;
+    let extra_slots = model
+        .config
+        .moe
+        .as_ref()
+        .map_or(0, |m| m.n_slots - m.n_used);
+    let mut plan = profile.plan(quality_pct, extra_slots)?;
     if plan.measured_cost_pct.is_some() {
         return Ok(plan);
     }
@@ -333,29 +381,42 @@ pub fn validate(
     } else {
         mean(&token_nll(session, windows)?)
     };
-    // The best λ that fits, and the smallest that did not: bisect between them.
-    let mut found: Option<(f64, f64)> = None;
+    let passes = match extra_slots {
+        0 => VALIDATE_PASSES,
+        _ => VALIDATE_PASSES_ADDING,
+    };
+    // The best (λ, cost, mean experts) that fits, and the smallest λ that did not: bisect
+    // between them.
+    let mut found: Option<(f64, f64, f64)> = None;
     let mut too_far = f64::INFINITY;
     let result = (|| -> Result<()> {
-        for _ in 0..VALIDATE_PASSES {
+        for _ in 0..passes {
             model.set_adaptive_keep(&plan.keep)?;
+            model.reset_active_experts();
             let cost = mean(&token_nll(session, windows)?) - base;
+            let (experts, decisions) = model.active_experts()?;
+            let mean_experts = experts as f64 / decisions.max(1) as f64;
             tracing::info!(
                 lambda = plan.lambda,
                 cost_pct = (cost.exp() - 1.0) * 100.0,
+                mean_experts,
                 "adaptive gating: thresholds measured"
             );
             if cost <= budget {
-                found = Some((plan.lambda, cost));
-                if too_far.is_infinite() {
+                if found.is_none_or(|(best, ..)| plan.lambda > best) {
+                    found = Some((plan.lambda, cost, mean_experts));
+                }
+                if too_far.is_infinite() && extra_slots == 0 {
                     // The profile's own choice fits.
                     return Ok(());
                 }
             } else {
-                too_far = plan.lambda;
+                too_far = too_far.min(plan.lambda);
             }
             let next = match found {
-                Some((fits, _)) => (fits + too_far) / 2.0,
+                // Experts can be added: the cost left room, so try dropping more.
+                Some((fits, ..)) if too_far.is_infinite() => fits * 2.0,
+                Some((fits, ..)) => (fits + too_far) / 2.0,
                 // The cost grows about linearly with λ near the budget.
                 None => plan.lambda * (budget / cost.max(1e-12)).clamp(0.05, 0.8),
             };
@@ -364,20 +425,25 @@ pub fn validate(
         Ok(())
     })();
     model.set_adaptive_keep(&vec![KEEP_ALL; n_layer])?;
+    model.reset_active_experts();
     session.reset();
     result?;
-    let (lambda, cost) = found.unwrap_or_else(|| {
+    let (lambda, cost, mean_experts) = found.unwrap_or_else(|| {
         tracing::warn!("adaptive gating: no threshold fits the budget; keeping every expert");
-        (0.0, 0.0)
+        let top_k = model.config.moe.as_ref().map_or(0, |m| m.n_used);
+        (0.0, 0.0, top_k as f64)
     });
     let measured_cost_pct = (cost.exp() - 1.0) * 100.0;
     profile.validated.push(Validated {
         quality_pct,
         lambda,
         measured_cost_pct,
+        extra_slots,
+        mean_experts: Some(mean_experts),
     });
     Ok(AdaptivePlan {
         measured_cost_pct: Some(measured_cost_pct),
+        mean_experts: Some(mean_experts),
         ..profile.plan_at(lambda)
     })
 }
@@ -460,21 +526,21 @@ mod tests {
 
     #[test]
     fn quality_zero_keeps_every_expert() {
-        let p = profile().plan(0.0).unwrap();
+        let p = profile().plan(0.0, 0).unwrap();
         assert_eq!(p.keep, vec![KEEP_ALL; 3]);
     }
 
     #[test]
     fn the_insensitive_layer_drops_more_and_the_cost_stays_in_budget() {
         let prof = profile();
-        let p = prof.plan(1.0).unwrap();
+        let p = prof.plan(1.0, 0).unwrap();
         assert!(p.keep[1] < p.keep[0], "{:?}", p.keep);
         assert_eq!(p.keep[2], KEEP_ALL);
         assert!(p.predicted_cost_pct <= 1.0 + 1e-9);
         // A bigger budget drops at least as much.
-        let q = prof.plan(5.0).unwrap();
+        let q = prof.plan(5.0, 0).unwrap();
         assert!(q.predicted_top1_share >= p.predicted_top1_share);
         assert!(q.predicted_top1_share > 0.0);
-        assert!(prof.plan(-1.0).is_err());
+        assert!(prof.plan(-1.0, 0).is_err());
     }
 }

@@ -35,11 +35,13 @@ struct RouteParams {
     d_model: u32,
     layer: u32,
     flags: u32,
+    n_base: u32,
+    _pad: [u32; 3],
 }
 
 /// Where the router's decision goes: per token its experts' ids and weights and its top-1
 /// share of their probability (`conf`); `keep[layer]` is adaptive gating's threshold
-/// (above 1 keeps every expert), and with `count` the kept experts are added to `active`.
+/// (above 1 keeps the fixed top-k), and with `count` the kept experts are added to `active`.
 pub struct RouteOut<'a> {
     pub ids: &'a wgpu::Buffer,
     pub wts: &'a wgpu::Buffer,
@@ -47,6 +49,9 @@ pub struct RouteOut<'a> {
     pub keep: &'a wgpu::Buffer,
     pub active: &'a wgpu::Buffer,
     pub layer: u32,
+    /// The fixed top-k: of the `n_used` slots, the experts kept without adaptive gating
+    /// (which may keep more where a token is unsure; see `MoeConfig::n_slots`).
+    pub base: u32,
     pub count: bool,
     /// The residual stream [n_tokens, d_model], for the norm signal (None: the top-1
     /// share).
@@ -76,6 +81,8 @@ pub fn moe_route(
         d_model: out.residual.map_or(0, |(_, d)| d),
         layer: out.layer,
         flags: u32::from(out.count) | if out.residual.is_some() { 2 } else { 0 },
+        n_base: out.base,
+        _pad: [0; 3],
     };
     b.push(
         Kernel::MoeRoute,
@@ -221,6 +228,8 @@ fn route_params(n_expert: u32, n_used: u32, n_tokens: u32, d_model: u32) -> Rout
         d_model,
         layer: 0,
         flags: 0,
+        n_base: n_used,
+        _pad: [0; 3],
     }
 }
 
