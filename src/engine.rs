@@ -124,17 +124,23 @@ impl Engine {
         }
         // Whether the carve fitted a recovery (what the experts a token skips would add).
         let recovery = file.tensors.iter().any(|t| t.name.contains(".ffn_recover"));
-        let max = match opts.adaptive_max {
+        let room = match opts.adaptive_max {
             AdaptiveMax::TopK => None,
             AdaptiveMax::Auto => Some(None),
             AdaptiveMax::Experts(n) => Some(Some(n)),
         };
-        if let Some(max) = max.filter(|_| config.moe.is_some()) {
-            if opts.offload.routing != Routing::Layer {
-                return Err(Error::InvalidArgument(ADAPTIVE_NEEDS_LAYER_ROUTING.into()));
-            }
+        let room = room.filter(|_| config.moe.is_some());
+        if room.is_some() && opts.offload.routing != Routing::Layer {
+            return Err(Error::InvalidArgument(ADAPTIVE_NEEDS_LAYER_ROUTING.into()));
+        }
+        let widen = |config: &mut crate::model::ModelConfig, max| -> Result<()> {
             let slots = config.set_adaptive_slots(max, recovery)?;
             tracing::info!("adaptive gating may give a token up to {slots} experts");
+            Ok(())
+        };
+        // Room asked for: before the memory plan, whose cache must hold a token's experts.
+        if let Some(Some(n)) = room {
+            widen(&mut config, Some(n))?;
         }
         let router = crate::model::offload::load_router(path, &config, &opts.offload)?;
         if opts.offload.routing == Routing::Pregate {
@@ -161,6 +167,16 @@ impl Engine {
             (b, _) => b,
         };
         let plan = crate::model::memory::fit(&file, &config, opts.ctx, budget)?;
+        // By default, room only where every expert stays resident: the experts a token
+        // adds are rarely used ones, which under a budget cost cache misses (at 50%, twice
+        // dropping only's, as many as the fixed top-k's: BENCHMARKS.md).
+        if room == Some(None) {
+            if plan.expert_slots.is_none() {
+                widen(&mut config, None)?;
+            } else {
+                tracing::info!("experts are offloaded: adaptive gating only drops experts (--adaptive-max-experts to add too)");
+            }
+        }
         let arena_budget = match budget {
             VramBudget::All => None,
             VramBudget::Bytes(b) => Some(b),

@@ -135,8 +135,9 @@ struct ModelArgs {
     #[arg(long, value_name = "FILE", num_args = 1..)]
     adaptive_calib: Vec<PathBuf>,
     /// Most experts adaptive gating may give a token. Past the top-k it also adds experts
-    /// where a token's router is unsure (carves with a least-squares router; default: as
-    /// many as the carve's recovery fit covers, at most twice the top-k). The top-k: only drop
+    /// where a token's router is unsure (carves with a least-squares router). Default: with
+    /// every expert resident, as many as the carve's recovery fit covers, at most twice the
+    /// top-k; under --vram-budget, the top-k (only drop: added experts would miss the cache)
     #[arg(long, value_name = "N")]
     adaptive_max_experts: Option<usize>,
 }

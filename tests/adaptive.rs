@@ -325,19 +325,19 @@ fn room_past_the_top_k_changes_nothing_at_quality_zero_and_adds_experts_where_un
     let fixed = load(&carved, None, VramBudget::All);
     let want = run(&fixed);
     drop(fixed);
-    let load_wide = |budget| {
+    let load_wide = |budget, adaptive_max| {
         Engine::load(
             &carved,
             &EngineOptions {
                 ctx: 300,
                 budget,
-                adaptive_max: AdaptiveMax::Auto,
+                adaptive_max,
                 ..Default::default()
             },
         )
         .expect("load")
     };
-    let mut wide = load_wide(VramBudget::All);
+    let mut wide = load_wide(VramBudget::All, AdaptiveMax::Auto);
     let moe = wide.model.config.moe.clone().expect("moe");
     // No recovery fit to bound it: twice the top-k.
     assert_eq!((moe.n_used, moe.n_slots), (2, 4));
@@ -380,12 +380,18 @@ fn room_past_the_top_k_changes_nothing_at_quality_zero_and_adds_experts_where_un
     assert_eq!(saved.validated.len(), 2);
     assert_eq!(saved.validated[1].extra_slots, 0);
 
-    // Under a budget the cache holds a token's four at once; the run is the resident one.
-    let resident = load_wide(VramBudget::All);
+    // Offloaded, the default leaves no room (added experts would be cache misses); asked
+    // for, the cache holds a token's four at once and the run is the resident one.
+    let small = load_wide(VramBudget::ExpertShare(0.01), AdaptiveMax::Auto);
+    let moe = small.model.config.moe.clone().expect("moe");
+    assert_eq!((moe.n_used, moe.n_slots), (2, 2));
+    drop(small);
+    let resident = load_wide(VramBudget::All, AdaptiveMax::Experts(4));
     resident.model.set_adaptive_keep(&plan.keep).unwrap();
     let want = run(&resident);
     drop(resident);
-    let small = load_wide(VramBudget::ExpertShare(0.01));
+    let small = load_wide(VramBudget::ExpertShare(0.01), AdaptiveMax::Experts(4));
+    assert_eq!(small.memory.expert_slots, Some(4));
     small.model.set_adaptive_keep(&plan.keep).unwrap();
     assert_close(
         &want,

@@ -83,9 +83,11 @@ pub enum AdaptiveMax {
     /// The top-k: gating only drops experts where a token's router is sure.
     #[default]
     TopK,
-    /// Also adds where it is unsure, up to as many as the carve's recovery fit covers, at
-    /// most twice the top-k (what `--adaptive` does): on the default carve this cut 3 points
-    /// more perplexity at the same mean experts (BENCHMARKS.md).
+    /// Where every expert is resident, also adds where it is unsure, up to as many as the
+    /// carve's recovery fit covers, at most twice the top-k (what `--adaptive` does): on
+    /// the default carve 2% perplexity then buys about -17% of the experts instead of
+    /// -14.5%. Offloaded, the top-k: the added experts are rarely used ones, each a cache
+    /// miss (BENCHMARKS.md).
     Auto,
     /// Up to this many a token.
     Experts(usize),
