@@ -40,6 +40,33 @@ fn assert_close(want: &[Vec<f32>], got: &[Vec<f32>], tol: f32, what: &str) {
     }
 }
 
+/// Runs `engine` with every layer's threshold at `keep`, checks that each token kept `k`
+/// experts and that this is what a load at `k` experts a token computes; returns the run.
+fn threshold_computes_k(engine: &Engine, carved: &Path, keep: f32, k: usize) -> Vec<Vec<f32>> {
+    let layers = engine.model.config.n_layer;
+    engine.model.set_adaptive_keep(&vec![keep; layers]).unwrap();
+    engine.reset_metrics();
+    let got = run(engine);
+    assert_eq!(engine.metrics().mean_active_experts, Some(k as f64));
+    let fixed_k = load(carved, Some(k), VramBudget::All);
+    assert_close(
+        &run(&fixed_k),
+        &got,
+        1e-5,
+        &format!("threshold {keep} vs k = {k}"),
+    );
+    got
+}
+
+fn assert_bit_identical(want: &[Vec<f32>], got: &[Vec<f32>]) {
+    for (i, (w, g)) in want.iter().zip(got).enumerate() {
+        assert!(
+            w.iter().zip(g).all(|(a, b)| a.to_bits() == b.to_bits()),
+            "step {i} differs"
+        );
+    }
+}
+
 #[test]
 fn quality_zero_is_the_fixed_top_k_and_top1_everywhere_is_one_expert() {
     let (_, carved) = carve_tiny("adaptive_exact", 8, 1, 2);
@@ -49,14 +76,7 @@ fn quality_zero_is_the_fixed_top_k_and_top1_everywhere_is_one_expert() {
     assert_eq!(m.mean_active_experts, Some(2.0));
 
     // Every layer at threshold 0 keeps only its top-1 expert: what k = 1 computes.
-    let layers = engine.model.config.n_layer;
-    engine.model.set_adaptive_keep(&vec![0.0; layers]).unwrap();
-    engine.reset_metrics();
-    let top1 = run(&engine);
-    assert_eq!(engine.metrics().mean_active_experts, Some(1.0));
-    let one = load(&carved, Some(1), VramBudget::All);
-    assert_close(&run(&one), &top1, 1e-5, "threshold 0 vs k = 1");
-    drop(one);
+    let top1 = threshold_computes_k(&engine, &carved, 0.0, 1);
     assert!(
         max_abs_diff(&fixed[0], &top1[0]) > 1e-4,
         "dropping experts changed nothing"
@@ -65,9 +85,7 @@ fn quality_zero_is_the_fixed_top_k_and_top1_everywhere_is_one_expert() {
     // Back to quality 0: bit-identical to the fixed top-k.
     engine.set_adaptive(0.0, None, &[], |_, _| {}).unwrap();
     let again = run(&engine);
-    for (w, g) in fixed.iter().zip(&again) {
-        assert!(w.iter().zip(g).all(|(a, b)| a.to_bits() == b.to_bits()));
-    }
+    assert_bit_identical(&fixed, &again);
 }
 
 #[test]
@@ -89,9 +107,7 @@ fn dropped_experts_are_not_loaded_under_a_budget() {
     let engine = load(&carved, None, VramBudget::ExpertShare(0.01));
     engine.model.set_adaptive_keep(&vec![0.0; layers]).unwrap();
     let got = run(&engine);
-    for (w, g) in want.iter().zip(&got) {
-        assert!(w.iter().zip(g).all(|(a, b)| a.to_bits() == b.to_bits()));
-    }
+    assert_bit_identical(&want, &got);
     let m = engine.metrics();
     assert!(
         m.expert_misses < fixed_misses,
@@ -343,21 +359,12 @@ fn room_past_the_top_k_changes_nothing_at_quality_zero_and_adds_experts_where_un
     assert_eq!((moe.n_used, moe.n_slots), (2, 4));
     // Without a threshold the slots past the top-k stay empty: bit-identical.
     let got = run(&wide);
-    for (w, g) in want.iter().zip(&got) {
-        assert!(w.iter().zip(g).all(|(a, b)| a.to_bits() == b.to_bits()));
-    }
+    assert_bit_identical(&want, &got);
     assert_eq!(wide.metrics().mean_active_experts, Some(2.0));
 
     // Threshold 1 keeps every expert whose predicted output is positive: here all four,
     // which is what four experts a token computes.
-    let layers = wide.model.config.n_layer;
-    wide.model.set_adaptive_keep(&vec![1.0; layers]).unwrap();
-    wide.reset_metrics();
-    let all = run(&wide);
-    assert_eq!(wide.metrics().mean_active_experts, Some(4.0));
-    let four = load(&carved, Some(4), VramBudget::All);
-    assert_close(&run(&four), &all, 1e-5, "threshold 1 with room vs k = 4");
-    drop(four);
+    threshold_computes_k(&wide, &carved, 1.0, 4);
 
     // A quality setting is searched both ways and recorded with its room and its mean
     // experts; a drop-only engine does not reuse it.

@@ -284,6 +284,60 @@ fn elementwise_ops_match_cpu() {
     }
 }
 
+/// What moe_route.wgsl decided for a least-squares router's `scores` [tokens, n_expert]
+/// (logits mode, every weight 1): each token's `slots` ids (u32::MAX: dropped), its
+/// confidence, and the [kept experts, tokens] count. The fixed top-k is `base`; `x`
+/// [tokens, d] is the residual stream for the norm signal (None: the top-1 share).
+struct Routed {
+    ids: Vec<u32>,
+    conf: Vec<f32>,
+    counted: Vec<u32>,
+}
+
+fn route_on_gpu(
+    g: &Gpu,
+    scores: &[f32],
+    n_expert: usize,
+    (base, slots): (usize, usize),
+    keep: f32,
+    x: Option<(&[f32], usize)>,
+) -> Routed {
+    let tokens = scores.len() / n_expert;
+    let gb = upload(g, scores);
+    let xb = x.map(|(x, _)| upload(g, x));
+    let bias = upload(g, &vec![0.0; n_expert]);
+    let keep_b = upload(g, &[keep]);
+    let ids = g.storage("ids", (4 * tokens * slots) as u64).expect("ids");
+    let wts = g.storage("wts", (4 * tokens * slots) as u64).expect("wts");
+    let conf = g.storage("conf", (4 * tokens) as u64).expect("conf");
+    let active = g.storage("active", 16).expect("active");
+    let out = ops::RouteOut {
+        ids: &ids,
+        wts: &wts,
+        conf: &conf,
+        keep: &keep_b,
+        active: &active,
+        layer: 0,
+        base: base as u32,
+        count: true,
+        residual: xb.as_ref().zip(x).map(|(b, (_, d))| (&**b, d as u32)),
+    };
+    let mut b = DispatchBuilder::new(g);
+    let (score, weights) = (ops::RouteScore::Logits, ops::RouteWeights::Ones);
+    let (e, k, n) = (n_expert as u32, slots as u32, tokens as u32);
+    ops::moe_route(&mut b, score, weights, e, k, n, &gb, &gb, &bias, &out);
+    g.run_once(&b.finish(g).expect("plan")).expect("run");
+    let bits = |buf, n| -> Vec<u32> {
+        let v = g.read_f32(buf, n).expect("read");
+        v.iter().map(|v| v.to_bits()).collect()
+    };
+    Routed {
+        ids: bits(&ids, tokens * slots),
+        conf: g.read_f32(&conf, tokens).expect("read"),
+        counted: bits(&active, 2),
+    }
+}
+
 #[test]
 fn adaptive_routing_drops_by_the_share_or_by_the_norm_signal() {
     // A least-squares router's scores (logits mode, every weight 1): top-2 of 6 experts for
@@ -294,37 +348,10 @@ fn adaptive_routing_drops_by_the_share_or_by_the_norm_signal() {
     let scores: Vec<f32> = rng.vec(tokens * n_expert, 2.0);
     let x: Vec<f32> = rng.vec(tokens * d, 0.6);
     let keep = 0.55f32;
-    let (gb, xb) = (upload(&g, &scores), upload(&g, &x));
-    let bias = upload(&g, &[0.0; 6]);
-    let keep_b = upload(&g, &[keep]);
     for norm in [false, true] {
-        let ids = g.storage("ids", (4 * tokens * k) as u64).expect("ids");
-        let wts = g.storage("wts", (4 * tokens * k) as u64).expect("wts");
-        let conf = g.storage("conf", (4 * tokens) as u64).expect("conf");
-        let active = g.storage("active", 16).expect("active");
-        let out = ops::RouteOut {
-            ids: &ids,
-            wts: &wts,
-            conf: &conf,
-            keep: &keep_b,
-            active: &active,
-            layer: 0,
-            base: k as u32,
-            count: false,
-            residual: norm.then_some((&*xb, d as u32)),
-        };
-        let mut b = DispatchBuilder::new(&g);
-        let (score, weights) = (ops::RouteScore::Logits, ops::RouteWeights::Ones);
-        let (e, kk, n) = (n_expert as u32, k as u32, tokens as u32);
-        ops::moe_route(&mut b, score, weights, e, kk, n, &gb, &gb, &bias, &out);
-        g.run_once(&b.finish(&g).expect("plan")).expect("run");
-        let got_ids: Vec<u32> = g
-            .read_f32(&ids, tokens * k)
-            .expect("read")
-            .iter()
-            .map(|v| v.to_bits())
-            .collect();
-        let got_conf = g.read_f32(&conf, tokens).expect("read");
+        let residual = norm.then_some((&x[..], d));
+        let got = route_on_gpu(&g, &scores, n_expert, (k, k), keep, residual);
+        let (got_ids, got_conf) = (got.ids, got.conf);
         let mut dropped = 0;
         for t in 0..tokens {
             let row = &scores[t * n_expert..(t + 1) * n_expert];
@@ -365,42 +392,9 @@ fn adaptive_routing_with_room_judges_each_expert_and_adds_past_the_top_k() {
     let mut rng = Rng::new(11);
     let scores: Vec<f32> = rng.vec(tokens * n_expert, 2.0);
     let x: Vec<f32> = rng.vec(tokens * d, 0.6);
-    let (gb, xb) = (upload(&g, &scores), upload(&g, &x));
-    let bias = upload(&g, &[0.0; 6]);
     for keep in [0.55f32, 2.0] {
-        let keep_b = upload(&g, &[keep]);
-        let ids = g.storage("ids", (4 * tokens * slots) as u64).expect("ids");
-        let wts = g.storage("wts", (4 * tokens * slots) as u64).expect("wts");
-        let conf = g.storage("conf", (4 * tokens) as u64).expect("conf");
-        let active = g.storage("active", 16).expect("active");
-        let out = ops::RouteOut {
-            ids: &ids,
-            wts: &wts,
-            conf: &conf,
-            keep: &keep_b,
-            active: &active,
-            layer: 0,
-            base: base as u32,
-            count: true,
-            residual: Some((&*xb, d as u32)),
-        };
-        let mut b = DispatchBuilder::new(&g);
-        let (score, weights) = (ops::RouteScore::Logits, ops::RouteWeights::Ones);
-        let (e, kk, n) = (n_expert as u32, slots as u32, tokens as u32);
-        ops::moe_route(&mut b, score, weights, e, kk, n, &gb, &gb, &bias, &out);
-        g.run_once(&b.finish(&g).expect("plan")).expect("run");
-        let got: Vec<u32> = g
-            .read_f32(&ids, tokens * slots)
-            .expect("read")
-            .iter()
-            .map(|v| v.to_bits())
-            .collect();
-        let counted: Vec<u32> = g
-            .read_f32(&active, 2)
-            .expect("read")
-            .iter()
-            .map(|v| v.to_bits())
-            .collect();
+        let routed = route_on_gpu(&g, &scores, n_expert, (base, slots), keep, Some((&x, d)));
+        let (got, counted) = (routed.ids, routed.counted);
         let (mut kept_past, mut dropped_in, mut kept) = (0, 0, 0u32);
         for t in 0..tokens {
             let row = &scores[t * n_expert..(t + 1) * n_expert];
