@@ -124,13 +124,11 @@ impl Engine {
         }
         // Whether the carve fitted a recovery (what the experts a token skips would add).
         let recovery = file.tensors.iter().any(|t| t.name.contains(".ffn_recover"));
-        let room = match opts.adaptive_max {
-            AdaptiveMax::TopK => None,
-            AdaptiveMax::Auto => Some(None),
-            AdaptiveMax::Experts(n) => Some(Some(n)),
+        let room = match config.moe {
+            Some(_) => opts.adaptive_max,
+            None => AdaptiveMax::TopK,
         };
-        let room = room.filter(|_| config.moe.is_some());
-        if room.is_some() && opts.offload.routing != Routing::Layer {
+        if room != AdaptiveMax::TopK && opts.offload.routing != Routing::Layer {
             return Err(Error::InvalidArgument(ADAPTIVE_NEEDS_LAYER_ROUTING.into()));
         }
         let widen = |config: &mut crate::model::ModelConfig, max| -> Result<()> {
@@ -139,7 +137,7 @@ impl Engine {
             Ok(())
         };
         // Room asked for: before the memory plan, whose cache must hold a token's experts.
-        if let Some(Some(n)) = room {
+        if let AdaptiveMax::Experts(n) = room {
             widen(&mut config, Some(n))?;
         }
         let router = crate::model::offload::load_router(path, &config, &opts.offload)?;
@@ -170,7 +168,7 @@ impl Engine {
         // By default, room only where every expert stays resident: the experts a token
         // adds are rarely used ones, which under a budget cost cache misses (at 50%, twice
         // dropping only's, as many as the fixed top-k's: BENCHMARKS.md).
-        if room == Some(None) {
+        if room == AdaptiveMax::Auto {
             if plan.expert_slots.is_none() {
                 widen(&mut config, None)?;
             } else {
@@ -268,7 +266,7 @@ impl Engine {
         if quality_pct != 0.0 && self.model.routing != crate::moe::Routing::Layer {
             return Err(Error::InvalidArgument(ADAPTIVE_NEEDS_LAYER_ROUTING.into()));
         }
-        let extra_slots = c.moe.as_ref().map_or(0, |m| m.n_slots - m.n_used);
+        let extra_slots = c.moe.as_ref().map_or(0, |m| m.extra_slots());
         let plan = if quality_pct == 0.0 {
             AdaptivePlan::off(c.n_layer)
         } else {

@@ -108,6 +108,11 @@ pub fn recovery_applies(k: usize, fitted: usize, n_expert: usize) -> bool {
 }
 
 impl MoeConfig {
+    /// Slots a token has past the top-k: experts adaptive gating may add.
+    pub fn extra_slots(&self) -> usize {
+        self.n_slots - self.n_used
+    }
+
     /// Whether a carve's recovery fit applies at this many experts a token.
     pub fn recovering(&self) -> bool {
         recovery_applies(self.n_used, self.fitted_used, self.n_expert)

@@ -368,11 +368,7 @@ pub fn validate(
 ) -> Result<AdaptivePlan> {
     let model = session.model.clone();
     let n_layer = model.config.n_layer;
-    let extra_slots = model
-        .config
-        .moe
-        .as_ref()
-        .map_or(0, |m| m.n_slots - m.n_used);
+    let extra_slots = model.config.moe.as_ref().map_or(0, |m| m.extra_slots());
     let mut plan = profile.plan(quality_pct, extra_slots)?;
     if plan.measured_cost_pct.is_some() {
         return Ok(plan);
