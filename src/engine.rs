@@ -53,6 +53,15 @@ pub struct Engine {
     ctx: usize,
 }
 
+/// Writes adaptive gating's profile next to the model; a failure only costs measuring it
+/// again next time, so it is a warning.
+fn save_profile(profile: &AdaptiveProfile, path: &Path) {
+    match profile.save(path) {
+        Ok(()) => tracing::info!("saved the adaptive-gating profile to {}", path.display()),
+        Err(e) => tracing::warn!("could not save the adaptive-gating profile: {e}"),
+    }
+}
+
 /// Under `--routing pregate`, the carve's recovery fit made for the pre-gating router's
 /// choices (`carve --pregate-router`), when the model has one for this very router; else
 /// the layers' own fit stays.
@@ -246,9 +255,10 @@ impl Engine {
     /// per-layer sensitivities come from `profile` (default `MODEL.adaptive.json`, or
     /// `MODEL.adaptive-ID.json` for text of one's own); when it does not exist they are
     /// measured on `calib` (text files; none: the built-in corpus's windows that the carve
-    /// left out), `progress(done, total)` counting the passes. The thresholds' real cost
-    /// is then measured on those tokens and lowered until it fits; both are saved in the
-    /// profile, so a later run with the same quality and text measures nothing.
+    /// left out) and saved at once. The thresholds' real cost is then measured on those
+    /// tokens and moved until it fits, and saved in the profile too, so a later run with
+    /// the same quality and text measures nothing. `progress(done, total)` counts the
+    /// passes of both (the check may end before `total`).
     pub fn set_adaptive(
         &mut self,
         quality_pct: f64,
@@ -317,22 +327,35 @@ impl Engine {
                         None => self.adaptive_tokens(&[])?,
                     };
                     let mut session = self.session()?;
-                    let mut prof = match saved {
-                        Some(p) => p,
-                        None => adaptive::AdaptiveProfile {
-                            calib: source,
-                            ..adaptive::measure(&mut session, &tokens, progress)?
-                        },
+                    // One count of passes over both steps, for one progress bar.
+                    let checks = adaptive::validate_passes(extra_slots);
+                    let mut progress = progress;
+                    let (mut prof, measured) = match saved {
+                        Some(p) => (p, 0),
+                        None => {
+                            let mut done = 0;
+                            let p = AdaptiveProfile {
+                                calib: source,
+                                ..adaptive::measure(&mut session, &tokens, |d, t| {
+                                    done = t;
+                                    progress(d, t + checks)
+                                })?
+                            };
+                            // Kept at once: the measurement is the long part (half an hour
+                            // on a CPU), and a check interrupted later must not lose it.
+                            save_profile(&p, &path);
+                            (p, done)
+                        }
                     };
                     prof.check_fits(c.n_layer)?;
-                    let plan = adaptive::validate(&mut session, &tokens, &mut prof, quality_pct)?;
-                    match prof.save(&path) {
-                        Ok(()) => tracing::info!(
-                            "saved the adaptive-gating profile to {}",
-                            path.display()
-                        ),
-                        Err(e) => tracing::warn!("could not save the adaptive-gating profile: {e}"),
-                    }
+                    let plan = adaptive::validate(
+                        &mut session,
+                        &tokens,
+                        &mut prof,
+                        quality_pct,
+                        |d, _| progress(measured + d, measured + checks),
+                    )?;
+                    save_profile(&prof, &path);
                     plan
                 }
             }

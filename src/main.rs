@@ -9,7 +9,6 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
-use indicatif::{ProgressBar, ProgressStyle};
 
 use pregate::gpu::{list_adapters, BackendChoice, GpuOptions};
 use pregate::model::chat::ChatMessage;
@@ -19,6 +18,9 @@ use pregate::moe::{PolicyKind, Prefetch, Routing};
 use pregate::pull::{self, PullEvent, DEFAULT_MODEL};
 use pregate::router::adaptive::AdaptiveMax;
 use pregate::{Engine, EngineOptions, GenerateParams, SamplerConfig};
+
+mod progress;
+use progress::Progress;
 
 #[derive(Parser)]
 #[command(
@@ -513,17 +515,9 @@ fn run(cli: Cli) -> Result<()> {
     }
 }
 
-fn bar(len: u64, template: &str) -> ProgressBar {
-    let pb = ProgressBar::new(len);
-    pb.set_style(
-        ProgressStyle::with_template(template).unwrap_or_else(|_| ProgressStyle::default_bar()),
-    );
-    pb
-}
-
 /// Resolves a model spec to a path, pulling (with a progress bar) when needed.
 fn resolve(spec: &str) -> Result<PathBuf> {
-    let mut pb: Option<ProgressBar> = None;
+    let mut pb: Option<Progress> = None;
     let path = pull::resolve_model(spec, |ev| match ev {
         PullEvent::Fetching {
             package,
@@ -534,7 +528,7 @@ fn resolve(spec: &str) -> Result<PathBuf> {
         }
         PullEvent::Assembling { done, total } => {
             let p = pb.get_or_insert_with(|| {
-                bar(
+                Progress::new(
                     total,
                     "assembling {bar:40} {bytes}/{total_bytes} {bytes_per_sec}",
                 )
@@ -584,7 +578,7 @@ fn load(m: &ModelArgs) -> Result<Engine> {
         },
         adaptive_max,
     };
-    let pb = bar(0, "loading {bar:40} {pos}/{len} layers");
+    let pb = Progress::new(0, "loading {bar:40} {pos}/{len} layers");
     let mut engine = Engine::load_with_progress(&path, &opts, |done, total| {
         pb.set_length(total as u64);
         pb.set_position(done as u64);
@@ -595,7 +589,10 @@ fn load(m: &ModelArgs) -> Result<Engine> {
         eprintln!("{}", engine.memory.summary(engine.gpu().arena.budget()));
     }
     if m.adaptive != 0.0 {
-        let pb = bar(0, "measuring layer sensitivity {bar:40} {pos}/{len} passes");
+        let pb = Progress::new(
+            0,
+            "measuring adaptive gating {bar:40} {pos}/{len} passes  {elapsed} (eta {eta})",
+        );
         let plan = engine
             .set_adaptive(
                 m.adaptive,
@@ -786,12 +783,15 @@ fn cmd_eval(a: EvalArgs) -> Result<()> {
         .with_context(|| format!("reading {}", a.file.display()))?;
     let engine = load(&a.model)?;
     let ctx = if a.model.ctx == 0 { 512 } else { a.model.ctx };
-    let pb = bar(0, "scoring {bar:40} {pos}/{len} chunks  ppl {msg}");
+    let pb = Progress::new(
+        0,
+        "scoring {bar:40} {pos}/{len} chunks  ppl {msg}  eta {eta}",
+    );
     let t0 = Instant::now();
     let r = pregate::eval::perplexity(&engine, &text, ctx, a.chunks, |done, total, ppl| {
         pb.set_length(total as u64);
-        pb.set_position(done as u64);
         pb.set_message(format!("{ppl:.4}"));
+        pb.set_position(done as u64);
     })?;
     pb.finish_and_clear();
     if a.json {
@@ -1003,7 +1003,7 @@ fn cmd_carve(a: CarveArgs) -> Result<()> {
             ..Default::default()
         },
     };
-    let mut pb: Option<(ProgressBar, &str)> = None;
+    let mut pb: Option<(Progress, &str)> = None;
     let summary = carve::carve(&input, &a.output, &opts, |ev| {
         let (stage, done, total) = match ev {
             CarveEvent::Calibrating { done, total } => ("calibrating", done, total),
@@ -1015,11 +1015,11 @@ fn cmd_carve(a: CarveArgs) -> Result<()> {
                 old.finish_and_clear();
             }
             let t = match stage {
-                "calibrating" => "calibrating {bar:40} {pos}/{len} tokens",
-                "carving" => "carving     {bar:40} {pos}/{len} layers",
+                "calibrating" => "calibrating {bar:40} {pos}/{len} tokens  {elapsed}",
+                "carving" => "carving     {bar:40} {pos}/{len} layers  {elapsed} (eta {eta})",
                 _ => "writing {spinner}",
             };
-            pb = Some((bar(total as u64, t), stage));
+            pb = Some((Progress::new(total as u64, t), stage));
         }
         if let Some((p, _)) = &pb {
             p.set_position(done as u64);
@@ -1083,7 +1083,7 @@ fn cmd_trace(a: TraceArgs) -> Result<()> {
     if let Some(n) = a.max_tokens {
         tokens.truncate(n);
     }
-    let pb = bar(tokens.len() as u64, "tracing {bar:40} {pos}/{len} tokens");
+    let pb = Progress::new(tokens.len() as u64, "tracing {bar:40} {pos}/{len} tokens");
     let mut trace = pregate::moe::trace::record_tokens(&engine, &tokens, |done, _| {
         pb.set_position(done as u64)
     })?;
@@ -1182,7 +1182,7 @@ fn routing_trace(
     let trace = match saved {
         Some(t) => t,
         None => {
-            let pb = bar(tokens.len() as u64, "tracing {bar:40} {pos}/{len} tokens");
+            let pb = Progress::new(tokens.len() as u64, "tracing {bar:40} {pos}/{len} tokens");
             let t = pregate::moe::trace::record_tokens(engine, &tokens, |done, _| {
                 pb.set_position(done as u64)
             })?;
@@ -1230,13 +1230,13 @@ fn cmd_train_router(a: TrainRouterArgs) -> Result<()> {
         learning_rate: a.learning_rate,
         ..Default::default()
     };
-    let pb = bar(
+    let pb = Progress::new(
         opts.steps as u64,
         "training {bar:40} {pos}/{len} passes  loss {msg}",
     );
     let (mut r, report) = router::train(&tokens, &trace, &opts, |step, _, loss| {
-        pb.set_position(step as u64);
         pb.set_message(format!("{loss:.4}"));
+        pb.set_position(step as u64);
     })?;
     pb.finish_and_clear();
     // Which model it learned: `carve --pregate-router` checks it carved that one.

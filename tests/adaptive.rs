@@ -122,13 +122,29 @@ fn a_measured_profile_cuts_active_experts_within_its_budget() {
     let mut engine = load(&carved, None, VramBudget::All);
     let profile = carved.with_extension("adaptive.json");
     let _ = std::fs::remove_file(&profile);
-    let mut passes = 0;
+    let n_layer = engine.model.config.n_layer;
+    let extra_slots = engine.model.config.moe.as_ref().unwrap().extra_slots();
+    let (mut passes, mut total, mut saved_before_checks) = (0, 0, None);
     let plan = engine
-        .set_adaptive(20.0, None, &[], |done, _| passes = done)
+        .set_adaptive(20.0, None, &[], |done, of| {
+            (passes, total) = (done, of);
+            // The measurement is saved before the checks begin, so an interrupted
+            // check does not lose it.
+            if done == 2 + n_layer + 1 {
+                saved_before_checks = Some(profile.exists());
+            }
+        })
         .expect("adaptive")
         .clone();
-    // One routing pass, the base NLL, one pass per MoE layer; saved for the next run.
-    assert_eq!(passes, 2 + engine.model.config.n_layer);
+    // One routing pass, the base NLL, one pass per MoE layer, then the checks of the
+    // thresholds; saved for the next run.
+    let checks = pregate::router::adaptive::validate_passes(extra_slots);
+    assert_eq!(total, 2 + n_layer + checks);
+    assert!(
+        (2 + n_layer + 1..=total).contains(&passes),
+        "{passes} of {total}"
+    );
+    assert_eq!(saved_before_checks, Some(true));
     assert!(profile.exists());
     let saved = pregate::router::adaptive::AdaptiveProfile::load(&profile).unwrap();
     assert!(saved.base_nll.is_finite() && saved.base_nll > 0.0);

@@ -354,17 +354,28 @@ fn token_nll(session: &mut Session, windows: &[Vec<u32>]) -> Result<Vec<f64>> {
 const VALIDATE_PASSES: usize = 5;
 const VALIDATE_PASSES_ADDING: usize = 6;
 
+/// The most passes [`validate`] runs on a model with `extra_slots` slots a token past the
+/// top-k (it stops early where the profile's own choice fits and nothing can be added).
+pub fn validate_passes(extra_slots: usize) -> usize {
+    match extra_slots {
+        0 => VALIDATE_PASSES,
+        _ => VALIDATE_PASSES_ADDING,
+    }
+}
+
 /// Measures the thresholds `profile.plan(quality_pct)` chooses on `windows` (those of the
 /// profile) and lowers λ until their real cost fits the budget (if none fits, the fixed
 /// top-k). Where the model leaves tokens slots past the top-k, the profile's λ
 /// underrates what the added experts give back, so λ is then raised (doubled) while the
 /// cost fits, and bisected once it does not. Records the result, and the mean experts a
-/// token kept, in the profile and leaves the model at its fixed top-k.
+/// token kept, in the profile and leaves the model at its fixed top-k. `progress(done,
+/// most)` counts the passes, at most [`validate_passes`].
 pub fn validate(
     session: &mut Session,
     windows: &[Vec<u32>],
     profile: &mut AdaptiveProfile,
     quality_pct: f64,
+    mut progress: impl FnMut(usize, usize),
 ) -> Result<AdaptivePlan> {
     let model = session.model.clone();
     let n_layer = model.config.n_layer;
@@ -379,19 +390,17 @@ pub fn validate(
     } else {
         mean(&token_nll(session, windows)?)
     };
-    let passes = match extra_slots {
-        0 => VALIDATE_PASSES,
-        _ => VALIDATE_PASSES_ADDING,
-    };
+    let passes = validate_passes(extra_slots);
     // The best (λ, cost, mean experts) that fits, and the smallest λ that did not: bisect
     // between them.
     let mut found: Option<(f64, f64, f64)> = None;
     let mut too_far = f64::INFINITY;
     let result = (|| -> Result<()> {
-        for _ in 0..passes {
+        for pass in 0..passes {
             model.set_adaptive_keep(&plan.keep)?;
             model.reset_active_experts();
             let cost = mean(&token_nll(session, windows)?) - base;
+            progress(pass + 1, passes);
             let (experts, decisions) = model.active_experts()?;
             let mean_experts = experts as f64 / decisions.max(1) as f64;
             tracing::info!(

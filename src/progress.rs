@@ -1,0 +1,169 @@
+//! Progress on stderr for the CLI's long jobs. On a terminal, an indicatif bar. Where
+//! stderr is not one (a log file, CI, `nohup`), indicatif draws nothing, and a carve or
+//! adaptive gating's measurement would run for half an hour without a word, so a plain
+//! line is written instead: once the job has run [`PLAIN_EVERY`], then at most that often,
+//! and at its end. Short jobs (loading a model) stay quiet.
+
+use std::io::IsTerminal;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use indicatif::{ProgressBar, ProgressStyle};
+
+/// How often a plain progress line is written where stderr is not a terminal.
+pub const PLAIN_EVERY: Duration = Duration::from_secs(15);
+
+/// A progress bar, or plain lines where stderr is not a terminal. Same calls as
+/// indicatif's `ProgressBar` (all through `&self`, so closures can share it).
+pub struct Progress {
+    bar: ProgressBar,
+    plain: Option<Mutex<Plain>>,
+}
+
+struct Plain {
+    label: String,
+    started: Instant,
+    printed: Option<Instant>,
+    pos: u64,
+    len: u64,
+    msg: String,
+}
+
+impl Progress {
+    /// `template` is indicatif's; its text before `{bar` names the job in plain lines.
+    pub fn new(len: u64, template: &str) -> Progress {
+        let bar = ProgressBar::new(len);
+        bar.set_style(
+            ProgressStyle::with_template(template).unwrap_or_else(|_| ProgressStyle::default_bar()),
+        );
+        let plain = (!std::io::stderr().is_terminal()).then(|| {
+            Mutex::new(Plain {
+                label: label_of(template),
+                started: Instant::now(),
+                printed: None,
+                pos: 0,
+                len,
+                msg: String::new(),
+            })
+        });
+        Progress { bar, plain }
+    }
+
+    pub fn set_length(&self, len: u64) {
+        self.bar.set_length(len);
+        self.update(|p| p.len = len, false);
+    }
+
+    /// Moves the bar; only here may a plain line be written, so a caller sets the length
+    /// and message first.
+    pub fn set_position(&self, pos: u64) {
+        self.bar.set_position(pos);
+        self.update(|p| p.pos = pos, true);
+    }
+
+    pub fn set_message(&self, msg: String) {
+        self.bar.set_message(msg.clone());
+        self.update(|p| p.msg = msg, false);
+    }
+
+    /// Clears the bar; a plain job long enough to have spoken gets its last line.
+    pub fn finish_and_clear(&self) {
+        self.bar.finish_and_clear();
+        let Some(Ok(p)) = self.plain.as_ref().map(Mutex::lock) else {
+            return;
+        };
+        let now = Instant::now();
+        if p.printed.is_some() || due(p.started, None, now) {
+            eprintln!("{}", p.line(now));
+        }
+    }
+
+    fn update(&self, change: impl FnOnce(&mut Plain), may_print: bool) {
+        let Some(plain) = &self.plain else {
+            return;
+        };
+        let Ok(mut p) = plain.lock() else {
+            return;
+        };
+        change(&mut p);
+        let now = Instant::now();
+        if may_print && due(p.started, p.printed, now) {
+            p.printed = Some(now);
+            eprintln!("{}", p.line(now));
+        }
+    }
+}
+
+impl Plain {
+    fn line(&self, now: Instant) -> String {
+        let secs = now.duration_since(self.started).as_secs();
+        let mut s = format!("{} {}/{}", self.label, self.pos, self.len);
+        if !self.msg.is_empty() {
+            s += &format!(" ({})", self.msg);
+        }
+        s += &format!(", {}:{:02} elapsed", secs / 60, secs % 60);
+        if self.pos > 0 && self.pos < self.len {
+            let left = secs as f64 * (self.len - self.pos) as f64 / self.pos as f64;
+            s += &format!(", about {:.0} min left", (left / 60.0).ceil());
+        }
+        s
+    }
+}
+
+/// Whether a plain line is due: never before [`PLAIN_EVERY`] of running, then when the
+/// last line is that old (the end's line comes from `finish_and_clear`, after the last
+/// message).
+fn due(started: Instant, printed: Option<Instant>, now: Instant) -> bool {
+    now.duration_since(started) >= PLAIN_EVERY
+        && printed.is_none_or(|t| now.duration_since(t) >= PLAIN_EVERY)
+}
+
+/// The words before the bar: "measuring layer sensitivity {bar:40} ..." names the job
+/// "measuring layer sensitivity".
+fn label_of(template: &str) -> String {
+    let head = template.split('{').next().unwrap_or_default().trim();
+    match head.is_empty() {
+        true => "working".into(),
+        false => head.into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plain_lines_wait_for_a_long_job_then_come_at_most_every_interval() {
+        let t0 = Instant::now();
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        // A job that ends quickly says nothing.
+        assert!(!due(t0, None, at(2)));
+        // A long one speaks once it has run the interval...
+        assert!(due(t0, None, at(15)));
+        // ...then not again until the interval has passed since that line.
+        assert!(!due(t0, Some(at(15)), at(20)));
+        assert!(due(t0, Some(at(15)), at(30)));
+    }
+
+    #[test]
+    fn a_plain_line_names_the_job_and_says_how_long_is_left() {
+        assert_eq!(
+            label_of("measuring layer sensitivity {bar:40} {pos}/{len} passes"),
+            "measuring layer sensitivity"
+        );
+        assert_eq!(label_of("{spinner}"), "working");
+        let t0 = Instant::now();
+        let p = Plain {
+            label: "scoring".into(),
+            started: t0,
+            printed: None,
+            pos: 5,
+            len: 20,
+            msg: "16.7750".into(),
+        };
+        assert_eq!(
+            p.line(t0 + Duration::from_secs(300)),
+            "scoring 5/20 (16.7750), 5:00 elapsed, about 15 min left"
+        );
+    }
+}
