@@ -191,7 +191,7 @@ fn carve_rejects_bad_input_and_writes_nothing() {
     // A model without a gated FFN (no ffn_gate in layer 0) cannot be carved.
     let file = pregate::format::GgufFile::open(&dense).expect("open");
     let gateless = dir.join("gateless.gguf");
-    common::copy_without_tensor(&file, "blk.0.ffn_gate.weight", &gateless);
+    common::copy_without_tensors(&file, &["blk.0.ffn_gate.weight"], &gateless);
     let err = carve::carve(&gateless, &out, &base, |_| {}).expect_err("no gate");
     assert!(err.to_string().contains("no gated FFN"), "{err}");
     assert!(!out.exists());
@@ -545,6 +545,7 @@ fn linear_recovery_runs_like_the_reference_and_brings_the_carve_closer_to_dense(
     assert!(opts.recover, "recovery is the default");
     let (rec, plain) = carve_with_and_without_recovery(&dir, &dense, &opts);
     let f = pregate::format::GgufFile::open(&rec).expect("open");
+    let want_dense = logits(&dense, None, &TOKENS);
     for l in 0..2 {
         let w = f
             .require(&format!("blk.{l}.ffn_recover.weight"))
@@ -561,6 +562,16 @@ fn linear_recovery_runs_like_the_reference_and_brings_the_carve_closer_to_dense(
             .expect("shared down");
         assert_eq!(fitted.dims, plain.dims);
         assert_ne!(f.bytes(fitted), f.bytes(plain), "a real correction");
+        // A correction for tokens on one expert (7 routed: the fit applies at 1 and 2
+        // only), of rank 64 over d_model 256.
+        let [v, u, b] = pregate::model::config::count_fit_tensors(l, 1);
+        assert_eq!(f.require(&v).expect("V").dims, vec![256, 64]);
+        assert_eq!(f.require(&u).expect("U").dims, vec![64, 256]);
+        assert_eq!(f.require(&b).expect("b").dims, vec![256]);
+        for k in [2, 3] {
+            let [v, ..] = pregate::model::config::count_fit_tensors(l, k);
+            assert!(f.tensor(&v).is_none(), "no correction for k {k}");
+        }
     }
     // The GPU adds W·x + b and reads the corrected shared down-projection at the carved k
     // and below, as the CPU reference does, and neither well above it (7 routed experts:
@@ -568,8 +579,36 @@ fn linear_recovery_runs_like_the_reference_and_brings_the_carve_closer_to_dense(
     for k in [1, 2, 3] {
         assert_runs_like_reference(&rec, k, &format!("k {k}"));
     }
+    // At one expert a token the correction brings the carve closer to the dense model
+    // than the map made for two alone.
+    let one = |path: &Path| {
+        let got = logits(path, Some(1), &TOKENS);
+        want_dense
+            .iter()
+            .zip(&got)
+            .map(|(w, g)| max_abs_diff(w, g))
+            .sum::<f32>()
+    };
+    let uncorrected = dir.join("uncorrected.gguf");
+    let [v, ..] = pregate::model::config::count_fit_tensors(1, 1);
+    let [v0, ..] = pregate::model::config::count_fit_tensors(0, 1);
+    common::copy_without_tensors(&f, &[&v0, &v], &uncorrected);
+    let (e_fit, e_plain) = (one(&rec), one(&uncorrected));
+    assert!(e_fit < e_plain, "k 1: corrected {e_fit} vs not {e_plain}");
+    // A correction that lost a part is a clear error naming it, not a panic.
+    let damaged = dir.join("damaged.gguf");
+    let [_, u, _] = pregate::model::config::count_fit_tensors(1, 1);
+    common::copy_without_tensors(&f, &[&u], &damaged);
+    let opts = EngineOptions {
+        experts_per_token: Some(1),
+        ..Default::default()
+    };
+    let err = Engine::load(&damaged, &opts)
+        .err()
+        .expect("a missing part fails");
+    assert!(err.to_string().contains(&u), "{err}");
     // All experts active is still the dense model: the map is not applied there.
-    let want = logits(&dense, None, &TOKENS);
+    let want = want_dense;
     let all = logits(&rec, Some(usize::MAX), &TOKENS);
     assert_is_dense(&want, &all, "recover, all experts");
     let (e_rec, e_plain) = (distance_from(&want, &rec), distance_from(&want, &plain));
@@ -718,7 +757,7 @@ fn a_recovery_fit_for_the_pregate_routers_choices_runs_under_pregate_routing() {
     );
     // A file that names the fit but lost a layer of it runs the layers' fit too.
     let damaged = dir.join("damaged.gguf");
-    common::copy_without_tensor(&f, "blk.1.ffn_recover_pregate.weight", &damaged);
+    common::copy_without_tensors(&f, &["blk.1.ffn_recover_pregate.weight"], &damaged);
     assert!(bits(&pregate_logits(&damaged, &router_path), &other));
     // With another router, the model falls back to the layers' fit.
     let smaller = pregate::router::TrainOptions {

@@ -284,6 +284,76 @@ fn elementwise_ops_match_cpu() {
     }
 }
 
+#[test]
+fn count_corrections_apply_each_tokens_own_count() {
+    // 4 slots a token; corrections for counts 1, 3 and 4 (not the fitted 2), stacked in
+    // order; tokens keep 0-4 experts (u32::MAX: a dropped slot).
+    let g = gpu();
+    let (d, rank, slots) = (37usize, 5usize, 4usize);
+    let counts = [1usize, 3, 4];
+    let mut rng = Rng::new(12);
+    let kept = [1usize, 2, 3, 4, 0, 1, 3];
+    let n = kept.len();
+    let ids: Vec<u32> = kept
+        .iter()
+        .flat_map(|&k| (0..slots).map(move |j| if j < k { j as u32 * 3 } else { u32::MAX }))
+        .collect();
+    let xn = rng.vec(n * d, 1.0);
+    let x0 = rng.vec(n * d, 1.0);
+    let (v, u, bias) = (
+        rng.vec(counts.len() * rank * d, 0.5),
+        rng.vec(counts.len() * d * rank, 0.5),
+        rng.vec(counts.len() * d, 0.5),
+    );
+    let ids_f: Vec<f32> = ids.iter().map(|v| f32::from_bits(*v)).collect();
+    let (ib, xnb, xb) = (upload(&g, &ids_f), upload(&g, &xn), upload(&g, &x0));
+    let (vb, ub, bb) = (upload(&g, &v), upload(&g, &u), upload(&g, &bias));
+    let fits = ops::CountCorrections {
+        input: &vb,
+        output: &ub,
+        bias: &bb,
+        rank: rank as u32,
+        mask: counts.iter().fold(0, |m, k| m | 1 << k),
+    };
+    let mut b = DispatchBuilder::new(&g);
+    ops::moe_recover_count(
+        &mut b,
+        slots as u32,
+        n as u32,
+        d as u32,
+        &ib,
+        &xnb,
+        &fits,
+        &xb,
+    );
+    g.run_once(&b.finish(&g).expect("plan")).expect("run");
+    let got = g.read_f32(&xb, n * d).expect("read");
+    let mut want = x0.clone();
+    for (t, k) in kept.iter().enumerate() {
+        let Some(blk) = counts.iter().position(|c| c == k) else {
+            continue; // the fitted count, or none kept: unchanged
+        };
+        let x = &xn[t * d..(t + 1) * d];
+        let z: Vec<f32> = (0..rank)
+            .map(|r| {
+                let row = &v[(blk * rank + r) * d..][..d];
+                row.iter().zip(x).map(|(a, b)| a * b).sum()
+            })
+            .collect();
+        for i in 0..d {
+            let row = &u[(blk * d + i) * rank..][..rank];
+            let y: f32 = row.iter().zip(&z).map(|(a, b)| a * b).sum();
+            want[t * d + i] += y + bias[blk * d + i];
+        }
+    }
+    assert!(max_abs_diff(&got, &want) < 1e-4);
+    // Tokens at the fitted count (and none) are untouched, the others moved.
+    for (t, k) in kept.iter().enumerate() {
+        let moved = max_abs_diff(&got[t * d..(t + 1) * d], &x0[t * d..(t + 1) * d]) > 0.0;
+        assert_eq!(moved, counts.contains(k), "token {t} keeps {k}");
+    }
+}
+
 /// What moe_route.wgsl decided for a least-squares router's `scores` [tokens, n_expert]
 /// (logits mode, every weight 1): each token's `slots` ids (u32::MAX: dropped), its
 /// confidence, and the [kept experts, tokens] count. The fixed top-k is `base`; `x`

@@ -22,6 +22,7 @@ use std::time::Instant;
 use crate::engine::{Engine, EngineOptions};
 use crate::error::{Error, Result};
 use crate::gpu::GpuOptions;
+use crate::model::config::count_fit_counts;
 use crate::quant::DType;
 use crate::router::PreGateRouter;
 
@@ -416,9 +417,27 @@ fn carve_layer(
         let missing = recover::unchosen_output(data, part, outputs, choose);
         recover::fit_recovery(data, &part.shared, &missing, opts.seq_len)
     };
-    let recovery = opts
-        .recover
-        .then(|| fit(&data, &outputs, &|_, x| router.select(x, opts.n_active)));
+    // The layers' own fit, and its corrections for tokens that run other counts.
+    let (recovery, count_fits) = match opts.recover {
+        true => {
+            let choose = |x: &[f32], k: usize| router.select(x, k);
+            let missing =
+                recover::unchosen_output(&data, part, &outputs, |_, x| choose(x, opts.n_active));
+            let fit = recover::fit_recovery(&data, &part.shared, &missing, opts.seq_len);
+            let counts = count_fit_counts(opts.n_active, part.experts.len());
+            let corrections = recover::fit_count_fits(
+                &data,
+                part,
+                &outputs,
+                &missing,
+                &counts,
+                choose,
+                opts.seq_len,
+            );
+            (Some(fit), corrections)
+        }
+        false => (None, Vec::new()),
+    };
     let for_plan = pregate.filter(|_| opts.recover).map(|p| {
         let choose = |t: usize, _: &[f32]| p.plan.choices(t, l);
         match p.stream {
@@ -439,6 +458,7 @@ fn carve_layer(
         }
     });
     writer.add_layer(l, part, down, &router, recovery.as_ref(), for_plan.as_ref())?;
+    writer.add_count_fits(l, &count_fits)?;
     Ok((router, recovery, for_plan))
 }
 

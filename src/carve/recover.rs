@@ -11,6 +11,7 @@ use nalgebra::DMatrix;
 use super::partition::Partition;
 use super::router;
 use super::sequential::matmul_t;
+use crate::model::config::COUNT_FIT_RANK;
 use crate::router::PreGateRouter;
 
 /// What the router scores experts with.
@@ -268,6 +269,65 @@ pub fn fit_recovery(
         bias,
         shared_down,
     }
+}
+
+/// The recovery fit's correction for tokens that run `k` experts instead of the fitted
+/// number (adaptive gating, `--experts-per-token`): what the experts between the two
+/// counts add (taken away below the fitted count, where they no longer run; added above
+/// it, where they do and the fit would count them twice), as a rank-r linear map of the
+/// FFN input: y += U·(V·x) + b.
+pub struct CountFit {
+    pub k: usize,
+    /// V, [r, d] row-major.
+    pub input: Vec<f32>,
+    /// U, [d, r] row-major.
+    pub output: Vec<f32>,
+    pub bias: Vec<f32>,
+}
+
+/// Fits a [`CountFit`] of rank at most [`COUNT_FIT_RANK`] for each of `counts`. `missing` is what the
+/// unchosen experts add at the fitted count ([`unchosen_output`]) and `choose(x, k)` a
+/// token's k experts. Reduced-rank ridge regression: the full ridge map, projected on the
+/// leading eigenvectors of its outputs' second moment on the calibration tokens.
+pub fn fit_count_fits(
+    data: &LayerData,
+    part: &Partition,
+    outputs: &[Vec<f32>],
+    missing: &[f32],
+    counts: &[usize],
+    choose: impl Fn(&[f32], usize) -> Vec<usize>,
+    window: usize,
+) -> Vec<CountFit> {
+    if counts.is_empty() {
+        return Vec::new();
+    }
+    let d = data.d;
+    let n = data.inputs.len() / d.max(1);
+    let x = DMatrix::from_row_slice(n, d, data.inputs);
+    let gram = at_b(&x, &x);
+    let r = COUNT_FIT_RANK.min(d);
+    counts
+        .iter()
+        .map(|&k| {
+            let other = unchosen_output(data, part, outputs, |_, x| choose(x, k));
+            let target: Vec<f32> = other.iter().zip(missing).map(|(a, b)| a - b).collect();
+            let (w, bias) = fit_ridge_map(data.inputs, d, &target, d, window);
+            // [out, in]; the second moment of its outputs is W XᵀX Wᵀ.
+            let w = DMatrix::from_row_slice(d, d, &w);
+            let eig = (&w * &gram * w.transpose()).symmetric_eigen();
+            let mut order: Vec<usize> = (0..d).collect();
+            order.sort_by(|&a, &b| eig.eigenvalues[b].total_cmp(&eig.eigenvalues[a]));
+            let u = DMatrix::from_fn(d, r, |i, j| eig.eigenvectors[(i, order[j])]);
+            let v = u.transpose() * &w;
+            // Column-major storage of the transpose is the row-major matrix.
+            CountFit {
+                k,
+                input: v.transpose().as_slice().to_vec(),
+                output: u.transpose().as_slice().to_vec(),
+                bias,
+            }
+        })
+        .collect()
 }
 
 /// The point of smallest `f` on `grid`, walking downhill from its middle: the

@@ -7,10 +7,11 @@ use sha2::{Digest, Sha256};
 
 use crate::error::{Error, Result};
 use crate::format::{GgufFile, GgufWriter, MetaValue, TensorInfo};
+use crate::model::config::count_fit_tensors;
 use crate::quant::{dequantize, quantize, DType};
 
 use super::partition::Partition;
-use super::recover::{LinearRecovery, RouterFit};
+use super::recover::{CountFit, LinearRecovery, RouterFit};
 use super::{CarveOptions, Method};
 
 /// Metadata naming the pre-gating router a model's `ffn_recover_pregate` fits are for.
@@ -307,6 +308,28 @@ impl<'a> ExpertWriter<'a> {
                 self.routers.update(&v);
                 self.out.tensor(&name, DType::F32, dims, v)?;
             }
+        }
+        Ok(())
+    }
+
+    /// Writes layer `l`'s count corrections of its recovery fit
+    /// ([`crate::model::config::count_fit_tensors`]): V and U in f16 (small, and read
+    /// as f32 by the runtime), the bias in f32.
+    pub fn add_count_fits(&mut self, l: usize, fits: &[CountFit]) -> Result<()> {
+        let d = self.d as u64;
+        let f16_bytes = |v: &[f32]| -> Vec<u8> {
+            let h: Vec<half::f16> = v.iter().map(|x| half::f16::from_f32(*x)).collect();
+            bytemuck::cast_slice(&h).to_vec()
+        };
+        for fit in fits {
+            let r = (fit.input.len() as u64) / d.max(1);
+            let [input, output, bias] = count_fit_tensors(l, fit.k);
+            self.out
+                .tensor(&input, DType::F16, &[d, r], f16_bytes(&fit.input))?;
+            self.out
+                .tensor(&output, DType::F16, &[r, d], f16_bytes(&fit.output))?;
+            let b = bytemuck::cast_slice::<f32, u8>(&fit.bias).to_vec();
+            self.out.tensor(&bias, DType::F32, &[d], b)?;
         }
         Ok(())
     }

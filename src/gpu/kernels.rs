@@ -10,6 +10,7 @@ const MATVEC: &str = include_str!("../../shaders/matvec.wgsl");
 const CHUNK_DOT: &str = include_str!("../../shaders/chunk_dot.wgsl");
 const MOE: &str = include_str!("../../shaders/moe.wgsl");
 const MOE_ROUTE: &str = include_str!("../../shaders/moe_route.wgsl");
+const MOE_RECOVER: &str = include_str!("../../shaders/moe_recover.wgsl");
 const MATMUL: &str = include_str!("../../shaders/matmul.wgsl");
 const EMBED: &str = include_str!("../../shaders/embed.wgsl");
 const NORM: &str = include_str!("../../shaders/norm.wgsl");
@@ -97,6 +98,8 @@ pub enum Kernel {
         dtype: DType,
     },
     MoeCombine,
+    /// A carve's recovery correction for tokens running another number of experts.
+    MoeRecoverCount,
     Argmax,
     Softmax,
     Nll,
@@ -127,6 +130,7 @@ impl Kernel {
             Kernel::MoeGroup => "moe_group",
             Kernel::MoeGrouped { .. } => "moe_grouped",
             Kernel::MoeCombine => "moe_combine",
+            Kernel::MoeRecoverCount => "moe_recover_count",
             Kernel::Argmax => "argmax",
             Kernel::Softmax => "softmax",
             Kernel::Nll => "nll",
@@ -161,6 +165,7 @@ impl Kernel {
             Kernel::MoeGroup => "group",
             Kernel::MoeGrouped { .. } => "grouped",
             Kernel::MoeCombine => "combine",
+            Kernel::MoeRecoverCount => "recover_count",
             _ => "main",
         }
     }
@@ -221,6 +226,7 @@ impl Kernel {
                     .replace("{{RPT}}", &MATVEC_RPT.to_string())
             ),
             Kernel::MoeRoute | Kernel::MoeGroup | Kernel::MoeCombine => MOE_ROUTE.to_string(),
+            Kernel::MoeRecoverCount => MOE_RECOVER.to_string(),
             Kernel::Argmax | Kernel::Softmax | Kernel::Nll | Kernel::TopK => SAMPLING.to_string(),
         }
     }

@@ -93,6 +93,27 @@ impl RecoveryFit {
     }
 }
 
+/// Layer `l`'s correction of the layers' recovery fit for tokens that run `k` experts
+/// (see [`count_fit_counts`]): the map's input rows V, its output columns U, and its bias.
+pub fn count_fit_tensors(l: usize, k: usize) -> [String; 3] {
+    ["_in.weight", "_out.weight", ".bias"].map(|s| format!("blk.{l}.ffn_recover_k{k}{s}"))
+}
+
+/// Rank of a count correction (at most d_model): the part of what the experts between two
+/// counts add that a linear map of the FFN input predicts lies mostly in a few directions.
+pub const COUNT_FIT_RANK: usize = 64;
+
+/// The expert counts a carve fitted for `fitted` experts a token (of `n_routed`) also
+/// fits a correction for: every other count up to twice the fitted one (adaptive gating's
+/// room) where the recovery fit applies at all. A token that drops to one expert then
+/// gets an estimate of what its second would have added, and one given a third no longer
+/// has that expert's share counted twice.
+pub fn count_fit_counts(fitted: usize, n_routed: usize) -> Vec<usize> {
+    (1..=2 * fitted)
+        .filter(|&k| k != fitted && recovery_applies(k, fitted, n_routed))
+        .collect()
+}
+
 /// Most routed experts a layer may have (moe_route.wgsl's MAX_EXPERTS).
 pub const MAX_EXPERTS: usize = 128;
 
@@ -380,5 +401,24 @@ mod tests {
         // Few experts: the fitted k still applies, all of them never.
         assert!(recovery_applies(2, 2, 4));
         assert!(!recovery_applies(4, 2, 4));
+    }
+
+    #[test]
+    fn count_corrections_cover_the_counts_adaptive_gating_reaches() {
+        // The default carve: one expert, and adaptive gating's room up to 4.
+        assert_eq!(count_fit_counts(2, 14), vec![1, 3, 4]);
+        // The tiny test carve (7 routed): the fit applies at 1 and 2 only.
+        assert_eq!(count_fit_counts(2, 7), vec![1]);
+        // Read-ME's one expert a token: none past 1 applies with 8 clusters.
+        assert!(count_fit_counts(1, 8).is_empty());
+        assert_eq!(count_fit_counts(6, 14), vec![1, 2, 3, 4, 5, 7]);
+        assert_eq!(
+            count_fit_tensors(3, 1),
+            [
+                "blk.3.ffn_recover_k1_in.weight",
+                "blk.3.ffn_recover_k1_out.weight",
+                "blk.3.ffn_recover_k1.bias"
+            ]
+        );
     }
 }

@@ -330,6 +330,17 @@ pub fn build(
                     let add = Write::Accumulate;
                     ops::matmul(&mut b, w, &s.xn, 0, n, &s.x, bias.as_ref(), add, &s.dummy);
                 }
+                if let Some(cf) = &m.count_fits {
+                    let fits = ops::CountCorrections {
+                        input: &cf.input.buffer,
+                        output: &cf.output.buffer,
+                        bias: &cf.bias.buffer,
+                        rank: cf.rank as u32,
+                        mask: cf.mask,
+                    };
+                    let (k, d) = (moe.n_slots as u32, c.d_model as u32);
+                    ops::moe_recover_count(&mut b, k, n, d, &s.expert_ids, &s.xn, &fits, &s.x);
+                }
                 if output == Output::Route {
                     // Ids [n_layer, ub, k], then confidences [n_layer, ub] (as bits).
                     let (k, ub, layers) = (moe.n_slots as u32, s.ub as u32, c.n_layer as u32);

@@ -8,7 +8,7 @@ use crate::error::{Error, Result};
 use crate::format::GgufFile;
 use crate::quant::DType;
 
-use super::config::ModelConfig;
+use super::config::{count_fit_tensors, ModelConfig};
 use super::session::{DEFAULT_UBATCH, TOPK_CAP};
 
 #[derive(Clone, Debug, Default, serde::Serialize)]
@@ -219,6 +219,14 @@ pub fn plan(f: &GgufFile, c: &ModelConfig, ctx: usize) -> MemoryPlan {
                 .is_some_and(|f| f[..2].iter().any(|t| t == name)),
             _ => name != n("ffn_norm.weight"),
         };
+        // The count corrections load as f32, whatever the file stores.
+        if let Some(m) = &c.moe {
+            for k in super::weights::loaded_count_fits(f, l, m) {
+                for name in count_fit_tensors(l, k) {
+                    p.ffn += f.tensor(&name).map_or(0, |t| t.n_elements() * 4);
+                }
+            }
+        }
         for t in f.tensors.iter().filter(|t| t.name.starts_with(&prefix)) {
             if routed.contains(&t.name) {
                 p.experts += gpu_bytes(f, &t.name);

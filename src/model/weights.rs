@@ -9,7 +9,7 @@ use crate::format::{GgufFile, TensorInfo};
 use crate::gpu::{Gpu, GpuBuffer, Matrix, Vector};
 use crate::quant::dequantize;
 
-use super::config::{ModelConfig, MoeConfig};
+use super::config::{count_fit_tensors, ModelConfig, MoeConfig, RecoveryFit};
 use crate::gpu::ops::RouteScore;
 use crate::router::adaptive::KEEP_ALL;
 
@@ -65,6 +65,81 @@ pub struct MoeWeights {
     /// what the unchosen experts would add (carve --recover). Loaded only when tokens use
     /// about as many experts as it was fitted for, or fewer (`config::recovery_applies`).
     pub recover: Option<(Matrix, Option<Vector>)>,
+    /// The carve's corrections of that map for tokens that run another number of experts
+    /// (adaptive gating, `--experts-per-token`); loaded with the map.
+    pub count_fits: Option<CountFits>,
+}
+
+/// A layer's count corrections (`config::count_fit_tensors`), as f32 and stacked in the
+/// order of their counts: V [rank, d_model], U [d_model, rank] and b [d_model] each.
+pub struct CountFits {
+    pub input: Vector,
+    pub output: Vector,
+    pub bias: Vector,
+    pub rank: usize,
+    /// Bit k: count k has a correction.
+    pub mask: u32,
+}
+
+/// Most rank a count correction may have (moe_recover.wgsl's MAX_RANK).
+const MAX_COUNT_FIT_RANK: usize = 256;
+
+/// The counts whose corrections layer `l` loads: those in the file that a token may keep
+/// (up to its slots), other than the fitted one, where the layers' recovery fit runs.
+pub(crate) fn loaded_count_fits(f: &GgufFile, l: usize, m: &MoeConfig) -> Vec<usize> {
+    let map = &m.recovery_tensors(l)[0];
+    if m.fit != RecoveryFit::Layers || !m.recovering() || f.tensor(map).is_none() {
+        return Vec::new();
+    }
+    (1..=m.n_slots.min(31))
+        .filter(|&k| k != m.fitted_used)
+        .filter(|&k| f.tensor(&count_fit_tensors(l, k)[0]).is_some())
+        .collect()
+}
+
+fn count_fits(
+    gpu: &Gpu,
+    f: &GgufFile,
+    l: usize,
+    m: &MoeConfig,
+    d: usize,
+) -> Result<Option<CountFits>> {
+    let counts = loaded_count_fits(f, l, m);
+    let Some(&first) = counts.first() else {
+        return Ok(None);
+    };
+    let t = f.require(&count_fit_tensors(l, first)[0])?;
+    let rank = t.dims.get(1).copied().unwrap_or(0) as usize;
+    if rank == 0 || rank > MAX_COUNT_FIT_RANK.min(d) {
+        return Err(Error::BadTensor {
+            tensor: t.name.clone(),
+            why: format!("rank {rank}, expected 1..={}", MAX_COUNT_FIT_RANK.min(d)),
+        });
+    }
+    let (mut input, mut output, mut bias) = (Vec::new(), Vec::new(), Vec::new());
+    let mut mask = 0u32;
+    for &k in &counts {
+        let [v, u, b] = count_fit_tensors(l, k);
+        for (name, dims, out) in [
+            (v, vec![d, rank], &mut input),
+            (u, vec![rank, d], &mut output),
+            (b, vec![d], &mut bias),
+        ] {
+            let t = f.require(&name)?;
+            check_shape(t, &dims)?;
+            let at = out.len();
+            out.resize(at + dims.iter().product::<usize>(), 0.0);
+            dequantize(t.dtype, f.bytes(t), &mut out[at..])?;
+        }
+        mask |= 1 << k;
+    }
+    Ok(Some(CountFits {
+        input: Vector::upload(gpu, "count fit V", &input)?,
+        output: Vector::upload(gpu, "count fit U", &output)?,
+        bias: Vector::upload(gpu, "count fit bias", &bias)?,
+        rank,
+        mask,
+    }))
 }
 
 pub struct Weights {
@@ -254,6 +329,7 @@ fn moe_weights(
             )),
             _ => None,
         },
+        count_fits: count_fits(gpu, f, l, m, d)?,
     })
 }
 

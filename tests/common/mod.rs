@@ -566,6 +566,16 @@ fn ffn(tw: &TinyWeights, l: usize, xn: &[f32]) -> Vec<f32> {
             out.iter_mut()
                 .zip(y.iter().zip(b))
                 .for_each(|(o, (y, b))| *o += y + b);
+            // Its correction for tokens that run another count than the fitted one.
+            let k = tw.experts_per_token.min(n_exp);
+            let [v, u, b] = pregate::model::config::count_fit_tensors(l, k);
+            if let (Some(v), true) = (tw.tensors.get(&v), k != tw.fitted_used) {
+                let z = matvec(v, xn, v.len() / d);
+                let y = matvec(&tw.tensors[&u], &z, d);
+                out.iter_mut()
+                    .zip(y.iter().zip(&tw.tensors[&b]))
+                    .for_each(|(o, (y, b))| *o += y + b);
+            }
         }
     }
     out
@@ -724,8 +734,8 @@ pub fn run_cli(args: &[&str]) -> String {
     String::from_utf8(out.stdout).expect("utf8 stdout")
 }
 
-/// Writes `file` to `out` without the tensor `name` (the writer sets its own alignment).
-pub fn copy_without_tensor(file: &pregate::format::GgufFile, name: &str, out: &Path) {
+/// Writes `file` to `out` without the tensors `names` (the writer sets its own alignment).
+pub fn copy_without_tensors(file: &pregate::format::GgufFile, names: &[&str], out: &Path) {
     let mut w = pregate::format::GgufWriter::new();
     for (k, v) in file
         .metadata
@@ -734,7 +744,11 @@ pub fn copy_without_tensor(file: &pregate::format::GgufFile, name: &str, out: &P
     {
         w.meta(k, v.clone());
     }
-    for t in file.tensors.iter().filter(|t| t.name != name) {
+    for t in file
+        .tensors
+        .iter()
+        .filter(|t| !names.contains(&t.name.as_str()))
+    {
         w.tensor(&t.name, t.dtype, &t.dims, file.bytes(t).to_vec())
             .expect("tensor");
     }

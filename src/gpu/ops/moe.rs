@@ -315,3 +315,60 @@ pub fn moe_combine(
         [d_model.div_ceil(64), n_tokens, 1],
     );
 }
+
+#[repr(C)]
+#[derive(Clone, Copy, Pod, Zeroable)]
+struct RecoverCountParams {
+    n_slots: u32,
+    n_tokens: u32,
+    d_model: u32,
+    rank: u32,
+    mask: u32,
+    _pad: [u32; 3],
+}
+
+/// A carve's count corrections, stacked in the order of their counts: V [rank, d_model],
+/// U [d_model, rank] and b [d_model] per block; bit k of `mask` says count k has one
+/// (moe_recover.wgsl).
+pub struct CountCorrections<'a> {
+    pub input: &'a wgpu::Buffer,
+    pub output: &'a wgpu::Buffer,
+    pub bias: &'a wgpu::Buffer,
+    pub rank: u32,
+    pub mask: u32,
+}
+
+/// x[t] += U_k · (V_k · xn[t]) + b_k, k the experts token t kept of its `n_slots` ids.
+#[allow(clippy::too_many_arguments)]
+pub fn moe_recover_count(
+    b: &mut DispatchBuilder,
+    n_slots: u32,
+    n_tokens: u32,
+    d_model: u32,
+    ids: &wgpu::Buffer,
+    xn: &wgpu::Buffer,
+    fits: &CountCorrections,
+    x: &wgpu::Buffer,
+) {
+    let p = RecoverCountParams {
+        n_slots,
+        n_tokens,
+        d_model,
+        rank: fits.rank,
+        mask: fits.mask,
+        _pad: [0; 3],
+    };
+    b.push(
+        Kernel::MoeRecoverCount,
+        &p,
+        vec![
+            Bind::whole(1, ids),
+            Bind::whole(2, xn),
+            Bind::whole(3, fits.input),
+            Bind::whole(4, fits.output),
+            Bind::whole(5, fits.bias),
+            Bind::whole(6, x),
+        ],
+        [n_tokens, 1, 1],
+    );
+}
