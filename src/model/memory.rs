@@ -219,9 +219,12 @@ pub fn plan(f: &GgufFile, c: &ModelConfig, ctx: usize) -> MemoryPlan {
                 .is_some_and(|f| f[..2].iter().any(|t| t == name)),
             _ => name != n("ffn_norm.weight"),
         };
-        // The count corrections load as f32, whatever the file stores.
+        // The count corrections load as f32, whatever the file stores, up to the most
+        // experts a token may keep: adaptive gating's default room (up to twice the
+        // top-k, where everything stays resident) is decided after this plan.
         if let Some(m) = &c.moe {
-            for k in super::weights::loaded_count_fits(f, l, m) {
+            let most = m.n_slots.max(2 * m.n_used);
+            for k in super::weights::loaded_count_fits(f, l, m, most) {
                 for name in count_fit_tensors(l, k) {
                     p.ffn += f.tensor(&name).map_or(0, |t| t.n_elements() * 4);
                 }

@@ -85,13 +85,13 @@ pub struct CountFits {
 const MAX_COUNT_FIT_RANK: usize = 256;
 
 /// The counts whose corrections layer `l` loads: those in the file that a token may keep
-/// (up to its slots), other than the fitted one, where the layers' recovery fit runs.
-pub(crate) fn loaded_count_fits(f: &GgufFile, l: usize, m: &MoeConfig) -> Vec<usize> {
+/// (up to `most`), other than the fitted one, where the layers' recovery fit runs.
+pub(crate) fn loaded_count_fits(f: &GgufFile, l: usize, m: &MoeConfig, most: usize) -> Vec<usize> {
     let map = &m.recovery_tensors(l)[0];
     if m.fit != RecoveryFit::Layers || !m.recovering() || f.tensor(map).is_none() {
         return Vec::new();
     }
-    (1..=m.n_slots.min(31))
+    (1..=most.min(31))
         .filter(|&k| k != m.fitted_used)
         .filter(|&k| f.tensor(&count_fit_tensors(l, k)[0]).is_some())
         .collect()
@@ -104,7 +104,7 @@ fn count_fits(
     m: &MoeConfig,
     d: usize,
 ) -> Result<Option<CountFits>> {
-    let counts = loaded_count_fits(f, l, m);
+    let counts = loaded_count_fits(f, l, m, m.n_slots);
     let Some(&first) = counts.first() else {
         return Ok(None);
     };
