@@ -46,7 +46,7 @@ fn recover_count(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation
         kept = k;
     }
     let k = workgroupUniformLoad(&kept);
-    if (k == 0u || k > p.n_slots || k >= 32u || (p.mask & (1u << k)) == 0u) {
+    if (k == 0u || k >= 32u || (p.mask & (1u << k)) == 0u) {
         return;
     }
     let block = countOneBits(p.mask & ((1u << k) - 1u));
