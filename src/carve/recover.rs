@@ -305,13 +305,15 @@ pub fn fit_count_fits(
     let n = data.inputs.len() / d.max(1);
     let x = DMatrix::from_row_slice(n, d, data.inputs);
     let gram = at_b(&x, &x);
+    // The same inputs for every count: their Gram matrices once.
+    let design = RidgeDesign::new(data.inputs, d, window);
     let r = COUNT_FIT_RANK.min(d);
     counts
         .iter()
         .map(|&k| {
             let other = unchosen_output(data, part, outputs, |_, x| choose(x, k));
             let target: Vec<f32> = other.iter().zip(missing).map(|(a, b)| a - b).collect();
-            let (w, bias) = fit_ridge_map(data.inputs, d, &target, d, window);
+            let (w, bias) = design.fit(&target, d);
             // [out, in]; the second moment of its outputs is W XᵀX Wᵀ.
             let w = DMatrix::from_row_slice(d, d, &w);
             let eig = (&w * &gram * w.transpose()).symmetric_eigen();
@@ -367,53 +369,93 @@ pub fn fit_ridge_map(
     d: usize,
     window: usize,
 ) -> (Vec<f32>, Vec<f32>) {
-    let n = x.len() / d_in.max(1);
-    let mut scale = vec![0f32; d_in];
-    for row in x.chunks_exact(d_in) {
-        scale.iter_mut().zip(row).for_each(|(s, v)| *s += v * v);
-    }
-    scale
-        .iter_mut()
-        .for_each(|s| *s = (*s / n.max(1) as f32).sqrt().max(1e-12));
-    let rows =
-        |keep: &dyn Fn(usize) -> bool| -> Vec<usize> { (0..n).filter(|&t| keep(t)).collect() };
-    // Scaled inputs with a constant column for the bias.
-    let design = |ts: &[usize]| {
-        DMatrix::from_fn(ts.len(), d_in + 1, |r, j| match j < d_in {
-            true => x[ts[r] * d_in + j] / scale[j],
-            false => 1.0,
-        })
-    };
-    let target = |ts: &[usize]| DMatrix::from_fn(ts.len(), d, |r, j| y[ts[r] * d + j]);
-    let window = window.max(1);
-    let train = rows(&|t| (t / window).is_multiple_of(2));
-    let test = rows(&|t| !(t / window).is_multiple_of(2));
-    let (a, b) = (design(&train), target(&train));
-    let (mut gram, mut rhs) = (at_b(&a, &a), at_b(&a, &b));
-    // Without held-out windows (a single short sequence), a middling strength.
-    let mut rel = 0.3;
-    if !test.is_empty() {
-        let (at, bt) = (design(&test), target(&test));
-        let (gram_t, rhs_t) = (at_b(&at, &at), at_b(&at, &bt));
-        // Held-out error ‖Bt − At W‖² = ‖Bt‖² − 2⟨W, AtᵀBt⟩ + ⟨W, AtᵀAt W⟩, from the
-        // normal equations alone.
-        let bt2 = bt.norm_squared();
-        let held_out = |rel: f32| {
-            let w = ridge_normal(gram.clone(), rhs.clone(), rel);
-            bt2 - 2.0 * w.dot(&rhs_t) + w.dot(&at_b(&gram_t, &w))
+    RidgeDesign::new(x, d_in, window).fit(y, d)
+}
+
+/// The input side of [`fit_ridge_map`], built once for fits of several targets to the same
+/// inputs: the scaled inputs with their bias column, split into training and held-out
+/// windows, and their Gram matrices (the costly part).
+pub struct RidgeDesign {
+    d_in: usize,
+    scale: Vec<f32>,
+    train: Vec<usize>,
+    a: DMatrix<f32>,
+    gram: DMatrix<f32>,
+    /// The held-out windows' rows, design and Gram matrix (None: a single short sequence).
+    held_out: Option<(Vec<usize>, DMatrix<f32>, DMatrix<f32>)>,
+}
+
+impl RidgeDesign {
+    pub fn new(x: &[f32], d_in: usize, window: usize) -> RidgeDesign {
+        let n = x.len() / d_in.max(1);
+        let mut scale = vec![0f32; d_in];
+        for row in x.chunks_exact(d_in) {
+            scale.iter_mut().zip(row).for_each(|(s, v)| *s += v * v);
+        }
+        scale
+            .iter_mut()
+            .for_each(|s| *s = (*s / n.max(1) as f32).sqrt().max(1e-12));
+        let rows =
+            |keep: &dyn Fn(usize) -> bool| -> Vec<usize> { (0..n).filter(|&t| keep(t)).collect() };
+        // Scaled inputs with a constant column for the bias.
+        let design = |ts: &[usize]| {
+            DMatrix::from_fn(ts.len(), d_in + 1, |r, j| match j < d_in {
+                true => x[ts[r] * d_in + j] / scale[j],
+                false => 1.0,
+            })
         };
-        rel = downhill(&RECOVERY_RIDGE, held_out);
-        gram += gram_t;
-        rhs += rhs_t;
+        let window = window.max(1);
+        let train = rows(&|t| (t / window).is_multiple_of(2));
+        let test = rows(&|t| !(t / window).is_multiple_of(2));
+        let a = design(&train);
+        let gram = at_b(&a, &a);
+        let held_out = (!test.is_empty()).then(|| {
+            let at = design(&test);
+            let gram_t = at_b(&at, &at);
+            (test, at, gram_t)
+        });
+        RidgeDesign {
+            d_in,
+            scale,
+            train,
+            a,
+            gram,
+            held_out,
+        }
     }
-    // [d_in + 1, d]: row j of the map is column j of w, unscaled.
-    let w = ridge_normal(gram, rhs, rel);
-    let weight = (0..d)
-        .flat_map(|j| (0..d_in).map(move |i| (i, j)))
-        .map(|(i, j)| w[(i, j)] / scale[i])
-        .collect();
-    let bias = (0..d).map(|j| w[(d_in, j)]).collect();
-    (weight, bias)
+
+    /// The ridge map from these inputs to `y` [n, d]: W [d, d_in] row-major and b.
+    pub fn fit(&self, y: &[f32], d: usize) -> (Vec<f32>, Vec<f32>) {
+        let d_in = self.d_in;
+        let target = |ts: &[usize]| DMatrix::from_fn(ts.len(), d, |r, j| y[ts[r] * d + j]);
+        let b = target(&self.train);
+        let mut rhs = at_b(&self.a, &b);
+        let mut gram = self.gram.clone();
+        // Without held-out windows (a single short sequence), a middling strength.
+        let mut rel = 0.3;
+        if let Some((test, at, gram_t)) = &self.held_out {
+            let bt = target(test);
+            let rhs_t = at_b(at, &bt);
+            // Held-out error ‖Bt − At W‖² = ‖Bt‖² − 2⟨W, AtᵀBt⟩ + ⟨W, AtᵀAt W⟩, from the
+            // normal equations alone.
+            let bt2 = bt.norm_squared();
+            let held_out = |rel: f32| {
+                let w = ridge_normal(gram.clone(), rhs.clone(), rel);
+                bt2 - 2.0 * w.dot(&rhs_t) + w.dot(&at_b(gram_t, &w))
+            };
+            rel = downhill(&RECOVERY_RIDGE, held_out);
+            gram += gram_t;
+            rhs += rhs_t;
+        }
+        // [d_in + 1, d]: row j of the map is column j of w, unscaled.
+        let w = ridge_normal(gram, rhs, rel);
+        let weight = (0..d)
+            .flat_map(|j| (0..d_in).map(move |i| (i, j)))
+            .map(|(i, j)| w[(i, j)] / self.scale[i])
+            .collect();
+        let bias = (0..d).map(|j| w[(d_in, j)]).collect();
+        (weight, bias)
+    }
 }
 
 #[cfg(test)]
