@@ -333,18 +333,46 @@ impl Engine {
                     let (mut prof, measured) = match saved {
                         Some(p) => (p, 0),
                         None => {
-                            let mut done = 0;
+                            let n_moe = self.model.weights.moe_layers().len();
+                            let passes = adaptive::measure_passes(n_moe);
+                            let partial_path = adaptive::partial_path(&path);
+                            let stamp = adaptive::model_stamp(&self.path);
+                            let resume = adaptive::PartialProfile::load_matching(
+                                &partial_path,
+                                &stamp,
+                                &tokens,
+                            );
+                            if let Some(r) = &resume {
+                                tracing::info!(
+                                    "resuming the adaptive-gating measurement in {} ({} of {passes} passes done)",
+                                    partial_path.display(),
+                                    2 + r.measured.len()
+                                );
+                            }
+                            let checkpoint = |p: &adaptive::PartialProfile| {
+                                let p = adaptive::PartialProfile {
+                                    model: stamp.clone(),
+                                    ..p.clone()
+                                };
+                                if let Err(e) = p.save(&partial_path) {
+                                    tracing::warn!("could not keep the measurement so far: {e}");
+                                }
+                            };
                             let p = AdaptiveProfile {
                                 calib: source,
-                                ..adaptive::measure(&mut session, &tokens, |d, t| {
-                                    done = t;
-                                    progress(d, t + checks)
-                                })?
+                                ..adaptive::measure(
+                                    &mut session,
+                                    &tokens,
+                                    resume,
+                                    checkpoint,
+                                    |d, t| progress(d, t + checks),
+                                )?
                             };
                             // Kept at once: the measurement is the long part (half an hour
                             // on a CPU), and a check interrupted later must not lose it.
                             save_profile(&p, &path);
-                            (p, done)
+                            let _ = std::fs::remove_file(&partial_path);
+                            (p, passes)
                         }
                     };
                     prof.check_fits(c.n_layer)?;

@@ -423,3 +423,109 @@ fn room_past_the_top_k_changes_nothing_at_quality_zero_and_adds_experts_where_un
         "with room, offloaded vs resident",
     );
 }
+
+#[test]
+fn a_stopped_measurement_resumes_where_it_stopped() {
+    use pregate::router::adaptive::{self, AdaptiveProfile, PartialProfile};
+    let (_, carved) = carve_tiny("adaptive_resume", 8, 1, 2);
+    let engine = load(&carved, None, VramBudget::All);
+    let n_moe = engine.model.weights.moe_layers().len();
+    assert!(n_moe >= 2, "{n_moe}");
+    let windows: Vec<Vec<u32>> = vec![TOKENS.to_vec(), TOKENS.iter().rev().copied().collect()];
+
+    // The whole measurement, keeping every checkpoint: one after the base NLL, then one a
+    // MoE layer.
+    let mut session = engine.session().unwrap();
+    let mut states: Vec<PartialProfile> = Vec::new();
+    let full = adaptive::measure(
+        &mut session,
+        &windows,
+        None,
+        |p| states.push(p.clone()),
+        |_, _| {},
+    )
+    .expect("measure");
+    assert_eq!(states.len(), 1 + n_moe);
+    assert_eq!(states[1].measured.len(), 1);
+
+    // Stopped after the first MoE layer: resuming runs only the passes left and gives the
+    // same profile, value for value.
+    let (mut first, mut resumed_passes) = (None, 0);
+    let resumed = adaptive::measure(
+        &mut session,
+        &windows,
+        Some(states[1].clone()),
+        |_| resumed_passes += 1,
+        |done, total| {
+            first.get_or_insert((done, total));
+        },
+    )
+    .expect("resume");
+    assert_eq!(resumed, full);
+    assert_eq!(resumed_passes, n_moe - 1);
+    assert_eq!(first, Some((3, adaptive::measure_passes(n_moe))));
+
+    // A partial of other windows, or of another model file, is not resumed.
+    let path = carved.with_extension("adaptive.json.partial");
+    let stamp = adaptive::model_stamp(&carved);
+    let partial = PartialProfile {
+        model: stamp.clone(),
+        ..states[1].clone()
+    };
+    partial.save(&path).unwrap();
+    assert!(PartialProfile::load_matching(&path, &stamp, &windows).is_some());
+    assert!(PartialProfile::load_matching(&path, "0-0", &windows).is_none());
+    assert!(PartialProfile::load_matching(&path, &stamp, &windows[..1]).is_none());
+    std::fs::write(&path, b"{ cut sho").unwrap();
+    assert!(PartialProfile::load_matching(&path, &stamp, &windows).is_none());
+
+    // The engine resumes one left beside the profile (here: every layer done, one with a
+    // value no pass gives), and removes it once the profile is saved.
+    let dir = carved.parent().unwrap();
+    let own = [dir.join("resume.txt")];
+    let text: String = (0..40).map(|i| format!("x_{i} = {i} * 3\n")).collect();
+    std::fs::write(&own[0], &text).unwrap();
+    let mut engine = load(&carved, None, VramBudget::All);
+    engine.set_adaptive(20.0, None, &own, |_, _| {}).unwrap();
+    let profile_path = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| {
+            let name = p.file_name().unwrap().to_string_lossy().into_owned();
+            name.starts_with("carved.adaptive-") && name.ends_with(".json")
+        })
+        .expect("profile of the own text");
+    let measured = AdaptiveProfile::load(&profile_path).unwrap();
+    let id = measured.calib.clone().unwrap();
+    let planted = 0.125;
+    let mut profile = AdaptiveProfile {
+        calib: None,
+        validated: Vec::new(),
+        ..measured.clone()
+    };
+    let layer = engine.model.weights.moe_layers()[0];
+    profile.layers[layer].delta_nll = planted;
+    let left = PartialProfile {
+        model: stamp,
+        windows: id,
+        profile,
+        base_token_nll: Vec::new(),
+        shares: Vec::new(),
+        measured: engine.model.weights.moe_layers(),
+    };
+    let partial_path = adaptive::partial_path(&profile_path);
+    left.save(&partial_path).unwrap();
+    std::fs::remove_file(&profile_path).unwrap();
+    let mut engine = load(&carved, None, VramBudget::All);
+    let mut first = None;
+    engine
+        .set_adaptive(20.0, None, &own, |done, _| {
+            first.get_or_insert(done);
+        })
+        .unwrap();
+    assert_eq!(first, Some(adaptive::measure_passes(n_moe)));
+    let saved = AdaptiveProfile::load(&profile_path).unwrap();
+    assert_eq!(saved.layers[layer].delta_nll, planted);
+    assert_eq!(saved.calib, measured.calib);
+    assert!(!partial_path.exists());
+}

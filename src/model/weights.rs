@@ -162,6 +162,13 @@ impl Weights {
     pub fn lm_head(&self) -> &Matrix {
         self.lm_head.as_ref().unwrap_or(&self.embed)
     }
+
+    /// The layers whose FFN is a mixture of experts (a carve may leave some dense).
+    pub fn moe_layers(&self) -> Vec<usize> {
+        let layers = self.layers.iter().enumerate();
+        let moe = layers.filter(|(_, l)| matches!(l.ffn, Ffn::Moe(_)));
+        moe.map(|(i, _)| i).collect()
+    }
 }
 
 pub struct Model {

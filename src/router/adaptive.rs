@@ -26,7 +26,6 @@ use std::path::{Path, PathBuf};
 use crate::error::{Error, Result};
 #[cfg(doc)]
 use crate::model::config::Confidence;
-use crate::model::weights::Ffn;
 use crate::model::Session;
 
 /// One layer's calibration: its loss sensitivity and its tokens' top-1 shares.
@@ -266,12 +265,74 @@ impl AdaptiveProfile {
     }
 }
 
+/// A profile measurement under way, saved after each pass so that a stopped one resumes
+/// where it stopped (on a CPU the measurement takes hours): the profile so far (the
+/// layers in `measured` hold their result), the routing pass's shares and the base NLL of
+/// every token that each layer's pass is compared against.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct PartialProfile {
+    /// Names the model file it is measured on (the caller's choice, e.g. size and time):
+    /// a partial of another file is measured again.
+    pub model: String,
+    /// [`calibration_id`] of the windows: a partial of other text is measured again.
+    pub windows: String,
+    pub profile: AdaptiveProfile,
+    pub base_token_nll: Vec<f64>,
+    /// The routing pass's top-1 shares, token by token, layer by layer.
+    pub shares: Vec<f32>,
+    /// The MoE layers whose pass is done.
+    pub measured: Vec<usize>,
+}
+
+impl PartialProfile {
+    pub fn save(&self, path: &Path) -> Result<()> {
+        let json = serde_json::to_vec(self)
+            .map_err(|e| Error::InvalidArgument(format!("adaptive measurement: {e}")))?;
+        crate::format::write_atomic(path, &json)
+    }
+
+    /// The partial measurement at `path` when it continues this one (same version, model
+    /// and windows); None when there is none, or it is of something else or unreadable
+    /// (then it is measured again: the file is only ever a cache of work done).
+    pub fn load_matching(path: &Path, model: &str, windows: &[Vec<u32>]) -> Option<Self> {
+        let bytes = std::fs::read(path).ok()?;
+        let p: PartialProfile = match serde_json::from_slice(&bytes) {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::warn!("{} is unreadable ({e}); measuring again", path.display());
+                return None;
+            }
+        };
+        let matches = p.profile.version == PROFILE_VERSION
+            && p.model == model
+            && p.windows == calibration_id(windows)
+            && p.profile.tokens == windows.iter().map(Vec::len).sum::<usize>();
+        if !matches {
+            tracing::warn!(
+                "{} is of another model, text or pregate; measuring again",
+                path.display()
+            );
+        }
+        matches.then_some(p)
+    }
+}
+
+/// How many passes [`measure`] runs on a model with `n_moe` MoE layers: one routing
+/// pass, the base NLL, one per MoE layer.
+pub fn measure_passes(n_moe: usize) -> usize {
+    n_moe + 2
+}
+
 /// Measures a profile on `windows` (sequences, each at most the session's context): the
 /// top-1 shares from one routing pass, the base NLL, and one NLL pass per MoE layer with
-/// that layer cut to its top-1 expert. `progress(done, total)` counts the passes.
+/// that layer cut to its top-1 expert. Continues `resume` (see
+/// [`PartialProfile::load_matching`]) where given, and hands `checkpoint` the state after
+/// every pass. `progress(done, total)` counts the passes, those resumed included.
 pub fn measure(
     session: &mut Session,
     windows: &[Vec<u32>],
+    resume: Option<PartialProfile>,
+    mut checkpoint: impl FnMut(&PartialProfile),
     mut progress: impl FnMut(usize, usize),
 ) -> Result<AdaptiveProfile> {
     if windows.iter().all(|w| w.len() < 2) {
@@ -281,61 +342,77 @@ pub fn measure(
     }
     let model = session.model.clone();
     let n_layer = model.config.n_layer;
-    let moe_layers: Vec<usize> = (0..n_layer)
-        .filter(|l| matches!(model.weights.layers[*l].ffn, Ffn::Moe(_)))
-        .collect();
-    let total = moe_layers.len() + 2;
+    let moe_layers = model.weights.moe_layers();
+    let total = measure_passes(moe_layers.len());
     let mut keep = vec![KEEP_ALL; n_layer];
-    model.set_adaptive_keep(&keep)?;
-    let mut shares = Vec::new();
-    for w in windows {
-        session.reset();
-        shares.extend(session.route_pass(w)?.1);
-    }
-    progress(1, total);
-    let token_nll = |session: &mut Session| token_nll(session, windows);
-    let base = token_nll(session)?;
-    let base_nll = mean(&base);
-    progress(2, total);
-    let mut layers: Vec<LayerSensitivity> = (0..n_layer)
-        .map(|_| LayerSensitivity {
-            delta_nll: 0.0,
-            delta_se: 0.0,
-            top1_share: None,
-        })
-        .collect();
-    let result = (|| -> Result<()> {
-        for (i, &l) in moe_layers.iter().enumerate() {
+    let result = (|| -> Result<PartialProfile> {
+        let mut state = match resume {
+            Some(p) if p.profile.layers.len() == n_layer => p,
+            _ => {
+                model.set_adaptive_keep(&keep)?;
+                let mut shares = Vec::new();
+                for w in windows {
+                    session.reset();
+                    shares.extend(session.route_pass(w)?.1);
+                }
+                progress(1, total);
+                let base = token_nll(session, windows)?;
+                let state = PartialProfile {
+                    model: String::new(),
+                    windows: calibration_id(windows),
+                    profile: AdaptiveProfile {
+                        version: PROFILE_VERSION,
+                        tokens: windows.iter().map(Vec::len).sum(),
+                        calib: None,
+                        base_nll: mean(&base),
+                        layers: vec![
+                            LayerSensitivity {
+                                delta_nll: 0.0,
+                                delta_se: 0.0,
+                                top1_share: None,
+                            };
+                            n_layer
+                        ],
+                        validated: Vec::new(),
+                    },
+                    base_token_nll: base,
+                    shares,
+                    measured: Vec::new(),
+                };
+                checkpoint(&state);
+                state
+            }
+        };
+        progress(2 + state.measured.len(), total);
+        for &l in &moe_layers {
+            if state.measured.contains(&l) {
+                continue;
+            }
             keep[l] = 0.0;
             model.set_adaptive_keep(&keep)?;
-            let diff: Vec<f64> = token_nll(session)?
+            let diff: Vec<f64> = token_nll(session, windows)?
                 .iter()
-                .zip(&base)
+                .zip(&state.base_token_nll)
                 .map(|(a, b)| a - b)
                 .collect();
+            keep[l] = KEEP_ALL;
             let (mean, se) = mean_and_se(&diff);
-            layers[l] = LayerSensitivity {
+            let shares = state.shares.iter().skip(l).step_by(n_layer).copied();
+            state.profile.layers[l] = LayerSensitivity {
                 delta_nll: mean,
                 delta_se: se,
-                top1_share: Some(shares.iter().skip(l).step_by(n_layer).copied().collect()),
+                top1_share: Some(shares.collect()),
             };
-            keep[l] = KEEP_ALL;
-            progress(i + 3, total);
+            state.measured.push(l);
+            checkpoint(&state);
+            progress(2 + state.measured.len(), total);
         }
-        Ok(())
+        Ok(state)
     })();
     // Whatever happened, the model goes back to its fixed top-k.
     model.set_adaptive_keep(&vec![KEEP_ALL; n_layer])?;
     session.reset();
-    result?;
-    Ok(AdaptiveProfile {
-        version: PROFILE_VERSION,
-        tokens: windows.iter().map(Vec::len).sum(),
-        calib: None,
-        base_nll,
-        layers,
-        validated: Vec::new(),
-    })
+    Ok(result?.profile)
 }
 
 /// Each next-token NLL of every window, each from an empty cache.
@@ -474,6 +551,25 @@ pub fn default_profile_path(model: &Path, calib: Option<&str>) -> PathBuf {
         None => model.with_extension("adaptive.json"),
         Some(id) => model.with_extension(format!("adaptive-{}.json", &id[..id.len().min(8)])),
     }
+}
+
+/// Where a profile's measurement under way is kept: `PROFILE.partial`.
+pub fn partial_path(profile: &Path) -> PathBuf {
+    let mut p = profile.as_os_str().to_owned();
+    p.push(".partial");
+    PathBuf::from(p)
+}
+
+/// Names a model file's contents cheaply (size and modification time), so that a
+/// measurement left from another file at the same path is not resumed.
+pub fn model_stamp(path: &Path) -> String {
+    let meta = std::fs::metadata(path).ok();
+    let len = meta.as_ref().map_or(0, |m| m.len());
+    let modified = meta
+        .and_then(|m| m.modified().ok())
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map_or(0, |d| d.as_nanos());
+    format!("{len}-{modified}")
 }
 
 /// Names calibration windows by a sha256 of their tokens (16 hex digits): a profile is
