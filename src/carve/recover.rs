@@ -302,11 +302,9 @@ pub fn fit_count_fits(
         return Vec::new();
     }
     let d = data.d;
-    let n = data.inputs.len() / d.max(1);
-    let x = DMatrix::from_row_slice(n, d, data.inputs);
-    let gram = at_b(&x, &x);
     // The same inputs for every count: their Gram matrices once.
     let design = RidgeDesign::new(data.inputs, d, window);
+    let gram = design.input_gram();
     let r = COUNT_FIT_RANK.min(d);
     counts
         .iter()
@@ -424,6 +422,17 @@ impl RidgeDesign {
         }
     }
 
+    /// XᵀX of the inputs as given (unscaled, no bias column) over every token, from the
+    /// Gram matrices already built.
+    pub fn input_gram(&self) -> DMatrix<f32> {
+        let d_in = self.d_in;
+        let mut g = self.gram.view((0, 0), (d_in, d_in)).into_owned();
+        if let Some((_, _, gram_t)) = &self.held_out {
+            g += gram_t.view((0, 0), (d_in, d_in));
+        }
+        DMatrix::from_fn(d_in, d_in, |i, j| g[(i, j)] * self.scale[i] * self.scale[j])
+    }
+
     /// The ridge map from these inputs to `y` [n, d]: W [d, d_in] row-major and b.
     pub fn fit(&self, y: &[f32], d: usize) -> (Vec<f32>, Vec<f32>) {
         let d_in = self.d_in;
@@ -460,8 +469,9 @@ impl RidgeDesign {
 
 #[cfg(test)]
 mod tests {
-    use super::{fit_recovery, fit_ridge_map, LayerData};
+    use super::{fit_recovery, fit_ridge_map, LayerData, RidgeDesign};
     use half::f16;
+    use nalgebra::DMatrix;
 
     /// Deterministic pseudo-random values in [-1, 1).
     fn noise(n: usize, seed: u64) -> Vec<f32> {
@@ -540,6 +550,24 @@ mod tests {
         }
         // No shared expert: the map alone.
         assert!(fit_recovery(&data, &[], &missing, 50).shared_down.is_none());
+    }
+
+    #[test]
+    fn the_designs_input_gram_is_the_inputs_own() {
+        let (n, d) = (40, 3);
+        let x: Vec<f32> = noise(n * d, 7)
+            .iter()
+            .enumerate()
+            .map(|(i, v)| v * (1 + i % d) as f32)
+            .collect();
+        let design = RidgeDesign::new(&x, d, 8);
+        let m = DMatrix::from_row_slice(n, d, &x);
+        let want = m.transpose() * &m;
+        let got = design.input_gram();
+        assert!(
+            (got - &want).abs().max() <= 1e-4 * want.abs().max(),
+            "{want}"
+        );
     }
 
     #[test]

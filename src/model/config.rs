@@ -134,6 +134,19 @@ impl MoeConfig {
         self.n_slots - self.n_used
     }
 
+    /// The most experts adaptive gating gives a token by default: twice the top-k
+    /// (fewer where the carve's recovery fit stops helping: see
+    /// [`ModelConfig::set_adaptive_slots`]).
+    pub fn default_room_cap(&self) -> usize {
+        (2 * self.n_used).min(self.n_expert)
+    }
+
+    /// The most experts a token may keep: its slots now, or adaptive gating's default room
+    /// when that is set later (the memory plan is made before it).
+    pub fn most_slots(&self) -> usize {
+        self.n_slots.max(self.default_room_cap())
+    }
+
     /// Whether a carve's recovery fit applies at this many experts a token.
     pub fn recovering(&self) -> bool {
         recovery_applies(self.n_used, self.fitted_used, self.n_expert)
@@ -245,7 +258,7 @@ impl ModelConfig {
         moe.n_slots = match max {
             Some(m) => m.min(moe.n_expert),
             None if moe.confidence != Confidence::Norm => moe.n_used,
-            None => (moe.n_used..=(2 * moe.n_used).min(moe.n_expert))
+            None => (moe.n_used..=moe.default_room_cap())
                 .take_while(|&k| !has_fit || recovery_applies(k, moe.fitted_used, moe.n_expert))
                 .last()
                 .unwrap_or(moe.n_used),

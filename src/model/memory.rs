@@ -220,11 +220,9 @@ pub fn plan(f: &GgufFile, c: &ModelConfig, ctx: usize) -> MemoryPlan {
             _ => name != n("ffn_norm.weight"),
         };
         // The count corrections load as f32, whatever the file stores, up to the most
-        // experts a token may keep: adaptive gating's default room (up to twice the
-        // top-k, where everything stays resident) is decided after this plan.
+        // experts a token may keep.
         if let Some(m) = &c.moe {
-            let most = m.n_slots.max(2 * m.n_used);
-            for k in super::weights::loaded_count_fits(f, l, m, most) {
+            for k in super::weights::loaded_count_fits(f, l, m, m.most_slots()) {
                 for name in count_fit_tensors(l, k) {
                     p.ffn += f.tensor(&name).map_or(0, |t| t.n_elements() * 4);
                 }
