@@ -27,6 +27,9 @@ struct Plain {
     pos: u64,
     len: u64,
     msg: String,
+    /// Where a resumed job started (see [`Progress::set_position`]) and when: the time
+    /// left is estimated from the work this run did.
+    resumed: Option<(u64, Instant)>,
 }
 
 impl Progress {
@@ -44,6 +47,7 @@ impl Progress {
                 pos: 0,
                 len,
                 msg: String::new(),
+                resumed: None,
             })
         });
         Progress { bar, plain }
@@ -55,10 +59,24 @@ impl Progress {
     }
 
     /// Moves the bar; only here may a plain line be written, so a caller sets the length
-    /// and message first.
+    /// and message first. A first position past 1 is work done before this run (a
+    /// measurement resumed from its last pass): the time left is then estimated from what
+    /// this run does, not from that jump.
     pub fn set_position(&self, pos: u64) {
+        let resumed = pos > 1 && self.bar.position() == 0;
         self.bar.set_position(pos);
-        self.update(|p| p.pos = pos, true);
+        if resumed {
+            self.bar.reset_eta();
+        }
+        self.update(
+            |p| {
+                if resumed && p.pos == 0 {
+                    p.resumed = Some((pos, Instant::now()));
+                }
+                p.pos = pos;
+            },
+            true,
+        );
     }
 
     pub fn set_message(&self, msg: String) {
@@ -102,8 +120,15 @@ impl Plain {
             s += &format!(" ({})", self.msg);
         }
         s += &format!(", {}:{:02} elapsed", secs / 60, secs % 60);
-        if self.pos > 0 && self.pos < self.len {
-            let left = secs as f64 * (self.len - self.pos) as f64 / self.pos as f64;
+        let (done, secs_run) = match self.resumed {
+            Some((from, at)) => (
+                self.pos - from.min(self.pos),
+                now.duration_since(at).as_secs(),
+            ),
+            None => (self.pos, secs),
+        };
+        if done > 0 && self.pos < self.len {
+            let left = secs_run as f64 * (self.len - self.pos) as f64 / done as f64;
             s += &format!(", about {:.0} min left", (left / 60.0).ceil());
         }
         s
@@ -160,10 +185,30 @@ mod tests {
             pos: 5,
             len: 20,
             msg: "16.7750".into(),
+            resumed: None,
         };
         assert_eq!(
             p.line(t0 + Duration::from_secs(300)),
             "scoring 5/20 (16.7750), 5:00 elapsed, about 15 min left"
+        );
+        // Resumed at 12 of 32: two passes in ten minutes leave about 90.
+        let p = Plain {
+            label: "measuring".into(),
+            pos: 14,
+            len: 32,
+            msg: String::new(),
+            resumed: Some((12, t0)),
+            ..p
+        };
+        assert_eq!(
+            p.line(t0 + Duration::from_secs(600)),
+            "measuring 14/32, 10:00 elapsed, about 90 min left"
+        );
+        // Just resumed: nothing done this run yet, so no estimate.
+        let p = Plain { pos: 12, ..p };
+        assert_eq!(
+            p.line(t0 + Duration::from_secs(20)),
+            "measuring 12/32, 0:20 elapsed"
         );
     }
 }
