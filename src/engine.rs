@@ -350,10 +350,6 @@ impl Engine {
                                 );
                             }
                             let checkpoint = |p: &adaptive::PartialProfile| {
-                                let p = adaptive::PartialProfile {
-                                    model: stamp.clone(),
-                                    ..p.clone()
-                                };
                                 if let Err(e) = p.save(&partial_path) {
                                     tracing::warn!("could not keep the measurement so far: {e}");
                                 }
@@ -363,6 +359,7 @@ impl Engine {
                                 ..adaptive::measure(
                                     &mut session,
                                     &tokens,
+                                    &stamp,
                                     resume,
                                     checkpoint,
                                     |d, t| progress(d, t + checks),

@@ -70,7 +70,7 @@ impl Progress {
         }
         self.update(
             |p| {
-                if resumed && p.pos == 0 {
+                if resumed {
                     p.resumed = Some((pos, Instant::now()));
                 }
                 p.pos = pos;

@@ -436,10 +436,12 @@ fn a_stopped_measurement_resumes_where_it_stopped() {
     // The whole measurement, keeping every checkpoint: one after the base NLL, then one a
     // MoE layer.
     let mut session = engine.session().unwrap();
+    let stamp = adaptive::model_stamp(&carved);
     let mut states: Vec<PartialProfile> = Vec::new();
     let full = adaptive::measure(
         &mut session,
         &windows,
+        &stamp,
         None,
         |p| states.push(p.clone()),
         |_, _| {},
@@ -454,6 +456,7 @@ fn a_stopped_measurement_resumes_where_it_stopped() {
     let resumed = adaptive::measure(
         &mut session,
         &windows,
+        &stamp,
         Some(states[1].clone()),
         |_| resumed_passes += 1,
         |done, total| {
@@ -467,12 +470,8 @@ fn a_stopped_measurement_resumes_where_it_stopped() {
 
     // A partial of other windows, or of another model file, is not resumed.
     let path = carved.with_extension("adaptive.json.partial");
-    let stamp = adaptive::model_stamp(&carved);
-    let partial = PartialProfile {
-        model: stamp.clone(),
-        ..states[1].clone()
-    };
-    partial.save(&path).unwrap();
+    assert!(states.iter().all(|p| p.model == stamp));
+    states[1].save(&path).unwrap();
     assert!(PartialProfile::load_matching(&path, &stamp, &windows).is_some());
     assert!(PartialProfile::load_matching(&path, "0-0", &windows).is_none());
     assert!(PartialProfile::load_matching(&path, &stamp, &windows[..1]).is_none());

@@ -327,10 +327,12 @@ pub fn measure_passes(n_moe: usize) -> usize {
 /// top-1 shares from one routing pass, the base NLL, and one NLL pass per MoE layer with
 /// that layer cut to its top-1 expert. Continues `resume` (see
 /// [`PartialProfile::load_matching`]) where given, and hands `checkpoint` the state after
-/// every pass. `progress(done, total)` counts the passes, those resumed included.
+/// every pass, stamped with `model` (see [`PartialProfile::model`]). `progress(done,
+/// total)` counts the passes, those resumed included.
 pub fn measure(
     session: &mut Session,
     windows: &[Vec<u32>],
+    model_stamp: &str,
     resume: Option<PartialProfile>,
     mut checkpoint: impl FnMut(&PartialProfile),
     mut progress: impl FnMut(usize, usize),
@@ -358,7 +360,7 @@ pub fn measure(
                 progress(1, total);
                 let base = token_nll(session, windows)?;
                 let state = PartialProfile {
-                    model: String::new(),
+                    model: model_stamp.to_string(),
                     windows: calibration_id(windows),
                     profile: AdaptiveProfile {
                         version: PROFILE_VERSION,
