@@ -1327,7 +1327,7 @@ fn cmd_simulate(a: SimulateArgs) -> Result<()> {
         pregate::moe::simulate(&seq, slots, policy.as_mut())
     };
     let belady = match a.per_layer {
-        true => per_layer_misses(&trace, PolicyKind::Belady, slots)?.0,
+        true => per_layer_misses(&trace, PolicyKind::Belady, slots)?.misses,
         false => shared(PolicyKind::Belady).misses,
     };
     let ratio = |misses: u64| misses as f64 / belady.max(1) as f64;
@@ -1355,24 +1355,18 @@ fn cmd_simulate(a: SimulateArgs) -> Result<()> {
     Ok(())
 }
 
-/// Per-layer caches under `kind`: misses with the slots split by DP over the layers' miss
-/// curves, misses with an even split, that DP split, and the even share.
+/// Per-layer caches under `kind` with the slots split by DP over the layers' miss curves.
 fn per_layer_misses(
     trace: &pregate::moe::ExpertTrace,
     kind: PolicyKind,
     slots: usize,
-) -> Result<(u64, u64, Vec<usize>, usize)> {
-    use pregate::moe::sizing;
-    let curves = sizing::miss_curves(trace, kind);
-    let layers = curves.len().max(1);
-    let min = trace.k as usize;
-    let Some(split) = sizing::split_slots(&curves, slots, min) else {
-        bail!("{slots} slots cannot give each of {layers} layers its {min} experts of a token");
-    };
-    let even = (slots / layers).min(trace.experts_per_layer as usize);
-    let cost = |s: &[usize]| -> u64 { curves.iter().zip(s).map(|(c, s)| c[*s]).sum() };
-    let (dp, uniform) = (cost(&split), cost(&vec![even; layers]));
-    Ok((dp, uniform, split, even))
+) -> Result<pregate::moe::sizing::PerLayerReplay> {
+    pregate::moe::sizing::replay_per_layer(trace, kind, slots).with_context(|| {
+        format!(
+            "{slots} slots cannot give each of {} layers its {} experts of a token",
+            trace.n_layers, trace.k
+        )
+    })
 }
 
 /// Per-layer caches: an even split of `slots` against the DP split of the miss curves.
@@ -1383,7 +1377,12 @@ fn simulate_per_layer(
     json: bool,
     x_belady: impl Fn(u64) -> f64,
 ) -> Result<()> {
-    let (dp, uniform, split, even) = per_layer_misses(trace, kind, slots)?;
+    let pregate::moe::sizing::PerLayerReplay {
+        misses: dp,
+        even_misses: uniform,
+        split,
+        even,
+    } = per_layer_misses(trace, kind, slots)?;
     let accesses = (trace.n_tokens() * trace.n_layers as usize * trace.k as usize) as u64;
     if json {
         println!(

@@ -267,6 +267,32 @@ fn pregate_prefetch_keeps_output_exact_and_needs_a_router() {
         misses[1],
         misses[0]
     );
+    // Per-layer caches (the runtime's layout): each row is the DP split's replay, beside
+    // the even split's, and lookahead is still never better than Belady.
+    let json = cli(&[
+        "simulate",
+        tr,
+        "--slots",
+        "50%",
+        "--per-layer",
+        "--policy",
+        "belady,lookahead",
+        "--json",
+    ]);
+    let rows: Vec<serde_json::Value> = json
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("json"))
+        .collect();
+    assert_eq!(rows.len(), 2, "{json}");
+    let slots = rows[0]["slots"].as_u64().expect("slots") as usize;
+    for (r, kind) in rows.iter().zip([PolicyKind::Belady, PolicyKind::Lookahead]) {
+        let want = pregate::moe::sizing::replay_per_layer(&plan, kind, slots).expect("fits");
+        assert_eq!(r["misses"].as_u64(), Some(want.misses), "{r}");
+        assert_eq!(r["uniform_misses"].as_u64(), Some(want.even_misses), "{r}");
+        assert!(want.misses <= want.even_misses, "{r}");
+        assert!(want.split.iter().sum::<usize>() <= slots, "{r}");
+    }
+    assert!(rows[1]["x_belady"].as_f64().expect("x") >= 1.0, "{json}");
 
     let engine = load(&carved, VramBudget::ExpertShare(0.01), pregate_opts).expect("load");
     let (logits, greedy) = run(&engine);

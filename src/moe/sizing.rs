@@ -71,6 +71,41 @@ pub fn split_slots(curves: &[Vec<u64>], total: usize, min: usize) -> Option<Vec<
     Some(out)
 }
 
+/// Per-layer caches replayed on a trace under one policy: the DP split of the slots over
+/// the layers' miss curves against an even split.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PerLayerReplay {
+    /// Misses with the DP split.
+    pub misses: u64,
+    /// Misses with `even` slots in every layer.
+    pub even_misses: u64,
+    /// The DP split, slots per layer.
+    pub split: Vec<usize>,
+    /// The even share (at most a layer's experts).
+    pub even: usize,
+}
+
+/// Replays `trace` with each layer's own cache under `policy` and `slots` in all; None
+/// when the slots cannot hold one token's `k` experts in every layer.
+pub fn replay_per_layer(
+    trace: &ExpertTrace,
+    policy: PolicyKind,
+    slots: usize,
+) -> Option<PerLayerReplay> {
+    let curves = miss_curves(trace, policy);
+    let split = split_slots(&curves, slots, trace.k as usize)?;
+    let even = (slots / curves.len().max(1)).min(trace.experts_per_layer as usize);
+    let cost = |s: &dyn Fn(usize) -> usize| -> u64 {
+        curves.iter().enumerate().map(|(l, c)| c[s(l)]).sum()
+    };
+    Some(PerLayerReplay {
+        misses: cost(&|l| split[l]),
+        even_misses: cost(&|_| even),
+        split,
+        even,
+    })
+}
+
 /// Slots per layer for `--policy lookahead` at run time, with no recorded trace: the
 /// pre-gating router's plan of `tokens` (calibration text) stands in for one. The curves are
 /// LFU's, because in decode the plan knows no future token and lookahead falls back to the
@@ -130,5 +165,25 @@ mod tests {
         let dp = split_slots(&curves, 4, 1).unwrap();
         let cost = |s: &[usize]| curves[0][s[0]] + curves[1][s[1]];
         assert!(cost(&dp) <= cost(&[2, 2]));
+    }
+
+    #[test]
+    fn a_per_layer_replay_counts_each_layers_misses_under_its_split() {
+        // Two layers, top-1 of 3 experts. Layer 0 cycles through all three (every access
+        // misses with fewer than 3 slots under LRU); layer 1 always uses expert 0.
+        let choices: Vec<u16> = (0..6u16).flat_map(|t| [t % 3, 0]).collect();
+        let trace = ExpertTrace {
+            n_layers: 2,
+            experts_per_layer: 3,
+            k: 1,
+            choices,
+            plan: None,
+        };
+        let r = replay_per_layer(&trace, PolicyKind::Lru, 4).unwrap();
+        // DP: 3 slots to layer 0 (3 cold misses), 1 to layer 1 (1 cold miss).
+        assert_eq!((r.split.clone(), r.misses), (vec![3, 1], 4));
+        // Even: 2 each, and layer 0 misses all 6 of its accesses.
+        assert_eq!((r.even, r.even_misses), (2, 7));
+        assert!(replay_per_layer(&trace, PolicyKind::Lru, 1).is_none());
     }
 }
