@@ -235,19 +235,18 @@ fn pregate_prefetch_keeps_output_exact_and_needs_a_router() {
         plan.plan.is_some(),
         "the router next to the model recorded its plan"
     );
-    let json = cli(&[
-        "simulate",
-        tr,
-        "--slots",
-        "4",
-        "--policy",
-        "belady,lookahead",
-        "--json",
-    ]);
-    let rows: Vec<serde_json::Value> = json
-        .lines()
-        .map(|l| serde_json::from_str(l).expect("json"))
-        .collect();
+    // `simulate TRACE --policy belady,lookahead --json` plus `extra`: one row a policy.
+    let simulate = |extra: &[&str]| -> Vec<serde_json::Value> {
+        let mut args = vec!["simulate", tr, "--policy", "belady,lookahead", "--json"];
+        args.extend(extra);
+        let rows: Vec<serde_json::Value> = cli(&args)
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("json"))
+            .collect();
+        assert_eq!(rows.len(), 2, "{rows:?}");
+        rows
+    };
+    let rows = simulate(&["--slots", "4"]);
     let misses: Vec<u64> = rows
         .iter()
         .map(|r| r["misses"].as_u64().expect("misses"))
@@ -269,21 +268,7 @@ fn pregate_prefetch_keeps_output_exact_and_needs_a_router() {
     );
     // Per-layer caches (the runtime's layout): each row is the DP split's replay, beside
     // the even split's, and lookahead is still never better than Belady.
-    let json = cli(&[
-        "simulate",
-        tr,
-        "--slots",
-        "50%",
-        "--per-layer",
-        "--policy",
-        "belady,lookahead",
-        "--json",
-    ]);
-    let rows: Vec<serde_json::Value> = json
-        .lines()
-        .map(|l| serde_json::from_str(l).expect("json"))
-        .collect();
-    assert_eq!(rows.len(), 2, "{json}");
+    let rows = simulate(&["--slots", "50%", "--per-layer"]);
     let slots = rows[0]["slots"].as_u64().expect("slots") as usize;
     for (r, kind) in rows.iter().zip([PolicyKind::Belady, PolicyKind::Lookahead]) {
         let want = pregate::moe::sizing::replay_per_layer(&plan, kind, slots).expect("fits");
@@ -292,7 +277,7 @@ fn pregate_prefetch_keeps_output_exact_and_needs_a_router() {
         assert!(want.misses <= want.even_misses, "{r}");
         assert!(want.split.iter().sum::<usize>() <= slots, "{r}");
     }
-    assert!(rows[1]["x_belady"].as_f64().expect("x") >= 1.0, "{json}");
+    assert!(rows[1]["x_belady"].as_f64().expect("x") >= 1.0, "{rows:?}");
 
     let engine = load(&carved, VramBudget::ExpertShare(0.01), pregate_opts).expect("load");
     let (logits, greedy) = run(&engine);
