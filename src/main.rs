@@ -1326,14 +1326,23 @@ fn cmd_simulate(a: SimulateArgs) -> Result<()> {
         let mut policy = kind.build_shared(&seq, plan.as_deref(), trace.n_layers as usize);
         pregate::moe::simulate(&seq, slots, policy.as_mut())
     };
-    let belady = match a.per_layer {
-        true => per_layer_misses(&trace, PolicyKind::Belady, slots)?.misses,
-        false => shared(PolicyKind::Belady).misses,
+    // Per-layer, Belady's replay (a run a slot count and layer) is kept for its own row.
+    let belady_per_layer = match a.per_layer {
+        true => Some(per_layer_misses(&trace, PolicyKind::Belady, slots)?),
+        false => None,
+    };
+    let belady = match &belady_per_layer {
+        Some(r) => r.misses,
+        None => shared(PolicyKind::Belady).misses,
     };
     let ratio = |misses: u64| misses as f64 / belady.max(1) as f64;
     for kind in &a.policy {
         if a.per_layer {
-            simulate_per_layer(&trace, *kind, slots, a.json, ratio)?;
+            let replay = match (kind, &belady_per_layer) {
+                (PolicyKind::Belady, Some(b)) => b.clone(),
+                _ => per_layer_misses(&trace, *kind, slots)?,
+            };
+            print_per_layer(&trace, *kind, slots, replay, a.json, ratio);
             continue;
         }
         let r = shared(*kind);
@@ -1370,19 +1379,20 @@ fn per_layer_misses(
 }
 
 /// Per-layer caches: an even split of `slots` against the DP split of the miss curves.
-fn simulate_per_layer(
+fn print_per_layer(
     trace: &pregate::moe::ExpertTrace,
     kind: PolicyKind,
     slots: usize,
+    replay: pregate::moe::sizing::PerLayerReplay,
     json: bool,
     x_belady: impl Fn(u64) -> f64,
-) -> Result<()> {
+) {
     let pregate::moe::sizing::PerLayerReplay {
         misses: dp,
         even_misses: uniform,
         split,
         even,
-    } = per_layer_misses(trace, kind, slots)?;
+    } = replay;
     let accesses = (trace.n_tokens() * trace.n_layers as usize * trace.k as usize) as u64;
     if json {
         println!(
@@ -1400,7 +1410,6 @@ fn simulate_per_layer(
             100.0 * uniform as f64 / accesses.max(1) as f64,
         );
     }
-    Ok(())
 }
 
 fn cmd_devices(backend: BackendChoice) -> Result<()> {

@@ -327,7 +327,7 @@ pub fn measure_passes(n_moe: usize) -> usize {
 /// top-1 shares from one routing pass, the base NLL, and one NLL pass per MoE layer with
 /// that layer cut to its top-1 expert. Continues `resume` (see
 /// [`PartialProfile::load_matching`]) where given, and hands `checkpoint` the state after
-/// every pass, stamped with `model` (see [`PartialProfile::model`]). `progress(done,
+/// every pass, stamped with `model_stamp` (see [`PartialProfile::model`]). `progress(done,
 /// total)` counts the passes, those resumed included.
 pub fn measure(
     session: &mut Session,
