@@ -867,15 +867,17 @@ fn cmd_simulate(a: SimulateArgs) -> Result<()> {
         let mut policy = kind.build_shared(&seq, plan.as_deref(), trace.n_layers as usize);
         pregate::moe::simulate(&seq, slots, policy.as_mut())
     };
-    // Per-layer, Belady's replay (a run a slot count and layer) is kept for its own row.
+    // Belady's replay is kept for its own row (per layer, a run a slot count and layer).
     let belady_per_layer = match a.per_layer {
         true => Some(per_layer_misses(&trace, PolicyKind::Belady, slots)?),
         false => None,
     };
-    let belady = match &belady_per_layer {
-        Some(r) => r.misses,
-        None => shared(PolicyKind::Belady).misses,
-    };
+    let belady_shared = (!a.per_layer).then(|| shared(PolicyKind::Belady));
+    let belady = belady_per_layer
+        .as_ref()
+        .map(|r| r.misses)
+        .or(belady_shared.as_ref().map(|r| r.misses))
+        .unwrap_or(0);
     let ratio = |misses: u64| misses as f64 / belady.max(1) as f64;
     for kind in &a.policy {
         if a.per_layer {
@@ -886,7 +888,10 @@ fn cmd_simulate(a: SimulateArgs) -> Result<()> {
             print_per_layer(&trace, *kind, slots, replay, a.json, ratio);
             continue;
         }
-        let r = shared(*kind);
+        let r = match (kind, &belady_shared) {
+            (PolicyKind::Belady, Some(b)) => b.clone(),
+            _ => shared(*kind),
+        };
         if a.json {
             let mut v = serde_json::to_value(&r)?;
             v["x_belady"] = serde_json::json!(ratio(r.misses));

@@ -252,6 +252,13 @@ fn pregate_prefetch_keeps_output_exact_and_needs_a_router() {
         .map(|r| r["misses"].as_u64().expect("misses"))
         .collect();
     assert_eq!(misses.len(), 2);
+    // Belady's row is the library's replay on the same pool.
+    let seq = plan.sequence();
+    let mut belady = PolicyKind::Belady.build_shared(&seq, None, plan.n_layers as usize);
+    assert_eq!(
+        misses[0],
+        pregate::moe::simulate(&seq, 4, belady.as_mut()).misses
+    );
     // Each row is also given against Belady's count on the same slots.
     for (r, m) in rows.iter().zip(&misses) {
         let x = r["x_belady"].as_f64().expect("x_belady");
