@@ -402,6 +402,26 @@ fn room_past_the_top_k_changes_nothing_at_quality_zero_and_adds_experts_where_un
     let saved = pregate::router::adaptive::AdaptiveProfile::load(&profile).unwrap();
     assert_eq!(saved.validated.len(), 2);
     assert_eq!(saved.validated[1].extra_slots, 0);
+    // Every pass is kept: the result is the largest λ whose cost fitted, and a looser
+    // quality starts from those checks, so it never lands below that λ.
+    let fitted = saved
+        .checks
+        .iter()
+        .filter(|c| c.extra_slots == 2 && c.cost <= 1.2f64.ln())
+        .map(|c| c.lambda)
+        .fold(f64::NEG_INFINITY, f64::max);
+    assert_eq!(saved.validated[0].lambda, fitted, "{:?}", saved.checks);
+    let looser = wide
+        .set_adaptive(40.0, None, &[], |_, _| {})
+        .expect("adaptive")
+        .clone();
+    assert!(
+        looser.lambda >= plan.lambda,
+        "{} < {}",
+        looser.lambda,
+        plan.lambda
+    );
+    assert!(looser.measured_cost_pct.unwrap() <= 40.0 + 1e-9);
 
     // Offloaded, the default leaves no room (added experts would be cache misses); asked
     // for, the cache holds a token's four at once and the run is the resident one.

@@ -59,6 +59,22 @@ pub struct AdaptiveProfile {
     /// λ found by [`validate`] for each quality asked so far.
     #[serde(default)]
     pub validated: Vec<Validated>,
+    /// Every threshold setting [`validate`] measured, for any quality: a later quality
+    /// starts from them (fewer passes), and never lands below a λ measured to fit it.
+    #[serde(default)]
+    pub checks: Vec<Check>,
+}
+
+/// One pass of [`validate`]: the thresholds at `lambda` measured on the calibration tokens.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Check {
+    pub lambda: f64,
+    /// Mean NLL increase over the fixed top-k, in nats.
+    pub cost: f64,
+    /// Mean experts a token kept.
+    pub mean_experts: f64,
+    /// Expert slots a token had past the top-k.
+    pub extra_slots: usize,
 }
 
 /// A quality setting whose thresholds were measured on the calibration tokens.
@@ -376,6 +392,7 @@ pub fn measure(
                             n_layer
                         ],
                         validated: Vec::new(),
+                        checks: Vec::new(),
                     },
                     base_token_nll: base,
                     shares,
@@ -442,13 +459,54 @@ pub fn validate_passes(extra_slots: usize) -> usize {
     }
 }
 
+/// Bisection stops once the largest λ that fits and the smallest that did not are this
+/// close (as a ratio).
+const TIGHT_BRACKET: f64 = 1.02;
+
+/// What the checks with `extra_slots` say of `budget`: the largest λ whose cost fit it,
+/// and the smallest larger λ whose cost did not. (A measured cost is noisy: one that did
+/// not fit below a λ that did is left out.)
+fn bracket(checks: &[Check], extra_slots: usize, budget: f64) -> (Option<&Check>, Option<&Check>) {
+    let same = || checks.iter().filter(|c| c.extra_slots == extra_slots);
+    let fits = same()
+        .filter(|c| c.cost <= budget)
+        .max_by(|a, b| a.lambda.total_cmp(&b.lambda));
+    let floor = fits.map_or(f64::NEG_INFINITY, |c| c.lambda);
+    let over = same()
+        .filter(|c| c.cost > budget && c.lambda > floor)
+        .min_by(|a, b| a.lambda.total_cmp(&b.lambda));
+    (fits, over)
+}
+
+/// The next λ to measure between what fits and what did not, or None when the search is
+/// done: nothing can be added and the largest λ tried fits, or the bracket is tight.
+fn next_lambda(
+    fits: Option<&Check>,
+    over: Option<&Check>,
+    extra_slots: usize,
+    budget: f64,
+) -> Option<f64> {
+    match (fits, over) {
+        (Some(f), Some(o)) => {
+            (o.lambda > f.lambda * TIGHT_BRACKET).then_some((f.lambda + o.lambda) / 2.0)
+        }
+        // Experts can be added: the cost left room, so try dropping more.
+        (Some(f), None) => (extra_slots > 0).then_some(f.lambda * 2.0),
+        // The cost grows about linearly with λ near the budget.
+        (None, Some(o)) => Some(o.lambda * (budget / o.cost.max(1e-12)).clamp(0.05, 0.8)),
+        (None, None) => None,
+    }
+}
+
 /// Measures the thresholds `profile.plan(quality_pct)` chooses on `windows` (those of the
 /// profile) and lowers λ until their real cost fits the budget (if none fits, the fixed
 /// top-k). Where the model leaves tokens slots past the top-k, the profile's λ
 /// underrates what the added experts give back, so λ is then raised (doubled) while the
-/// cost fits, and bisected once it does not. Records the result, and the mean experts a
-/// token kept, in the profile and leaves the model at its fixed top-k. `progress(done,
-/// most)` counts the passes, at most [`validate_passes`].
+/// cost fits, and bisected once it does not. The search starts from the profile's
+/// earlier [`Check`]s, so a second quality needs fewer passes and lands at or above every
+/// λ measured to fit it. Records every pass and the result (with the mean experts a token
+/// kept) in the profile, and leaves the model at its fixed top-k. `progress(done, most)`
+/// counts the passes, at most [`validate_passes`].
 pub fn validate(
     session: &mut Session,
     windows: &[Vec<u32>],
@@ -459,7 +517,7 @@ pub fn validate(
     let model = session.model.clone();
     let n_layer = model.config.n_layer;
     let extra_slots = model.config.moe.as_ref().map_or(0, |m| m.extra_slots());
-    let mut plan = profile.plan(quality_pct, extra_slots)?;
+    let plan = profile.plan(quality_pct, extra_slots)?;
     if plan.measured_cost_pct.is_some() {
         return Ok(plan);
     }
@@ -470,43 +528,39 @@ pub fn validate(
         mean(&token_nll(session, windows)?)
     };
     let passes = validate_passes(extra_slots);
-    // The best (λ, cost, mean experts) that fits, and the smallest λ that did not: bisect
-    // between them.
-    let mut found: Option<(f64, f64, f64)> = None;
-    let mut too_far = f64::INFINITY;
+    // The profile's own choice first, unless earlier checks already settle it.
+    let mut next = {
+        let (fits, over) = bracket(&profile.checks, extra_slots, budget);
+        let above = fits.is_none_or(|f| plan.lambda > f.lambda);
+        let below = over.is_none_or(|o| plan.lambda < o.lambda);
+        match above && below {
+            true => Some(plan.lambda),
+            false => next_lambda(fits, over, extra_slots, budget),
+        }
+    };
     let result = (|| -> Result<()> {
         for pass in 0..passes {
-            model.set_adaptive_keep(&plan.keep)?;
+            let Some(lambda) = next else { break };
+            model.set_adaptive_keep(&profile.plan_at(lambda).keep)?;
             model.reset_active_experts();
             let cost = mean(&token_nll(session, windows)?) - base;
             progress(pass + 1, passes);
             let (experts, decisions) = model.active_experts()?;
             let mean_experts = experts as f64 / decisions.max(1) as f64;
             tracing::info!(
-                lambda = plan.lambda,
+                lambda,
                 cost_pct = (cost.exp() - 1.0) * 100.0,
                 mean_experts,
                 "adaptive gating: thresholds measured"
             );
-            if cost <= budget {
-                if found.is_none_or(|(best, ..)| plan.lambda > best) {
-                    found = Some((plan.lambda, cost, mean_experts));
-                }
-                if too_far.is_infinite() && extra_slots == 0 {
-                    // The profile's own choice fits.
-                    return Ok(());
-                }
-            } else {
-                too_far = too_far.min(plan.lambda);
-            }
-            let next = match found {
-                // Experts can be added: the cost left room, so try dropping more.
-                Some((fits, ..)) if too_far.is_infinite() => fits * 2.0,
-                Some((fits, ..)) => (fits + too_far) / 2.0,
-                // The cost grows about linearly with λ near the budget.
-                None => plan.lambda * (budget / cost.max(1e-12)).clamp(0.05, 0.8),
-            };
-            plan = profile.plan_at(next);
+            profile.checks.push(Check {
+                lambda,
+                cost,
+                mean_experts,
+                extra_slots,
+            });
+            let (fits, over) = bracket(&profile.checks, extra_slots, budget);
+            next = next_lambda(fits, over, extra_slots, budget);
         }
         Ok(())
     })();
@@ -514,11 +568,14 @@ pub fn validate(
     model.reset_active_experts();
     session.reset();
     result?;
-    let (lambda, cost, mean_experts) = found.unwrap_or_else(|| {
-        tracing::warn!("adaptive gating: no threshold fits the budget; keeping every expert");
-        let top_k = model.config.moe.as_ref().map_or(0, |m| m.n_used);
-        (0.0, 0.0, top_k as f64)
-    });
+    let (lambda, cost, mean_experts) = match bracket(&profile.checks, extra_slots, budget).0 {
+        Some(c) => (c.lambda, c.cost, c.mean_experts),
+        None => {
+            tracing::warn!("adaptive gating: no threshold fits the budget; keeping every expert");
+            let top_k = model.config.moe.as_ref().map_or(0, |m| m.n_used);
+            (0.0, 0.0, top_k as f64)
+        }
+    };
     let measured_cost_pct = (cost.exp() - 1.0) * 100.0;
     profile.validated.push(Validated {
         quality_pct,
@@ -609,6 +666,7 @@ mod tests {
             calib: None,
             base_nll: 2.0,
             validated: Vec::new(),
+            checks: Vec::new(),
             layers: vec![
                 LayerSensitivity {
                     delta_nll: 0.2,
@@ -627,6 +685,50 @@ mod tests {
                 },
             ],
         }
+    }
+
+    fn check(lambda: f64, cost: f64, extra_slots: usize) -> Check {
+        Check {
+            lambda,
+            cost,
+            mean_experts: 2.0,
+            extra_slots,
+        }
+    }
+
+    #[test]
+    fn earlier_checks_bracket_the_budget_and_the_search_stops_when_tight() {
+        let checks = vec![
+            check(0.01, 0.005, 2),
+            check(0.02, 0.03, 2),
+            check(0.015, 0.02, 2),
+            // Over the budget below a λ that fitted (noise): not a bound.
+            check(0.005, 0.012, 2),
+            // Another room: not this search's.
+            check(0.05, 0.0, 0),
+        ];
+        let lambdas =
+            |(f, o): (Option<&Check>, Option<&Check>)| (f.map(|c| c.lambda), o.map(|c| c.lambda));
+        let (fits, over) = bracket(&checks, 2, 0.01);
+        assert_eq!(lambdas((fits, over)), (Some(0.01), Some(0.015)));
+        assert_eq!(next_lambda(fits, over, 2, 0.01), Some(0.0125));
+        // A looser budget starts at or above the tighter one's answer.
+        let (fits, over) = bracket(&checks, 2, 0.025);
+        assert_eq!(lambdas((fits, over)), (Some(0.015), Some(0.02)));
+        // Tight: done.
+        let tight = [check(0.01, 0.005, 2), check(0.0101, 0.02, 2)];
+        let (fits, over) = bracket(&tight, 2, 0.01);
+        assert_eq!(next_lambda(fits, over, 2, 0.01), None);
+        // Nothing over: double where experts can be added, else done.
+        let (fits, over) = bracket(&checks, 0, 0.01);
+        assert_eq!(next_lambda(fits, over, 2, 0.01), Some(0.1));
+        assert_eq!(next_lambda(fits, over, 0, 0.01), None);
+        // Nothing fits: scale the smallest λ over down, about linearly.
+        let (fits, over) = bracket(&checks[1..2], 2, 0.01);
+        assert!(fits.is_none());
+        let next = next_lambda(fits, over, 2, 0.01).unwrap();
+        assert!((next - 0.02 / 3.0).abs() < 1e-12, "{next}");
+        assert_eq!(next_lambda(None, None, 2, 0.01), None);
     }
 
     #[test]
