@@ -459,6 +459,19 @@ pub fn validate_passes(extra_slots: usize) -> usize {
     }
 }
 
+impl Check {
+    /// The pass behind a validated result (None where it kept every expert, or is too
+    /// old to say how many it kept).
+    fn from_validated(v: &Validated) -> Option<Check> {
+        (v.lambda > 0.0).then_some(Check {
+            lambda: v.lambda,
+            cost: (v.measured_cost_pct / 100.0).ln_1p(),
+            mean_experts: v.mean_experts?,
+            extra_slots: v.extra_slots,
+        })
+    }
+}
+
 /// Bisection stops once the largest λ that fits and the smallest that did not are this
 /// close (as a ratio).
 const TIGHT_BRACKET: f64 = 1.02;
@@ -527,6 +540,14 @@ pub fn validate(
     } else {
         mean(&token_nll(session, windows)?)
     };
+    if profile.checks.is_empty() {
+        // A profile from before the checks were kept: its results are checks too.
+        profile.checks = profile
+            .validated
+            .iter()
+            .filter_map(Check::from_validated)
+            .collect();
+    }
     let passes = validate_passes(extra_slots);
     // The profile's own choice first, unless earlier checks already settle it.
     let mut next = {
@@ -729,6 +750,30 @@ mod tests {
         let next = next_lambda(fits, over, 2, 0.01).unwrap();
         assert!((next - 0.02 / 3.0).abs() < 1e-12, "{next}");
         assert_eq!(next_lambda(None, None, 2, 0.01), None);
+    }
+
+    #[test]
+    fn a_validated_result_is_a_check() {
+        let v = Validated {
+            quality_pct: 3.0,
+            lambda: 0.026,
+            measured_cost_pct: 2.2,
+            extra_slots: 2,
+            mean_experts: Some(1.5),
+        };
+        let c = Check::from_validated(&v).unwrap();
+        assert_eq!((c.lambda, c.mean_experts, c.extra_slots), (0.026, 1.5, 2));
+        assert!((c.cost - 1.022f64.ln()).abs() < 1e-12);
+        let none_fit = Validated {
+            lambda: 0.0,
+            ..v.clone()
+        };
+        assert!(Check::from_validated(&none_fit).is_none());
+        let old = Validated {
+            mean_experts: None,
+            ..v
+        };
+        assert!(Check::from_validated(&old).is_none());
     }
 
     #[test]
