@@ -193,7 +193,7 @@ impl AdaptiveProfile {
                 ..self.plan_at(v.lambda)
             });
         }
-        let budget = (1.0 + quality_pct / 100.0).ln();
+        let budget = nats_of_pct(quality_pct);
         // Cost is monotone in λ: bisect on a log scale.
         let (mut lo, mut hi) = (1e-12f64, 1e3f64);
         for _ in 0..100 {
@@ -214,7 +214,7 @@ impl AdaptiveProfile {
             keep: self.keep(lambda),
             lambda,
             measured_cost_pct: None,
-            predicted_cost_pct: (cost.exp() - 1.0) * 100.0,
+            predicted_cost_pct: pct_of_nats(cost),
             predicted_top1_share: top1,
             mean_experts: None,
         }
@@ -465,7 +465,7 @@ impl Check {
     fn from_validated(v: &Validated) -> Option<Check> {
         (v.lambda > 0.0).then_some(Check {
             lambda: v.lambda,
-            cost: (v.measured_cost_pct / 100.0).ln_1p(),
+            cost: nats_of_pct(v.measured_cost_pct),
             mean_experts: v.mean_experts?,
             extra_slots: v.extra_slots,
         })
@@ -534,7 +534,7 @@ pub fn validate(
     if plan.measured_cost_pct.is_some() {
         return Ok(plan);
     }
-    let budget = (1.0 + quality_pct / 100.0).ln();
+    let budget = nats_of_pct(quality_pct);
     let base = if profile.tokens == windows.iter().map(Vec::len).sum::<usize>() {
         profile.base_nll
     } else {
@@ -570,7 +570,7 @@ pub fn validate(
             let mean_experts = experts as f64 / decisions.max(1) as f64;
             tracing::info!(
                 lambda,
-                cost_pct = (cost.exp() - 1.0) * 100.0,
+                cost_pct = pct_of_nats(cost),
                 mean_experts,
                 "adaptive gating: thresholds measured"
             );
@@ -597,7 +597,7 @@ pub fn validate(
             (0.0, 0.0, top_k as f64)
         }
     };
-    let measured_cost_pct = (cost.exp() - 1.0) * 100.0;
+    let measured_cost_pct = pct_of_nats(cost);
     profile.validated.push(Validated {
         quality_pct,
         lambda,
@@ -610,6 +610,15 @@ pub fn validate(
         mean_experts: Some(mean_experts),
         ..profile.plan_at(lambda)
     })
+}
+
+/// A perplexity cost in percent as a mean NLL increase in nats, and back.
+fn nats_of_pct(pct: f64) -> f64 {
+    (1.0 + pct / 100.0).ln()
+}
+
+fn pct_of_nats(nats: f64) -> f64 {
+    (nats.exp() - 1.0) * 100.0
 }
 
 fn mean(v: &[f64]) -> f64 {
