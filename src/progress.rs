@@ -24,6 +24,8 @@ struct Plain {
     label: String,
     started: Instant,
     printed: Option<Instant>,
+    /// Position and message of the last line written, so the end does not repeat it.
+    last: Option<(u64, String)>,
     pos: u64,
     len: u64,
     msg: String,
@@ -44,6 +46,7 @@ impl Progress {
                 label: label_of(template),
                 started: Instant::now(),
                 printed: None,
+                last: None,
                 pos: 0,
                 len,
                 msg: String::new(),
@@ -90,9 +93,8 @@ impl Progress {
         let Some(Ok(p)) = self.plain.as_ref().map(Mutex::lock) else {
             return;
         };
-        let now = Instant::now();
-        if p.printed.is_some() || due(p.started, None, now) {
-            eprintln!("{}", p.line(now));
+        if let Some(line) = p.end_line(Instant::now()) {
+            eprintln!("{line}");
         }
     }
 
@@ -107,12 +109,21 @@ impl Progress {
         let now = Instant::now();
         if may_print && due(p.started, p.printed, now) {
             p.printed = Some(now);
+            p.last = Some((p.pos, p.msg.clone()));
             eprintln!("{}", p.line(now));
         }
     }
 }
 
 impl Plain {
+    /// The job's last line: for a job long enough to have spoken, unless the line before
+    /// already said the same.
+    fn end_line(&self, now: Instant) -> Option<String> {
+        let repeat = self.last.as_ref() == Some(&(self.pos, self.msg.clone()));
+        let spoke = self.printed.is_some() || due(self.started, None, now);
+        (spoke && !repeat).then(|| self.line(now))
+    }
+
     fn line(&self, now: Instant) -> String {
         let secs = now.duration_since(self.started).as_secs();
         let mut s = format!("{} {}/{}", self.label, self.pos, self.len);
@@ -182,6 +193,7 @@ mod tests {
             label: "scoring".into(),
             started: t0,
             printed: None,
+            last: None,
             pos: 5,
             len: 20,
             msg: "16.7750".into(),
@@ -210,5 +222,14 @@ mod tests {
             p.line(t0 + Duration::from_secs(20)),
             "measuring 12/32, 0:20 elapsed"
         );
+        // The end repeats nothing: a last line that said 12/32 already is not written again.
+        let said = Plain {
+            printed: Some(t0),
+            last: Some((12, String::new())),
+            ..p
+        };
+        assert_eq!(said.end_line(t0 + Duration::from_secs(600)), None);
+        let moved = Plain { pos: 13, ..said };
+        assert!(moved.end_line(t0 + Duration::from_secs(600)).is_some());
     }
 }
