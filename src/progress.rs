@@ -2,10 +2,13 @@
 //! stderr is not one (a log file, CI, `nohup`), indicatif draws nothing, and a carve or
 //! adaptive gating's measurement would run for half an hour without a word, so a plain
 //! line is written instead: once the job has run [`PLAIN_EVERY`], then at most that often,
-//! and at its end. Short jobs (loading a model) stay quiet.
+//! and at its end; and while one step takes minutes (a pass of adaptive gating's
+//! measurement), the same line again every [`PLAIN_HEARTBEAT`], so a log shows the job is
+//! alive. Short jobs (loading a model) stay quiet.
 
 use std::io::IsTerminal;
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use indicatif::{ProgressBar, ProgressStyle};
@@ -13,11 +16,16 @@ use indicatif::{ProgressBar, ProgressStyle};
 /// How often a plain progress line is written where stderr is not a terminal.
 pub const PLAIN_EVERY: Duration = Duration::from_secs(15);
 
+/// How often a plain line is repeated while the job's position does not move.
+pub const PLAIN_HEARTBEAT: Duration = Duration::from_secs(60);
+
 /// A progress bar, or plain lines where stderr is not a terminal. Same calls as
 /// indicatif's `ProgressBar` (all through `&self`, so closures can share it).
 pub struct Progress {
     bar: ProgressBar,
-    plain: Option<Mutex<Plain>>,
+    plain: Option<Arc<Mutex<Plain>>>,
+    /// Tells the heartbeat thread (plain lines only) to end.
+    done: Arc<AtomicBool>,
 }
 
 struct Plain {
@@ -42,7 +50,7 @@ impl Progress {
             ProgressStyle::with_template(template).unwrap_or_else(|_| ProgressStyle::default_bar()),
         );
         let plain = (!std::io::stderr().is_terminal()).then(|| {
-            Mutex::new(Plain {
+            Arc::new(Mutex::new(Plain {
                 label: label_of(template),
                 started: Instant::now(),
                 printed: None,
@@ -51,9 +59,14 @@ impl Progress {
                 len,
                 msg: String::new(),
                 resumed: None,
-            })
+            }))
         });
-        Progress { bar, plain }
+        let done = Arc::new(AtomicBool::new(false));
+        if let Some(plain) = &plain {
+            let (plain, done) = (Arc::clone(plain), Arc::clone(&done));
+            std::thread::spawn(move || heartbeat(&plain, &done));
+        }
+        Progress { bar, plain, done }
     }
 
     pub fn set_length(&self, len: u64) {
@@ -89,8 +102,9 @@ impl Progress {
 
     /// Clears the bar; a plain job long enough to have spoken gets its last line.
     pub fn finish_and_clear(&self) {
+        self.done.store(true, Ordering::Relaxed);
         self.bar.finish_and_clear();
-        let Some(Ok(p)) = self.plain.as_ref().map(Mutex::lock) else {
+        let Some(Ok(p)) = self.plain.as_deref().map(Mutex::lock) else {
             return;
         };
         if let Some(line) = p.end_line(Instant::now()) {
@@ -126,7 +140,11 @@ impl Plain {
 
     fn line(&self, now: Instant) -> String {
         let secs = now.duration_since(self.started).as_secs();
-        let mut s = format!("{} {}/{}", self.label, self.pos, self.len);
+        // A job whose size is not known yet (set at its first step) says only its name.
+        let mut s = match self.len {
+            0 => self.label.clone(),
+            len => format!("{} {}/{}", self.label, self.pos, len),
+        };
         if !self.msg.is_empty() {
             s += &format!(" ({})", self.msg);
         }
@@ -144,6 +162,34 @@ impl Plain {
         }
         s
     }
+}
+
+impl Drop for Progress {
+    fn drop(&mut self) {
+        self.done.store(true, Ordering::Relaxed);
+    }
+}
+
+/// Repeats the last plain line while a step runs long, until the job is done.
+fn heartbeat(plain: &Mutex<Plain>, done: &AtomicBool) {
+    while !done.load(Ordering::Relaxed) {
+        std::thread::sleep(Duration::from_secs(1));
+        let Ok(mut p) = plain.lock() else {
+            return;
+        };
+        let now = Instant::now();
+        if !done.load(Ordering::Relaxed) && quiet_too_long(p.started, p.printed, now) {
+            p.printed = Some(now);
+            p.last = Some((p.pos, p.msg.clone()));
+            eprintln!("{}", p.line(now));
+        }
+    }
+}
+
+/// Whether a job has said nothing for [`PLAIN_HEARTBEAT`] (since its start, or its last
+/// line).
+fn quiet_too_long(started: Instant, printed: Option<Instant>, now: Instant) -> bool {
+    now.duration_since(printed.unwrap_or(started)) >= PLAIN_HEARTBEAT
 }
 
 /// Whether a plain line is due: never before [`PLAIN_EVERY`] of running, then when the
@@ -179,6 +225,11 @@ mod tests {
         // ...then not again until the interval has passed since that line.
         assert!(!due(t0, Some(at(15)), at(20)));
         assert!(due(t0, Some(at(15)), at(30)));
+        // A step that takes minutes: the heartbeat repeats the line once a minute.
+        assert!(!quiet_too_long(t0, None, at(59)));
+        assert!(quiet_too_long(t0, None, at(60)));
+        assert!(!quiet_too_long(t0, Some(at(100)), at(130)));
+        assert!(quiet_too_long(t0, Some(at(100)), at(160)));
     }
 
     #[test]
@@ -221,6 +272,21 @@ mod tests {
         assert_eq!(
             p.line(t0 + Duration::from_secs(20)),
             "measuring 12/32, 0:20 elapsed"
+        );
+        // Before its first step a job may not know its size: no "0/0".
+        let unsized_job = Plain {
+            len: 0,
+            pos: 0,
+            last: None,
+            printed: None,
+            resumed: None,
+            label: "scoring".into(),
+            msg: String::new(),
+            started: t0,
+        };
+        assert_eq!(
+            unsized_job.line(t0 + Duration::from_secs(60)),
+            "scoring, 1:00 elapsed"
         );
         // The end repeats nothing: a last line that said 12/32 already is not written again.
         let said = Plain {
