@@ -122,18 +122,24 @@ impl Progress {
         change(&mut p);
         let now = Instant::now();
         if may_print && due(p.started, p.printed, now) {
-            p.printed = Some(now);
-            p.last = Some((p.pos, p.msg.clone()));
-            eprintln!("{}", p.line(now));
+            p.say(now);
         }
     }
 }
 
 impl Plain {
+    /// Writes the line now, and remembers when and what it said.
+    fn say(&mut self, now: Instant) {
+        self.printed = Some(now);
+        self.last = Some((self.pos, self.msg.clone()));
+        eprintln!("{}", self.line(now));
+    }
+
     /// The job's last line: for a job long enough to have spoken, unless the line before
     /// already said the same.
     fn end_line(&self, now: Instant) -> Option<String> {
-        let repeat = self.last.as_ref() == Some(&(self.pos, self.msg.clone()));
+        let repeat =
+            (self.last.as_ref()).is_some_and(|(pos, msg)| *pos == self.pos && *msg == self.msg);
         let spoke = self.printed.is_some() || due(self.started, None, now);
         (spoke && !repeat).then(|| self.line(now))
     }
@@ -179,9 +185,7 @@ fn heartbeat(plain: &Mutex<Plain>, done: &AtomicBool) {
         };
         let now = Instant::now();
         if !done.load(Ordering::Relaxed) && quiet_too_long(p.started, p.printed, now) {
-            p.printed = Some(now);
-            p.last = Some((p.pos, p.msg.clone()));
-            eprintln!("{}", p.line(now));
+            p.say(now);
         }
     }
 }

@@ -100,9 +100,9 @@ pub enum AdaptiveMax {
     TopK,
     /// Where every expert is resident, also adds where it is unsure, up to as many as the
     /// carve's recovery fit covers, at most twice the top-k (what `--adaptive` does): on
-    /// the default carve (before its count corrections) 2% perplexity then bought about -17%
-    /// of the experts instead of -14.5%. Offloaded, the top-k: the added experts are rarely used ones, each a cache
-    /// miss (BENCHMARKS.md).
+    /// the default carve (before its count corrections) 2% perplexity then bought about
+    /// -17% of the experts instead of -14.5%. Offloaded, the top-k: the added experts are
+    /// rarely used ones, each a cache miss (BENCHMARKS.md).
     Auto,
     /// Up to this many a token.
     Experts(usize),
