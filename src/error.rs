@@ -21,6 +21,9 @@ pub enum Error {
     Truncated { what: String, need: u64, have: u64 },
     #[error("GGUF is malformed at {what}: {why}")]
     Malformed { what: String, why: String },
+    /// A file of pregate's own (router, trace, cluster labels) that does not parse.
+    #[error("cannot read {what}: {why}")]
+    BadFile { what: String, why: String },
     #[error("tensor '{tensor}' has unknown ggml type id {id}")]
     UnknownDType { tensor: String, id: u32 },
     #[error("tensor '{tensor}' uses type {dtype}, which pregate does not support yet")]

@@ -47,16 +47,13 @@ impl ClusterLabels {
 
     /// Written to a temporary file and renamed.
     pub fn save(&self, path: &Path) -> Result<()> {
-        let text = serde_json::to_vec(self).map_err(|e| Error::Malformed {
-            what: path.display().to_string(),
-            why: e.to_string(),
-        })?;
+        let text = serde_json::to_vec(self).map_err(|e| Error::Io(e.into()))?;
         crate::format::write_atomic(path, &text)
     }
 
     pub fn load(path: &Path) -> Result<ClusterLabels> {
         let bytes = crate::format::read_all(path)?;
-        let bad = |why: String| Error::Malformed {
+        let bad = |why: String| Error::BadFile {
             what: format!("cluster labels {}", path.display()),
             why,
         };

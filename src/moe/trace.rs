@@ -80,7 +80,7 @@ impl ExpertTrace {
 
     pub fn read(path: &Path) -> Result<ExpertTrace> {
         let bytes = crate::format::read_all(path)?;
-        let bad = |why: String| Error::Malformed {
+        let bad = |why: String| Error::BadFile {
             what: format!("trace {}", path.display()),
             why,
         };
@@ -178,4 +178,56 @@ pub fn record_tokens(
         choices,
         plan: None,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn trace() -> ExpertTrace {
+        // 3 tokens, 2 layers, top-2 of 4 experts.
+        ExpertTrace {
+            n_layers: 2,
+            experts_per_layer: 4,
+            k: 2,
+            choices: vec![0, 1, 2, 3, 1, 2, 0, 3, 3, 2, 1, 0],
+            plan: Some(vec![0, 2, 2, 3, 1, 0, 0, 3, 3, 1, 1, 0]),
+        }
+    }
+
+    #[test]
+    fn a_trace_reads_back_as_written() {
+        let path = std::env::temp_dir().join(format!("pregate-trace-{}", std::process::id()));
+        let t = trace();
+        t.write(&path).expect("write");
+        assert_eq!(ExpertTrace::read(&path).expect("read"), t);
+        assert_eq!(t.sequence()[..4], [0, 1, 6, 7]);
+        std::fs::remove_file(&path).ok();
+    }
+
+    #[test]
+    fn a_damaged_trace_is_an_error_naming_the_file() {
+        let path = std::env::temp_dir().join(format!("pregate-bad-trace-{}", std::process::id()));
+        trace().write(&path).expect("write");
+        let good = std::fs::read(&path).expect("read");
+        let mut out_of_range = good.clone();
+        out_of_range[28] = 9; // the first choice: expert 9 of 4
+        let cases: [(&[u8], &str); 4] = [
+            (b"not a trace at all, just text", "not a pregate trace"),
+            (&good[..good.len() - 2], "bytes, expected"),
+            (&good[..20], "not a pregate trace"),
+            (&out_of_range, "out of range"),
+        ];
+        for (bytes, why) in cases {
+            std::fs::write(&path, bytes).expect("write");
+            let err = ExpertTrace::read(&path)
+                .expect_err("damaged trace")
+                .to_string();
+            assert!(
+                err.contains(why) && err.contains("pregate-bad-trace"),
+                "{err}"
+            );
+        }
+        std::fs::remove_file(&path).ok();
+    }
 }

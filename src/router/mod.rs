@@ -282,7 +282,7 @@ impl PreGateRouter {
 
     pub fn load(path: &Path) -> Result<PreGateRouter> {
         let bytes = crate::format::read_all(path)?;
-        let bad = |why: String| Error::Malformed {
+        let bad = |why: String| Error::BadFile {
             what: format!("router {}", path.display()),
             why,
         };
