@@ -37,9 +37,60 @@ pub struct BenchReport {
     pub expert_share: f64,
 }
 
+/// What a bench run feeds the model.
+pub enum BenchInput<'a> {
+    /// A line of Rust repeated as the prompt, then the model's own greedy tokens.
+    Builtin,
+    /// A text's tokens: the prompt, then the next `gen_tokens` fed in as the decode steps
+    /// (teacher forcing), so the experts a token uses are the text's, whatever the model
+    /// would have generated (a skeleton model's greedy output repeats one token).
+    Text(&'a str),
+}
+
+/// The prompt, and the tokens to feed at each decode step (None: the model's own).
+fn bench_tokens(
+    engine: &Engine,
+    input: &BenchInput,
+    prompt_tokens: usize,
+    gen_tokens: usize,
+) -> Result<(Vec<u32>, Option<Vec<u32>>)> {
+    match input {
+        BenchInput::Builtin => {
+            let line = "fn main() { let v: Vec<u32> = (0..10).map(|x| x * x).collect(); println!(\"{:?}\", v); }\n";
+            let base = engine.tokenizer.encode(line, false)?;
+            let prompt = base.iter().copied().cycle().take(prompt_tokens).collect();
+            Ok((prompt, None))
+        }
+        BenchInput::Text(text) => {
+            let tokens = engine.tokenizer.encode(text, false)?;
+            let (prompt, fed) = split_text(tokens, prompt_tokens, gen_tokens)?;
+            Ok((prompt, Some(fed)))
+        }
+    }
+}
+
+/// A text's first `prompt_tokens` tokens, and the `gen_tokens` after them.
+fn split_text(
+    mut tokens: Vec<u32>,
+    prompt_tokens: usize,
+    gen_tokens: usize,
+) -> Result<(Vec<u32>, Vec<u32>)> {
+    let need = prompt_tokens + gen_tokens;
+    if tokens.len() < need {
+        return Err(Error::InvalidArgument(format!(
+            "--text has {} tokens; --prompt-tokens {prompt_tokens} + --gen-tokens {gen_tokens} need {need}",
+            tokens.len()
+        )));
+    }
+    tokens.truncate(need);
+    let fed = tokens.split_off(prompt_tokens);
+    Ok((tokens, fed))
+}
+
 pub fn run(
     engine: &Engine,
     budget: &str,
+    input: &BenchInput,
     prompt_tokens: usize,
     gen_tokens: usize,
     reps: usize,
@@ -50,10 +101,7 @@ pub fn run(
             engine.ctx()
         )));
     }
-    // A realistic prompt: real text, repeated to the requested length.
-    let text = "fn main() { let v: Vec<u32> = (0..10).map(|x| x * x).collect(); println!(\"{:?}\", v); }\n";
-    let base = engine.tokenizer.encode(text, false)?;
-    let prompt: Vec<u32> = base.iter().copied().cycle().take(prompt_tokens).collect();
+    let (prompt, fed) = bench_tokens(engine, input, prompt_tokens, gen_tokens)?;
     let mut session = engine.session()?;
     // Warm-up: compiles the pipelines and builds the plans for both shapes.
     session.next_argmax(&prompt)?;
@@ -68,8 +116,9 @@ pub fn run(
         best_prefill = best_prefill.max(prompt_tokens as f64 / t0.elapsed().as_secs_f64());
         engine.reset_metrics();
         let t1 = Instant::now();
-        for _ in 0..gen_tokens {
-            tok = session.next_argmax(&[tok])?;
+        for i in 0..gen_tokens {
+            let input = fed.as_ref().map_or(tok, |f| f[i]);
+            tok = session.next_argmax(&[input])?;
         }
         last_decode_s = t1.elapsed().as_secs_f64();
         if gen_tokens > 0 {
@@ -228,6 +277,15 @@ fn draw<DB: plotters::prelude::DrawingBackend>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_text_gives_the_prompt_then_the_tokens_to_feed() {
+        let (prompt, fed) = split_text((10..20).collect(), 3, 4).expect("long enough");
+        assert_eq!(prompt, [10, 11, 12]);
+        assert_eq!(fed, [13, 14, 15, 16]);
+        let err = split_text((0..6).collect(), 3, 4).expect_err("too short");
+        assert!(err.to_string().contains("has 6 tokens"), "{err}");
+    }
 
     fn report(share: f64, tok_s: f64, hits: u64, misses: u64) -> BenchReport {
         BenchReport {

@@ -361,6 +361,12 @@ fn cmd_eval(a: EvalArgs) -> Result<()> {
 }
 
 fn cmd_bench(a: BenchArgs) -> Result<()> {
+    let text = match &a.text {
+        Some(p) => {
+            Some(std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?)
+        }
+        None => None,
+    };
     // One run per budget, in the order given (e.g. --vram-budget 25%,50%,all).
     let budgets: Vec<String> = a
         .model
@@ -375,7 +381,18 @@ fn cmd_bench(a: BenchArgs) -> Result<()> {
             ..a.model.clone()
         };
         let engine = load(&m)?;
-        let r = pregate::bench::run(&engine, budget, a.prompt_tokens, a.gen_tokens, a.reps)?;
+        let input = match &text {
+            Some(t) => pregate::bench::BenchInput::Text(t),
+            None => pregate::bench::BenchInput::Builtin,
+        };
+        let r = pregate::bench::run(
+            &engine,
+            budget,
+            &input,
+            a.prompt_tokens,
+            a.gen_tokens,
+            a.reps,
+        )?;
         drop(engine);
         if a.json {
             println!("{}", serde_json::to_string(&r)?);

@@ -286,6 +286,23 @@ fn bad_input_gives_clear_errors_and_exit_code_1() {
         "nope.gguf",
     );
 
+    // pregate's own files: a damaged expert trace, a bench text too short to feed.
+    std::fs::write(g("bad.trace"), b"PGTR but not a trace").expect("write");
+    expect_error(&["simulate", &g("bad.trace")], "cannot read trace");
+    std::fs::write(g("short.txt"), "hi").expect("write");
+    expect_error(
+        &[
+            "bench",
+            "-m",
+            &g("good.gguf"),
+            "--text",
+            &g("short.txt"),
+            "--prompt-tokens",
+            "8",
+        ],
+        "--text has",
+    );
+
     // The good model still runs through the CLI, printing only the continuation on stdout.
     common::run_cli(&["generate", "-m", &g("good.gguf"), "-p", "hi", "-n", "4"]);
 }
