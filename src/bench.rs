@@ -20,6 +20,8 @@ pub struct BenchReport {
     pub decode_tok_s: f64,
     pub prompt_tokens: usize,
     pub gen_tokens: usize,
+    /// "builtin" (a repeated line, then greedy tokens) or "text" (`--text`, fed in).
+    pub input: &'static str,
     pub adapter: String,
     pub backend: String,
     /// Per-kernel GPU time of one decode step (empty without timestamp queries).
@@ -135,6 +137,10 @@ pub fn run(
         decode_tok_s: best_decode,
         prompt_tokens,
         gen_tokens,
+        input: match input {
+            BenchInput::Builtin => "builtin",
+            BenchInput::Text(_) => "text",
+        },
         adapter: engine.gpu().adapter_name(),
         backend: engine.gpu().backend_name(),
         kernels,
@@ -293,6 +299,7 @@ mod tests {
             decode_tok_s: tok_s,
             prompt_tokens: 64,
             gen_tokens: 32,
+            input: "builtin",
             adapter: "test".into(),
             backend: "none".into(),
             kernels: Vec::new(),

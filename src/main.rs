@@ -417,8 +417,13 @@ fn print_bench(r: &pregate::bench::BenchReport) {
         "prefill   {:.1} tok/s  ({} tokens)",
         r.prefill_tok_s, r.prompt_tokens
     );
+    let fed = if r.input == "text" {
+        ", fed from --text"
+    } else {
+        ""
+    };
     println!(
-        "decode    {:.1} tok/s  ({} tokens)",
+        "decode    {:.1} tok/s  ({} tokens{fed})",
         r.decode_tok_s, r.gen_tokens
     );
     let m = &r.metrics;
