@@ -50,7 +50,7 @@ impl NeuronProfile {
         }
     }
 
-    /// Adds one token's activations h = silu(gate)·up [n_neurons] to the energies.
+    /// Adds one token's activations `h = silu(gate)·up` `[n_neurons]` to the energies.
     pub fn add_activations(&mut self, h: &[f32]) {
         for (s, &v) in self.sq_sum.iter_mut().zip(h) {
             *s += (v as f64) * (v as f64);

@@ -152,7 +152,7 @@ struct EmbedParams {
     n_tokens: u32,
 }
 
-/// y[t, :] = table[ids[t], :].
+/// `y[t, :] = table[ids[t], :]`.
 pub fn embed(
     b: &mut DispatchBuilder,
     table: &Matrix,
@@ -189,7 +189,7 @@ struct NormParams {
     eps: f32,
 }
 
-/// y[t] = rmsnorm(x[x_row0 + t]) * weight.
+/// `y[t] = rmsnorm(x[x_row0 + t]) * weight`.
 pub fn rms_norm(
     b: &mut DispatchBuilder,
     x: &wgpu::Buffer,
@@ -426,7 +426,7 @@ pub fn add(b: &mut DispatchBuilder, a: &wgpu::Buffer, other: &wgpu::Buffer, n: u
     );
 }
 
-/// a[i] *= sigmoid(gate[i / row_len]) for i < n: scales each row by its token's gate.
+/// `a[i] *= sigmoid(gate[i / row_len])` for i < n: scales each row by its token's gate.
 pub fn sigmoid_scale(
     b: &mut DispatchBuilder,
     a: &wgpu::Buffer,
@@ -442,7 +442,7 @@ pub fn sigmoid_scale(
     );
 }
 
-/// dst[off + i] = src[i] for i < n, as u32 (expert ids).
+/// `dst[off + i] = src[i]` for i < n, as u32 (expert ids).
 pub fn copy_u32(b: &mut DispatchBuilder, dst: &wgpu::Buffer, off: u32, src: &wgpu::Buffer, n: u32) {
     b.push(
         Kernel::CopyU32,
@@ -452,7 +452,7 @@ pub fn copy_u32(b: &mut DispatchBuilder, dst: &wgpu::Buffer, off: u32, src: &wgp
     );
 }
 
-/// dst[i] = src[i] for i < n, reading `src` from byte `src_off` (a multiple of the
+/// `dst[i] = src[i]` for i < n, reading `src` from byte `src_off` (a multiple of the
 /// device's storage offset alignment, 256 bytes).
 pub fn copy_from(
     b: &mut DispatchBuilder,
@@ -481,7 +481,7 @@ pub fn copy_from(
     );
 }
 
-/// dst[off + i] = src[i] for i < n.
+/// `dst[off + i] = src[i]` for i < n.
 pub fn copy(b: &mut DispatchBuilder, dst: &wgpu::Buffer, off: u32, src: &wgpu::Buffer, n: u32) {
     b.push(
         Kernel::Copy,
@@ -541,7 +541,7 @@ pub fn row_op(
     );
 }
 
-/// The `k` largest values of row `x_row0` (length n): out_u[0] = count, out_u[1..] = indices,
+/// The `k` largest values of row `x_row0` (length n): `out_u[0]` = count, `out_u[1..]` = indices,
 /// out_f[..] = values, at most `cap` pairs (ties at the k-th value may add a few beyond k).
 pub fn top_k(b: &mut DispatchBuilder, bufs: &RowBuffers, n: u32, x_row0: u32, k: u32, cap: u32) {
     b.push(

@@ -262,7 +262,7 @@ impl Session {
         Ok(bytemuck::pod_collect_to_vec(&out))
     }
 
-    /// Feeds `tokens` and returns, for each, -log p(targets[i] | tokens[..=i]). Positions
+    /// Feeds `tokens` and returns, for each, `-log p(targets[i] | tokens[..=i])`. Positions
     /// before `score_from` are returned as NaN: chunks made only of them skip the lm_head.
     pub fn nll(&mut self, tokens: &[u32], targets: &[u32], score_from: usize) -> Result<Vec<f32>> {
         if targets.len() != tokens.len() {

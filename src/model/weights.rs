@@ -51,7 +51,7 @@ pub struct MoeWeights {
     pub router_gate: Matrix,
     /// CMoE's representative up rows (None for native routers).
     pub router_up: Option<Matrix>,
-    /// Selection-only load-balance bias [n_expert] (zeros when the file has none).
+    /// Selection-only load-balance bias `[n_expert]` (zeros when the file has none).
     pub bias: Vector,
     pub gate_exps: Matrix, // [n_expert * expert_ff, d_model]
     pub up_exps: Matrix,   // [n_expert * expert_ff, d_model]
@@ -71,7 +71,7 @@ pub struct MoeWeights {
 }
 
 /// A layer's count corrections (`config::count_fit_tensors`), as f32 and stacked in the
-/// order of their counts: V [rank, d_model], U [d_model, rank] and b [d_model] each.
+/// order of their counts: V `[rank, d_model]`, U `[d_model, rank]` and b `[d_model]` each.
 pub struct CountFits {
     pub input: Vector,
     pub output: Vector,
@@ -150,7 +150,7 @@ pub struct Weights {
     /// [n_layer, n_expert] u32: each expert's slot (moe.wgsl's slot_of). The identity when
     /// every expert is resident.
     pub slot_table: GpuBuffer,
-    /// [n_layer] f32: adaptive gating's keep threshold per layer (moe_route.wgsl);
+    /// `[n_layer]` f32: adaptive gating's keep threshold per layer (moe_route.wgsl);
     /// [`KEEP_ALL`] when adaptive gating is off.
     pub adaptive_keep: GpuBuffer,
     /// [kept experts, routed tokens] u32, summed by the router kernels (mean active experts).

@@ -45,7 +45,7 @@ impl ReplacementPolicy for Lru {
     }
 }
 
-/// Least frequently used, by recent use rate ([`UseRate`]: counts that fade, so the cache
+/// Least frequently used, by recent use rate (counts that fade, so the cache
 /// follows a text whose experts change); ties go to the least recent.
 #[derive(Default)]
 pub struct Lfu {
@@ -202,7 +202,7 @@ fn furthest(
 /// Belady with a predicted future: evicts the resident expert whose next use in the
 /// pre-gating router's plan is furthest away. With an exact plan (the pre-gate decides) it
 /// is Belady. With a predicted one, the plan's next use, weighted lightly, adds to the
-/// expert's recent use rate ([`UseRate::distance`]).
+/// expert's recent use rate.
 pub struct Lookahead {
     /// Each expert's positions in the plan, ascending.
     uses: HashMap<ExpertId, Vec<usize>>,

@@ -133,7 +133,7 @@ pub struct ExpertIo<'a> {
     pub y: &'a wgpu::Buffer,
 }
 
-/// Gate or up rows of each token's experts: y[t, j*m + r] = W[ids[t, j]*m + r] · x[t].
+/// Gate or up rows of each token's experts: `y[t, j*m + r] = W[ids[t, j]*m + r] · x[t]`.
 /// `w` stacks the experts' `m` rows each.
 pub fn moe_rows(
     b: &mut DispatchBuilder,
@@ -146,7 +146,7 @@ pub fn moe_rows(
     expert_matvec(b, w, m, n_used, n_tokens, io, false);
 }
 
-/// y[t] += sum_j wts[t, j] * W_e · x[t, j*k ..], with `w` stacking `m`-row experts of
+/// `y[t] += sum_j wts[t, j] * W_e · x[t, j*k ..]`, with `w` stacking `m`-row experts of
 /// `k = w.cols` columns (the down-projection).
 pub fn moe_down(
     b: &mut DispatchBuilder,
@@ -294,7 +294,7 @@ pub fn moe_grouped(
     );
 }
 
-/// x[t] += sum_j wts[t, j] * parts[t * n_used + j] over d_model columns.
+/// `x[t] += sum_j wts[t, j] * parts[t * n_used + j]` over d_model columns.
 pub fn moe_combine(
     b: &mut DispatchBuilder,
     n_used: u32,
@@ -328,7 +328,7 @@ struct RecoverCountParams {
 }
 
 /// A carve's count corrections, stacked in the order of their counts: V [rank, d_model],
-/// U [d_model, rank] and b [d_model] per block; bit k of `mask` says count k has one
+/// U `[d_model, rank]` and b `[d_model]` per block; bit k of `mask` says count k has one
 /// (moe_recover.wgsl).
 pub struct CountCorrections<'a> {
     pub input: &'a wgpu::Buffer,
@@ -338,7 +338,7 @@ pub struct CountCorrections<'a> {
     pub mask: u32,
 }
 
-/// x[t] += U_k · (V_k · xn[t]) + b_k, k the experts token t kept of its `n_slots` ids.
+/// `x[t] += U_k · (V_k · xn[t]) + b_k`, k the experts token t kept of its `n_slots` ids.
 #[allow(clippy::too_many_arguments)]
 pub fn moe_recover_count(
     b: &mut DispatchBuilder,
