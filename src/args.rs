@@ -473,9 +473,9 @@ pub(crate) struct BenchArgs {
     /// Draw decode tok/s and the expert hit rate against the budget (PNG, or SVG by name)
     #[arg(long)]
     pub(crate) plot: Option<PathBuf>,
-    /// Feed this text's tokens: the first --prompt-tokens as the prompt, the next
-    /// --gen-tokens as the decode steps in place of the model's own (so the experts used
-    /// are the text's; default: a line of Rust repeated, then greedy tokens)
+    /// Text to feed: its first --prompt-tokens tokens are the prompt and the next
+    /// --gen-tokens the decode steps, in place of the model's own, so the experts each step
+    /// uses are real text's (default: a passage of the built-in corpus, Rust sources)
     #[arg(long)]
     pub(crate) text: Option<PathBuf>,
 }

@@ -20,7 +20,7 @@ pub struct BenchReport {
     pub decode_tok_s: f64,
     pub prompt_tokens: usize,
     pub gen_tokens: usize,
-    /// "builtin" (a repeated line, then greedy tokens) or "text" (`--text`, fed in).
+    /// What was fed: "builtin" (a passage of the built-in corpus) or "text" (`--text`).
     pub input: &'static str,
     pub adapter: String,
     pub backend: String,
@@ -39,34 +39,51 @@ pub struct BenchReport {
     pub expert_share: f64,
 }
 
-/// What a bench run feeds the model.
+/// What a bench run feeds the model: a text's tokens, the prompt and then, one at a time,
+/// the decode steps (teacher forcing), so the experts each step asks for are real text's,
+/// whatever the model would have generated (a skeleton model's greedy output, or a
+/// repeated prompt's, runs the same few experts again and again and flatters any cache).
 pub enum BenchInput<'a> {
-    /// A line of Rust repeated as the prompt, then the model's own greedy tokens.
+    /// A passage from the middle of the built-in corpus (Rust sources).
     Builtin,
-    /// A text's tokens: the prompt, then the next `gen_tokens` fed in as the decode steps
-    /// (teacher forcing), so the experts a token uses are the text's, whatever the model
-    /// would have generated (a skeleton model's greedy output repeats one token).
+    /// The user's text (`--text`).
     Text(&'a str),
 }
 
-/// The prompt, and the tokens to feed at each decode step (None: the model's own).
+/// How much of the built-in corpus a bench tokenizes: about 15k tokens of Rust.
+const BUILTIN_PASSAGE_BYTES: usize = 64 * 1024;
+
+/// The passage [`BenchInput::Builtin`] feeds: from the first line start after the middle
+/// of the corpus, up to [`BUILTIN_PASSAGE_BYTES`].
+fn builtin_passage() -> &'static str {
+    let text = crate::carve::calib::BUILTIN_CORPUS;
+    let mid = text.len() / 2;
+    let start = text[mid..].find('\n').map_or(0, |i| mid + i + 1);
+    let mut end = (start + BUILTIN_PASSAGE_BYTES).min(text.len());
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    &text[start..end]
+}
+
+/// The prompt, and the tokens to feed at the decode steps.
 fn bench_tokens(
     engine: &Engine,
     input: &BenchInput,
     prompt_tokens: usize,
     gen_tokens: usize,
-) -> Result<(Vec<u32>, Option<Vec<u32>>)> {
+) -> Result<(Vec<u32>, Vec<u32>)> {
     match input {
         BenchInput::Builtin => {
-            let line = "fn main() { let v: Vec<u32> = (0..10).map(|x| x * x).collect(); println!(\"{:?}\", v); }\n";
-            let base = engine.tokenizer.encode(line, false)?;
-            let prompt = base.iter().copied().cycle().take(prompt_tokens).collect();
-            Ok((prompt, None))
+            let passage = engine.tokenizer.encode(builtin_passage(), false)?;
+            // A context longer than the passage takes it again from its start.
+            let need = prompt_tokens + gen_tokens;
+            let tokens = passage.iter().copied().cycle().take(need).collect();
+            split_text(tokens, prompt_tokens, gen_tokens)
         }
         BenchInput::Text(text) => {
             let tokens = engine.tokenizer.encode(text, false)?;
-            let (prompt, fed) = split_text(tokens, prompt_tokens, gen_tokens)?;
-            Ok((prompt, Some(fed)))
+            split_text(tokens, prompt_tokens, gen_tokens)
         }
     }
 }
@@ -114,13 +131,12 @@ pub fn run(
     for _ in 0..reps.max(1) {
         session.reset();
         let t0 = Instant::now();
-        let mut tok = session.next_argmax(&prompt)?;
+        session.next_argmax(&prompt)?;
         best_prefill = best_prefill.max(prompt_tokens as f64 / t0.elapsed().as_secs_f64());
         engine.reset_metrics();
         let t1 = Instant::now();
-        for i in 0..gen_tokens {
-            let input = fed.as_ref().map_or(tok, |f| f[i]);
-            tok = session.next_argmax(&[input])?;
+        for &token in &fed {
+            session.next_argmax(&[token])?;
         }
         last_decode_s = t1.elapsed().as_secs_f64();
         if gen_tokens > 0 {
@@ -283,6 +299,15 @@ fn draw<DB: plotters::prelude::DrawingBackend>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_builtin_passage_is_whole_lines_of_the_corpus() {
+        let p = builtin_passage();
+        assert!(p.len() > BUILTIN_PASSAGE_BYTES - 8 && p.len() <= BUILTIN_PASSAGE_BYTES);
+        let corpus = crate::carve::calib::BUILTIN_CORPUS;
+        let at = corpus.find(p).expect("a slice of the corpus");
+        assert!(at > corpus.len() / 2 && corpus.as_bytes()[at - 1] == b'\n');
+    }
 
     #[test]
     fn a_text_gives_the_prompt_then_the_tokens_to_feed() {

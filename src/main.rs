@@ -417,13 +417,12 @@ fn print_bench(r: &pregate::bench::BenchReport) {
         "prefill   {:.1} tok/s  ({} tokens)",
         r.prefill_tok_s, r.prompt_tokens
     );
-    let fed = if r.input == "text" {
-        ", fed from --text"
-    } else {
-        ""
+    let fed = match r.input {
+        "text" => "--text",
+        _ => "the built-in corpus",
     };
     println!(
-        "decode    {:.1} tok/s  ({} tokens{fed})",
+        "decode    {:.1} tok/s  ({} tokens, fed from {fed})",
         r.decode_tok_s, r.gen_tokens
     );
     let m = &r.metrics;
