@@ -20,8 +20,8 @@ pub struct BenchReport {
     pub decode_tok_s: f64,
     pub prompt_tokens: usize,
     pub gen_tokens: usize,
-    /// What was fed: "builtin" (a passage of the built-in corpus) or "text" (`--text`).
-    pub input: &'static str,
+    /// What was fed ("builtin" or "text" in JSON).
+    pub input: FedFrom,
     pub adapter: String,
     pub backend: String,
     /// Per-kernel GPU time of one decode step (empty without timestamp queries).
@@ -50,6 +50,16 @@ pub enum BenchInput<'a> {
     Text(&'a str),
 }
 
+/// Which text a [`BenchReport`] fed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FedFrom {
+    /// A passage of the built-in corpus.
+    Builtin,
+    /// The user's `--text`.
+    Text,
+}
+
 /// How much of the built-in corpus a bench tokenizes: about 15k tokens of Rust.
 const BUILTIN_PASSAGE_BYTES: usize = 64 * 1024;
 
@@ -73,19 +83,16 @@ fn bench_tokens(
     prompt_tokens: usize,
     gen_tokens: usize,
 ) -> Result<(Vec<u32>, Vec<u32>)> {
-    match input {
+    let tokens = match input {
         BenchInput::Builtin => {
             let passage = engine.tokenizer.encode(builtin_passage(), false)?;
             // A context longer than the passage takes it again from its start.
             let need = prompt_tokens + gen_tokens;
-            let tokens = passage.iter().copied().cycle().take(need).collect();
-            split_text(tokens, prompt_tokens, gen_tokens)
+            passage.iter().copied().cycle().take(need).collect()
         }
-        BenchInput::Text(text) => {
-            let tokens = engine.tokenizer.encode(text, false)?;
-            split_text(tokens, prompt_tokens, gen_tokens)
-        }
-    }
+        BenchInput::Text(text) => engine.tokenizer.encode(text, false)?,
+    };
+    split_text(tokens, prompt_tokens, gen_tokens)
 }
 
 /// A text's first `prompt_tokens` tokens, and the `gen_tokens` after them.
@@ -154,8 +161,8 @@ pub fn run(
         prompt_tokens,
         gen_tokens,
         input: match input {
-            BenchInput::Builtin => "builtin",
-            BenchInput::Text(_) => "text",
+            BenchInput::Builtin => FedFrom::Builtin,
+            BenchInput::Text(_) => FedFrom::Text,
         },
         adapter: engine.gpu().adapter_name(),
         backend: engine.gpu().backend_name(),
@@ -324,7 +331,7 @@ mod tests {
             decode_tok_s: tok_s,
             prompt_tokens: 64,
             gen_tokens: 32,
-            input: "builtin",
+            input: FedFrom::Builtin,
             adapter: "test".into(),
             backend: "none".into(),
             kernels: Vec::new(),

@@ -418,8 +418,8 @@ fn print_bench(r: &pregate::bench::BenchReport) {
         r.prefill_tok_s, r.prompt_tokens
     );
     let fed = match r.input {
-        "text" => "--text",
-        _ => "the built-in corpus",
+        pregate::bench::FedFrom::Text => "--text",
+        pregate::bench::FedFrom::Builtin => "the built-in corpus",
     };
     println!(
         "decode    {:.1} tok/s  ({} tokens, fed from {fed})",
