@@ -17,7 +17,7 @@ use pregate::model::offload::OffloadOptions;
 use pregate::moe::PolicyKind;
 use pregate::pull::{self, PullEvent};
 use pregate::router::adaptive::AdaptiveMax;
-use pregate::{Engine, EngineOptions};
+use pregate::{Engine, EngineOptions, StopReason};
 
 mod args;
 mod progress;
@@ -197,6 +197,7 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
     let engine = load(&a.model)?;
     let prompt = engine.tokenizer.encode(&a.prompt, true)?;
     let mut session = engine.session()?;
+    let session_ctx = session.ctx();
     let cancel = Arc::new(AtomicBool::new(false));
     let c2 = cancel.clone();
     let _ = ctrlc::set_handler(move || c2.store(true, Ordering::SeqCst));
@@ -207,6 +208,12 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
         out.flush()?;
     }
     writeln!(out)?;
+    if gen.stats.stop_reason == StopReason::ContextFull {
+        eprintln!(
+            "note: stopped after {} tokens: the context of {} tokens is full (raise --ctx)",
+            gen.stats.generated_tokens, session_ctx
+        );
+    }
     if a.stats {
         let s = &gen.stats;
         eprintln!(
@@ -224,6 +231,7 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
 fn cmd_chat(a: ChatArgs) -> Result<()> {
     let engine = load(&a.model)?;
     let mut session = engine.session()?;
+    let session_ctx = session.ctx();
     let cancel = Arc::new(AtomicBool::new(false));
     let c2 = cancel.clone();
     ctrlc::set_handler(move || c2.store(true, Ordering::SeqCst))
@@ -303,6 +311,12 @@ fn cmd_chat(a: ChatArgs) -> Result<()> {
             }
         }
         writeln!(out)?;
+        if gen.stats.stop_reason == StopReason::ContextFull {
+            eprintln!(
+                "(the conversation fills the context of {} tokens: /reset starts over; a larger --ctx gives room)",
+                session_ctx
+            );
+        }
         let s = &gen.stats;
         last_stats = Some(format!(
             "prompt {} tokens at {:.1} tok/s; answer {} tokens at {:.1} tok/s ({:?})",

@@ -204,6 +204,22 @@ fn rewrite(src: &std::path::Path, dst: &std::path::Path, drop: Option<&str>, arc
     w.write(dst).expect("write");
 }
 
+/// Generation that runs out of context stops with a note saying so, not in silence.
+#[test]
+fn generate_says_when_the_context_is_full() {
+    let dir = common::tmp_dir("cli-ctx-full");
+    let model = dir.join("tiny.gguf");
+    write_tiny_model(&model, TinySpec::default(), 5);
+    let m = model.to_string_lossy().to_string();
+    let (code, stderr) = pregate(&["generate", "-m", &m, "-p", "hi", "--ctx", "8", "-n", "64"]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(
+        stderr.contains("the context of 8 tokens is full (raise --ctx)"),
+        "expected the context-full note in:\n{stderr}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 #[test]
 fn bad_input_gives_clear_errors_and_exit_code_1() {
     let dir = common::tmp_dir("cli-errors");
