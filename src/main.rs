@@ -293,6 +293,9 @@ fn cmd_chat(a: ChatArgs) -> Result<()> {
             Ok(g) => g,
             Err(e) => {
                 eprintln!("error: {e}");
+                if matches!(e, pregate::Error::ContextOverflow { .. }) {
+                    eprintln!("(the conversation so far counts too: /reset clears it)");
+                }
                 messages.pop();
                 continue;
             }

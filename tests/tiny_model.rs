@@ -206,7 +206,7 @@ fn rewrite(src: &std::path::Path, dst: &std::path::Path, drop: Option<&str>, arc
 
 /// Generation that runs out of context stops with a note saying so, not in silence.
 #[test]
-fn generate_says_when_the_context_is_full() {
+fn generate_and_chat_say_when_the_context_is_full() {
     let dir = common::tmp_dir("cli-ctx-full");
     let model = dir.join("tiny.gguf");
     write_tiny_model(&model, TinySpec::default(), 5);
@@ -216,6 +216,28 @@ fn generate_says_when_the_context_is_full() {
     assert!(
         stderr.contains("the context of 8 tokens is full (raise --ctx)"),
         "expected the context-full note in:\n{stderr}"
+    );
+    // In chat, a turn that does not fit is refused and the hint names /reset.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_pregate"))
+        .args(["chat", "-m", &m, "--ctx", "8"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run pregate chat");
+    use std::io::Write as _;
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(b"hello there\n/quit\n")
+        .expect("write stdin");
+    let out = child.wait_with_output().expect("chat output");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("but the context holds 8") && stderr.contains("/reset clears it"),
+        "expected the overflow error and the /reset hint in:\n{stderr}"
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
