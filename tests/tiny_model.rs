@@ -161,10 +161,27 @@ fn streaming_generation_is_deterministic_and_stops() {
 }
 
 fn pregate(args: &[&str]) -> (i32, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_pregate"))
+    pregate_with_stdin(args, b"")
+}
+
+/// Runs the binary with `stdin` as its input; exit code and stderr, never a panic.
+fn pregate_with_stdin(args: &[&str], stdin: &[u8]) -> (i32, String) {
+    use std::io::Write as _;
+    use std::process::Stdio;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_pregate"))
         .args(args)
-        .output()
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
         .expect("run pregate");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(stdin)
+        .expect("write stdin");
+    let out = child.wait_with_output().expect("pregate's output");
     let stderr = String::from_utf8_lossy(&out.stderr).to_string();
     assert!(
         !stderr.contains("panicked"),
@@ -204,7 +221,8 @@ fn rewrite(src: &std::path::Path, dst: &std::path::Path, drop: Option<&str>, arc
     w.write(dst).expect("write");
 }
 
-/// Generation that runs out of context stops with a note saying so, not in silence.
+/// Generation that runs out of context stops with a note saying so, not in silence, and
+/// chat says how to make room.
 #[test]
 fn generate_and_chat_say_when_the_context_is_full() {
     let dir = common::tmp_dir("cli-ctx-full");
@@ -218,23 +236,9 @@ fn generate_and_chat_say_when_the_context_is_full() {
         "expected the context-full note in:\n{stderr}"
     );
     // In chat, a turn that does not fit is refused and the hint names /reset.
-    let mut child = Command::new(env!("CARGO_BIN_EXE_pregate"))
-        .args(["chat", "-m", &m, "--ctx", "8"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("run pregate chat");
-    use std::io::Write as _;
-    child
-        .stdin
-        .take()
-        .expect("stdin")
-        .write_all(b"hello there\n/quit\n")
-        .expect("write stdin");
-    let out = child.wait_with_output().expect("chat output");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{stderr}");
+    let (code, stderr) =
+        pregate_with_stdin(&["chat", "-m", &m, "--ctx", "8"], b"hello there\n/quit\n");
+    assert_eq!(code, 0, "{stderr}");
     assert!(
         stderr.contains("but the context holds 8") && stderr.contains("/reset clears it"),
         "expected the overflow error and the /reset hint in:\n{stderr}"
