@@ -8,7 +8,10 @@
 // Prefill runs expert-major instead (`grouped`): one thread per (expert row, expert) walks
 // the expert's token list (moe_route.wgsl's `group`) in tiles of TB tokens, dequantising
 // each weight chunk once per tile, and writes y[slot * m + r] for slot = t * n_used + j:
-// the gate/up layout above, and per-slot down outputs that `combine` sums.
+// the gate/up layout above, and per-slot down outputs that `combine` sums. On CPU adapters
+// `grouped_rows` gives each thread RR rows of the expert, so each gathered x chunk serves
+// RR rows (under lavapipe a one-chunk perplexity of the default carve ran 3.1x faster with
+// all 16 experts active, 2.1x with two).
 // Experts live in slots: `slot_of[table_off + e]` is where expert e's rows sit in W. With
 // every expert resident the table is the identity; with an expert cache (moe/cache.rs) the
 // host fills it before the kernels run, and `grouped` skips experts marked MISSING.
@@ -192,14 +195,74 @@ fn grouped(@builtin(global_invocation_id) gid: vec3<u32>) {
         for (var c = 0u; c < n_chunks; c++) {
             let wc = weight_chunk(row_base, c);
             for (var tt = 0u; tt < nt; tt++) {
-                let slot = lists[e * p.n_tokens + i0 + tt];
-                let row = select(slot / p.n_used, slot, p.down == 1u);
-                acc[tt] += weight_dot(wc, x_chunk(row * p.k / 4u, c));
+                let xc = x_chunk(grouped_x_row(lists[e * p.n_tokens + i0 + tt]), c);
+                acc[tt] += weight_dot(wc, xc);
             }
         }
         for (var tt = 0u; tt < nt; tt++) {
             let slot = lists[e * p.n_tokens + i0 + tt];
             y[slot * p.m + r] = acc[tt];
+        }
+    }
+}
+
+// Where expert-list slot `slot` reads its x row: the token (gate, up) or the slot (down).
+fn grouped_x_row(slot: u32) -> u32 {
+    return select(slot / p.n_used, slot, p.down == 1u) * p.k / 4u;
+}
+
+// `grouped` with RR = 4 rows a thread (CPU adapters), as matmul.wgsl's `main`: the rows
+// and their accumulators are named variables, because llvmpipe turns a private array
+// indexed by a loop variable into per-lane memory operations.
+@compute @workgroup_size(64)
+fn grouped_rows(@builtin(global_invocation_id) gid: vec3<u32>) {
+    let r0 = gid.x * 4u;
+    let e = gid.y;
+    let s = slot_of[p.table_off + e];
+    if (r0 >= p.m || s == MISSING) {
+        return;
+    }
+    let count = counts[e];
+    let n_chunks = p.k / 32u;
+    let row_words = (n_chunks / CHUNKS_PER_BLOCK) * BLOCK_WORDS;
+    // Rows past the expert re-read its last row; they are never stored.
+    let last = p.m - 1u;
+    let b0 = (s * p.m + r0) * row_words;
+    let b1 = (s * p.m + min(r0 + 1u, last)) * row_words;
+    let b2 = (s * p.m + min(r0 + 2u, last)) * row_words;
+    let b3 = (s * p.m + min(r0 + 3u, last)) * row_words;
+    let list = e * p.n_tokens;
+    for (var i0 = 0u; i0 < count; i0 += TB) {
+        let nt = min(TB, count - i0);
+        var acc0: array<f32, TB>;
+        var acc1: array<f32, TB>;
+        var acc2: array<f32, TB>;
+        var acc3: array<f32, TB>;
+        for (var c = 0u; c < n_chunks; c++) {
+            let w0 = weight_chunk(b0, c);
+            let w1 = weight_chunk(b1, c);
+            let w2 = weight_chunk(b2, c);
+            let w3 = weight_chunk(b3, c);
+            for (var tt = 0u; tt < nt; tt++) {
+                let xc = x_chunk(grouped_x_row(lists[list + i0 + tt]), c);
+                acc0[tt] += weight_dot(w0, xc);
+                acc1[tt] += weight_dot(w1, xc);
+                acc2[tt] += weight_dot(w2, xc);
+                acc3[tt] += weight_dot(w3, xc);
+            }
+        }
+        for (var tt = 0u; tt < nt; tt++) {
+            let o = lists[list + i0 + tt] * p.m + r0;
+            y[o] = acc0[tt];
+            if (r0 + 1u < p.m) {
+                y[o + 1u] = acc1[tt];
+            }
+            if (r0 + 2u < p.m) {
+                y[o + 2u] = acc2[tt];
+            }
+            if (r0 + 3u < p.m) {
+                y[o + 3u] = acc3[tt];
+            }
         }
     }
 }

@@ -94,8 +94,10 @@ pub enum Kernel {
     /// Prefill, expert-major: list each expert's tokens, run the grouped expert mat-mul,
     /// and sum each token's weighted expert outputs.
     MoeGroup,
+    /// `rows`: four rows a thread (CPU adapters), else one.
     MoeGrouped {
         dtype: DType,
+        rows: bool,
     },
     MoeCombine,
     /// A carve's recovery correction for tokens running another number of experts.
@@ -163,7 +165,8 @@ impl Kernel {
             Kernel::MoeDown { split: false, .. } => "down",
             Kernel::MoeDown { split: true, .. } => "down_split",
             Kernel::MoeGroup => "group",
-            Kernel::MoeGrouped { .. } => "grouped",
+            Kernel::MoeGrouped { rows: false, .. } => "grouped",
+            Kernel::MoeGrouped { rows: true, .. } => "grouped_rows",
             Kernel::MoeCombine => "combine",
             Kernel::MoeRecoverCount => "recover_count",
             _ => "main",
@@ -219,7 +222,7 @@ impl Kernel {
             | Kernel::SigmoidScale => ELEMENTWISE.to_string(),
             Kernel::MoeRows { dtype, .. }
             | Kernel::MoeDown { dtype, .. }
-            | Kernel::MoeGrouped { dtype } => format!(
+            | Kernel::MoeGrouped { dtype, .. } => format!(
                 "{QUANT_COMMON}\n{}\n{CHUNK_DOT}\n{}",
                 quant_source(dtype),
                 MOE.replace("{{TPR}}", &MATVEC_TPR.to_string())

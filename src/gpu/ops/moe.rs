@@ -254,6 +254,9 @@ pub fn moe_group(
     );
 }
 
+/// Rows a thread of moe.wgsl's `grouped_rows` (written out by hand there).
+const GROUPED_ROWS: u32 = 4;
+
 /// Expert-major mat-mul over a prefill chunk: y[slot * m + r] = W[e*m + r] · x[row(slot)],
 /// where row(slot) is the token (gate/up, `down` false) or the slot itself (down).
 #[allow(clippy::too_many_arguments)]
@@ -279,8 +282,14 @@ pub fn moe_grouped(
         down: down as u32,
         table_off: groups.slots.off,
     };
+    // CPU adapters: several rows a thread, so each gathered x chunk serves them all.
+    let rows = b.cpu_layout;
+    let per_group = if rows { 64 * GROUPED_ROWS } else { 64 };
     b.push(
-        Kernel::MoeGrouped { dtype: w.dtype },
+        Kernel::MoeGrouped {
+            dtype: w.dtype,
+            rows,
+        },
         &p,
         vec![
             Bind::whole(1, &w.shards[0].buffer),
@@ -290,7 +299,7 @@ pub fn moe_grouped(
             Bind::whole(7, groups.counts),
             Bind::whole(10, groups.slots.table),
         ],
-        [m.div_ceil(64), n_expert, 1],
+        [m.div_ceil(per_group), n_expert, 1],
     );
 }
 
