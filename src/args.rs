@@ -204,12 +204,17 @@ impl SamplingArgs {
 }
 
 #[derive(Args)]
+#[command(group(clap::ArgGroup::new("input").required(true).args(["prompt", "file"])))]
 pub(crate) struct GenerateArgs {
     #[command(flatten)]
     pub(crate) model: ModelArgs,
     /// The prompt (plain text, no chat template)
     #[arg(short, long)]
-    pub(crate) prompt: String,
+    pub(crate) prompt: Option<String>,
+    /// Read the prompt from this file instead, as is (`-`: standard input); for prompts
+    /// too long or too awkward to quote on a command line
+    #[arg(short, long, value_name = "PATH")]
+    pub(crate) file: Option<PathBuf>,
     #[command(flatten)]
     pub(crate) sampling: SamplingArgs,
     /// Print speed statistics to stderr at the end

@@ -1,7 +1,7 @@
 //! The `pregate` command line. Parsing and printing only; all work is in the library.
 //! stdout carries only the output (generated text, JSON); logs and progress go to stderr.
 
-use std::io::{BufRead, Write};
+use std::io::{BufRead, Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -194,8 +194,9 @@ fn cmd_pull(name: Option<String>, list: bool) -> Result<()> {
 }
 
 fn cmd_generate(a: GenerateArgs) -> Result<()> {
+    let text = prompt_text(&a)?;
     let engine = load(&a.model)?;
-    let prompt = engine.tokenizer.encode(&a.prompt, true)?;
+    let prompt = engine.tokenizer.encode(&text, true)?;
     let mut session = engine.session()?;
     let session_ctx = session.ctx();
     let cancel = Arc::new(AtomicBool::new(false));
@@ -226,6 +227,23 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// `generate`'s prompt: `--prompt`, or the whole of `--file` (`-` for standard input).
+fn prompt_text(a: &GenerateArgs) -> Result<String> {
+    match (&a.prompt, &a.file) {
+        (Some(p), _) => Ok(p.clone()),
+        (None, Some(f)) if f.as_os_str() == "-" => {
+            let mut s = String::new();
+            std::io::stdin()
+                .read_to_string(&mut s)
+                .context("reading the prompt from standard input")?;
+            Ok(s)
+        }
+        (None, Some(f)) => std::fs::read_to_string(f)
+            .with_context(|| format!("reading the prompt from {}", f.display())),
+        (None, None) => bail!("give a prompt with --prompt or --file"),
+    }
 }
 
 fn cmd_chat(a: ChatArgs) -> Result<()> {

@@ -166,6 +166,12 @@ fn pregate(args: &[&str]) -> (i32, String) {
 
 /// Runs the binary with `stdin` as its input; exit code and stderr, never a panic.
 fn pregate_with_stdin(args: &[&str], stdin: &[u8]) -> (i32, String) {
+    let (code, _, stderr) = pregate_output(args, stdin);
+    (code, stderr)
+}
+
+/// Runs the binary with `stdin` as its input; exit code, stdout and stderr, never a panic.
+fn pregate_output(args: &[&str], stdin: &[u8]) -> (i32, String, String) {
     use std::io::Write as _;
     use std::process::Stdio;
     let mut child = Command::new(env!("CARGO_BIN_EXE_pregate"))
@@ -187,7 +193,8 @@ fn pregate_with_stdin(args: &[&str], stdin: &[u8]) -> (i32, String) {
         !stderr.contains("panicked"),
         "pregate {args:?} panicked:\n{stderr}"
     );
-    (out.status.code().unwrap_or(-1), stderr)
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    (out.status.code().unwrap_or(-1), stdout, stderr)
 }
 
 fn expect_error(args: &[&str], needle: &str) {
@@ -242,6 +249,39 @@ fn generate_and_chat_say_when_the_context_is_full() {
     assert!(
         stderr.contains("but the context holds 8") && stderr.contains("/reset clears it"),
         "expected the overflow error and the /reset hint in:\n{stderr}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// `generate --file` (a path, or `-` for standard input) generates exactly what the same
+/// text given as `--prompt` does; a missing file is a clear error.
+#[test]
+fn generate_reads_its_prompt_from_a_file_or_stdin() {
+    let dir = common::tmp_dir("cli-prompt-file");
+    let model = dir.join("tiny.gguf");
+    write_tiny_model(&model, TinySpec::default(), 5);
+    let m = model.to_string_lossy().to_string();
+    let text = "a prompt\nover two lines ";
+    let prompt_file = dir.join("prompt.txt");
+    std::fs::write(&prompt_file, text).expect("write prompt");
+    let greedy = ["-n", "8", "--temperature", "0"];
+    let run = |input: &[&str], stdin: &[u8]| {
+        let mut args = vec!["generate", "-m", &m];
+        args.extend(input);
+        args.extend(greedy);
+        let (code, stdout, stderr) = pregate_output(&args, stdin);
+        assert_eq!(code, 0, "{args:?}: {stderr}");
+        stdout
+    };
+    let want = run(&["-p", text], b"");
+    assert!(!want.trim().is_empty(), "no text generated");
+    let f = prompt_file.to_string_lossy().to_string();
+    assert_eq!(run(&["-f", &f], b""), want, "--file PATH");
+    assert_eq!(run(&["-f", "-"], text.as_bytes()), want, "--file -");
+    let missing = dir.join("missing.txt").to_string_lossy().to_string();
+    expect_error(
+        &["generate", "-m", &m, "-f", &missing],
+        "reading the prompt from",
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
