@@ -35,6 +35,10 @@ pub(crate) enum Command {
     /// Generate a continuation of a prompt (prints only the new text)
     Generate(GenerateArgs),
     /// Interactive multi-turn chat (/reset, /stats, /quit; Ctrl-C stops an answer)
+    ///
+    /// A message may span lines: `"""` opens and closes a block kept as typed (pasted
+    /// code, say), and a line ending in `\` goes on to the next. Standard input may be a
+    /// pipe or a file: each line, or block, is one turn.
     Chat(ChatArgs),
     /// Perplexity of a text file, computed as llama-perplexity does
     Eval(EvalArgs),

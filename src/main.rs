@@ -1,7 +1,7 @@
 //! The `pregate` command line. Parsing and printing only; all work is in the library.
 //! stdout carries only the output (generated text, JSON); logs and progress go to stderr.
 
-use std::io::{BufRead, Read, Write};
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -20,6 +20,7 @@ use pregate::router::adaptive::AdaptiveMax;
 use pregate::{Engine, EngineOptions, StopReason};
 
 mod args;
+mod chat_input;
 mod progress;
 use args::{
     BenchArgs, CachePolicy, CarveArgs, CarveMethod, CarveRouter, ChatArgs, Cli, Command, EvalArgs,
@@ -262,21 +263,18 @@ fn cmd_chat(a: ChatArgs) -> Result<()> {
     let start_len = messages.len();
     let mut last_stats = None;
     eprintln!(
-        "pregate chat: {} on {} ({}). /reset clears, /stats shows speed, /quit exits; Ctrl-C stops an answer.",
+        "pregate chat: {} on {} ({}). /reset clears, /stats shows speed, /quit exits; \"\"\" opens and closes a multi-line message; Ctrl-C stops an answer.",
         engine.path.file_name().and_then(|n| n.to_str()).unwrap_or("model"),
         engine.gpu().adapter_name(),
         engine.gpu().backend_name()
     );
     let stdin = std::io::stdin();
-    let mut line = String::new();
-    loop {
-        eprint!("> ");
-        std::io::stderr().flush()?;
-        line.clear();
-        if stdin.lock().read_line(&mut line)? == 0 {
-            break;
-        }
-        let input = line.trim();
+    let show_prompt = |continuing: bool| {
+        eprint!("{}", if continuing { ". " } else { "> " });
+        std::io::stderr().flush()
+    };
+    while let Some(turn) = chat_input::read_turn(&mut stdin.lock(), show_prompt)? {
+        let input = turn.as_str();
         match input {
             "" => continue,
             "/quit" | "/exit" => break,

@@ -250,6 +250,17 @@ fn generate_and_chat_say_when_the_context_is_full() {
         stderr.contains("but the context holds 8") && stderr.contains("/reset clears it"),
         "expected the overflow error and the /reset hint in:\n{stderr}"
     );
+    // A fenced block is one turn, however many lines it has: one overflow, not three.
+    let (code, stderr) = pregate_with_stdin(
+        &["chat", "-m", &m, "--ctx", "8"],
+        b"\"\"\"\nhello there\n  second line\nthird line\n\"\"\"\n/quit\n",
+    );
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!(
+        stderr.matches("but the context holds 8").count(),
+        1,
+        "expected one overflow for the one block in:\n{stderr}"
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }
 
