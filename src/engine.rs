@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use crate::error::{Error, Result};
 use crate::format::GgufFile;
 use crate::gpu::{Gpu, GpuOptions};
-use crate::model::chat::{ChatMessage, ChatTemplate};
+use crate::model::chat::{drop_oldest_exchange, ChatMessage, ChatTemplate};
 use crate::model::config::RecoveryFit;
 use crate::model::memory::VramBudget;
 use crate::model::offload::{Offload, OffloadOptions};
@@ -479,6 +479,34 @@ impl Engine {
     pub fn encode_chat(&self, messages: &[ChatMessage]) -> Result<Vec<u32>> {
         let text = self.chat_template().render(messages)?;
         self.tokenizer.encode(&text, true)
+    }
+
+    /// Renders a conversation that fits `budget` tokens. When it is longer, the oldest
+    /// exchanges after the first `keep` messages are dropped from `messages` (see
+    /// [`drop_oldest_exchange`]) until it fits in half the budget: the turns after then
+    /// extend the cached prefix, where dropping just enough would change the prefix, and
+    /// so re-read the whole conversation, at every turn. Returns the prompt, which may
+    /// still be over `budget` if only the last message is left, and how many messages
+    /// were dropped.
+    pub fn encode_chat_fitting(
+        &self,
+        messages: &mut Vec<ChatMessage>,
+        keep: usize,
+        budget: usize,
+    ) -> Result<(Vec<u32>, usize)> {
+        let mut prompt = self.encode_chat(messages)?;
+        let mut dropped = 0;
+        if prompt.len() <= budget {
+            return Ok((prompt, 0));
+        }
+        while prompt.len() > budget / 2 {
+            match drop_oldest_exchange(messages, keep) {
+                0 => break,
+                n => dropped += n,
+            }
+            prompt = self.encode_chat(messages)?;
+        }
+        Ok((prompt, dropped))
     }
 
     /// Starts streaming a continuation of `prompt` (token ids) in `session`. Tokens already

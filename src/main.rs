@@ -299,7 +299,15 @@ fn cmd_chat(a: ChatArgs) -> Result<()> {
             _ => {}
         }
         messages.push(ChatMessage::new("user", input));
-        let prompt = engine.encode_chat(&messages)?;
+        // Leave room for an answer: the oldest turns go when the conversation would not.
+        let room = a.sampling.max_tokens.min(session_ctx / 4).max(1);
+        let budget = session_ctx.saturating_sub(room);
+        let (prompt, dropped) = engine.encode_chat_fitting(&mut messages, start_len, budget)?;
+        if dropped > 0 {
+            eprintln!(
+                "(dropped the {dropped} oldest messages to fit the context of {session_ctx} tokens)"
+            );
+        }
         cancel.store(false, Ordering::SeqCst);
         let mut gen = match engine.generate(
             &mut session,
@@ -310,7 +318,12 @@ fn cmd_chat(a: ChatArgs) -> Result<()> {
             Err(e) => {
                 eprintln!("error: {e}");
                 if matches!(e, pregate::Error::ContextOverflow { .. }) {
-                    eprintln!("(the conversation so far counts too: /reset clears it)");
+                    let with = if start_len > 0 {
+                        ", with the system prompt,"
+                    } else {
+                        ""
+                    };
+                    eprintln!("(this message{with} does not fit: a larger --ctx gives room)");
                 }
                 messages.pop();
                 continue;
@@ -332,7 +345,7 @@ fn cmd_chat(a: ChatArgs) -> Result<()> {
         writeln!(out)?;
         if gen.stats.stop_reason == StopReason::ContextFull {
             eprintln!(
-                "(the conversation fills the context of {} tokens: /reset starts over; a larger --ctx gives room)",
+                "(the answer filled the context of {} tokens: the oldest turns make room for the next message; /reset starts over)",
                 session_ctx
             );
         }

@@ -228,8 +228,8 @@ fn rewrite(src: &std::path::Path, dst: &std::path::Path, drop: Option<&str>, arc
     w.write(dst).expect("write");
 }
 
-/// Generation that runs out of context stops with a note saying so, not in silence, and
-/// chat says how to make room.
+/// Generation that runs out of context stops with a note saying so, not in silence; chat
+/// drops its oldest turns to make room, and says what to do when one message is too long.
 #[test]
 fn generate_and_chat_say_when_the_context_is_full() {
     let dir = common::tmp_dir("cli-ctx-full");
@@ -242,13 +242,27 @@ fn generate_and_chat_say_when_the_context_is_full() {
         stderr.contains("the context of 8 tokens is full (raise --ctx)"),
         "expected the context-full note in:\n{stderr}"
     );
-    // In chat, a turn that does not fit is refused and the hint names /reset.
+    // In chat, a message that cannot fit is refused and the hint names --ctx.
     let (code, stderr) =
         pregate_with_stdin(&["chat", "-m", &m, "--ctx", "8"], b"hello there\n/quit\n");
     assert_eq!(code, 0, "{stderr}");
     assert!(
-        stderr.contains("but the context holds 8") && stderr.contains("/reset clears it"),
-        "expected the overflow error and the /reset hint in:\n{stderr}"
+        stderr.contains("but the context holds 8") && stderr.contains("a larger --ctx"),
+        "expected the overflow error and the --ctx hint in:\n{stderr}"
+    );
+    // A long conversation drops its oldest turns instead, and every message is answered.
+    let turns = "hello there\n".repeat(8) + "/quit\n";
+    let (code, stderr) = pregate_with_stdin(
+        &[
+            "chat", "-m", &m, "--ctx", "256", "-n", "8", "--system", "be brief",
+        ],
+        turns.as_bytes(),
+    );
+    assert_eq!(code, 0, "{stderr}");
+    assert!(
+        stderr.contains("oldest messages to fit the context of 256 tokens")
+            && !stderr.contains("error"),
+        "expected old turns dropped and no error in:\n{stderr}"
     );
     // A fenced block is one turn, however many lines it has: one overflow, not three.
     let (code, stderr) = pregate_with_stdin(

@@ -67,9 +67,59 @@ impl ChatTemplate {
     }
 }
 
+/// Drops the oldest exchange after the first `keep` messages (a system prompt, say): a
+/// message and, when it was the user's, the answer after it, so that turns still
+/// alternate as templates expect. The last message is never dropped. Returns how many
+/// went (0: nothing left to drop).
+pub fn drop_oldest_exchange(messages: &mut Vec<ChatMessage>, keep: usize) -> usize {
+    if messages.len() <= keep + 1 {
+        return 0;
+    }
+    let first = messages.remove(keep);
+    let answered =
+        first.role == "user" && messages.len() > keep + 1 && messages[keep].role == "assistant";
+    if answered {
+        messages.remove(keep);
+        return 2;
+    }
+    1
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn roles(m: &[ChatMessage]) -> Vec<&str> {
+        m.iter().map(|m| m.content.as_str()).collect()
+    }
+
+    #[test]
+    fn the_oldest_exchange_goes_and_the_system_prompt_and_last_message_stay() {
+        let mut m: Vec<ChatMessage> = [
+            ("system", "s"),
+            ("user", "u1"),
+            ("assistant", "a1"),
+            ("user", "u2"),
+            ("assistant", "a2"),
+            ("user", "u3"),
+        ]
+        .iter()
+        .map(|(r, c)| ChatMessage::new(r, c))
+        .collect();
+        assert_eq!(drop_oldest_exchange(&mut m, 1), 2);
+        assert_eq!(roles(&m), ["s", "u2", "a2", "u3"]);
+        assert_eq!(drop_oldest_exchange(&mut m, 1), 2);
+        assert_eq!(roles(&m), ["s", "u3"]);
+        assert_eq!(drop_oldest_exchange(&mut m, 1), 0);
+        assert_eq!(roles(&m), ["s", "u3"]);
+        // Without a system prompt, and with an unanswered user message before the last.
+        let mut m = vec![
+            ChatMessage::new("user", "u1"),
+            ChatMessage::new("user", "u2"),
+        ];
+        assert_eq!(drop_oldest_exchange(&mut m, 0), 1);
+        assert_eq!(roles(&m), ["u2"]);
+    }
 
     #[test]
     fn chatml_fallback_renders_turns() {
