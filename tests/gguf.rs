@@ -77,6 +77,26 @@ fn write_then_read_round_trips_metadata_and_tensors() {
     assert!(leftovers.is_empty());
 }
 
+/// Metadata copied from another file (a carve copies the dense model's) may carry that
+/// file's `general.alignment`; the writer's own alignment wins, so the copy stays readable.
+#[test]
+fn a_copied_alignment_key_does_not_break_the_written_file() {
+    let dir = common::tmp_dir("gguf-align");
+    for (theirs, ours) in [(4096u32, None), (64, Some(4096u64)), (7, Some(64))] {
+        let mut w = sample();
+        if let Some(a) = ours {
+            w = w.with_alignment(a);
+        }
+        w.meta("general.alignment", MetaValue::U32(theirs));
+        let path = dir.join(format!("a{theirs}.gguf"));
+        w.write(&path).expect("write");
+        let f = GgufFile::open(&path).expect("the copy opens");
+        let align = ours.unwrap_or(32);
+        assert_eq!(f.alignment, align);
+        assert!(f.tensors.iter().all(|t| t.offset % align == 0));
+    }
+}
+
 /// A valid file's bytes; `tag` keeps parallel tests off each other's files.
 fn written(tag: &str) -> Vec<u8> {
     let dir = common::tmp_dir(&format!("gguf-{tag}"));

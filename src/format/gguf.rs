@@ -567,8 +567,10 @@ impl GgufWriter {
         })?;
         let w = BufWriter::new(f);
         let mut meta = self.metadata.clone();
+        // The alignment is the writer's: one copied from another file's metadata would
+        // describe a layout this file does not have.
+        meta.retain(|(k, _)| k != "general.alignment");
         if self.alignment != DEFAULT_ALIGNMENT {
-            meta.retain(|(k, _)| k != "general.alignment");
             meta.push((
                 "general.alignment".into(),
                 MetaValue::U32(self.alignment as u32),

@@ -175,7 +175,22 @@ impl MoeConfig {
         }
         // pregate's carved routers: "cmoe" scores representative rows, "lsq" is linear; both
         // weight every chosen expert 1 (with all experts active, the dense FFN).
-        let router = f.get("pregate.moe.router").and_then(|v| v.as_str());
+        let router = match f.get("pregate.moe.router") {
+            None => None,
+            // Any other value would run the experts as a native MoE's, wrong and silent.
+            Some(v) => match v.as_str() {
+                Some(r @ ("cmoe" | "lsq")) => Some(r),
+                _ => {
+                    return Err(Error::Malformed {
+                        what: "metadata 'pregate.moe.router'".into(),
+                        why: format!(
+                            "{} is not a router this build knows (cmoe, lsq)",
+                            v.display_short()
+                        ),
+                    })
+                }
+            },
+        };
         let carved = matches!(router, Some("cmoe") | Some("lsq"));
         let cmoe = router == Some("cmoe");
         Ok(Some(MoeConfig {
@@ -315,30 +330,53 @@ impl ModelConfig {
         }
         let embd = f.require("token_embd.weight")?;
         let vocab = embd.rows_cols().0;
+        // Every layer has tensors of its own: a count past the file's tensors is corrupt
+        // (and would make every per-layer loop run for billions of steps).
+        let n_layer = f.get_u64(&key("block_count"))? as usize;
+        if n_layer == 0 || n_layer > f.tensors.len() {
+            return Err(Error::Malformed {
+                what: key("block_count"),
+                why: format!("{n_layer} layers in a file of {} tensors", f.tensors.len()),
+            });
+        }
+        // A number the forward pass divides by or takes powers of: NaN or a negative
+        // value would give NaN logits with no error.
+        let positive = |k: &str, default: f64, zero_ok: bool| -> Result<f64> {
+            let v = f.get(&key(k)).and_then(|v| v.as_f64()).unwrap_or(default);
+            if v.is_finite() && (v > 0.0 || (zero_ok && v == 0.0)) {
+                Ok(v)
+            } else {
+                Err(Error::Malformed {
+                    what: key(k),
+                    why: format!("{v} is not a usable value"),
+                })
+            }
+        };
+        let ctx_train = f
+            .get(&key("context_length"))
+            .and_then(|v| v.as_u64())
+            .unwrap_or(4096) as usize;
+        if ctx_train == 0 {
+            return Err(Error::Malformed {
+                what: key("context_length"),
+                why: "a context of 0 tokens".into(),
+            });
+        }
         Ok(ModelConfig {
             arch,
-            n_layer: f.get_u64(&key("block_count"))? as usize,
+            n_layer,
             d_model,
             d_ff: f.get_u64(&key("feed_forward_length"))? as usize,
             n_head,
             n_kv_head,
             head_dim,
-            rope_base: f
-                .get(&key("rope.freq_base"))
-                .and_then(|v| v.as_f64())
-                .unwrap_or(10000.0) as f32,
+            rope_base: positive("rope.freq_base", 10000.0, false)? as f32,
             rope_mode: match arch {
                 Arch::Qwen2 | Arch::Qwen3 => RopeMode::Neox,
                 Arch::Llama => RopeMode::Normal,
             },
-            rms_eps: f
-                .get(&key("attention.layer_norm_rms_epsilon"))
-                .and_then(|v| v.as_f64())
-                .unwrap_or(1e-5) as f32,
-            ctx_train: f
-                .get(&key("context_length"))
-                .and_then(|v| v.as_u64())
-                .unwrap_or(4096) as usize,
+            rms_eps: positive("attention.layer_norm_rms_epsilon", 1e-5, true)? as f32,
+            ctx_train,
             vocab,
             moe: MoeConfig::from_gguf(f, &arch_name)?,
         })
