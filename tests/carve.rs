@@ -403,6 +403,21 @@ fn readme_carving_gives_each_file_its_expert_and_runs_like_the_reference() {
         "--steps",
         "4",
     ]);
+    // A router that nothing uses is still checked, and the user told it is unused.
+    let run = |router: &Path| {
+        let r = router.to_str().expect("path");
+        let out = common::cli(&["generate", "-m", m, "--router", r, "-p", "ab", "-n", "1"]);
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        )
+    };
+    let (ok, stderr) = run(&router);
+    assert!(ok && stderr.contains("is not used"), "{stderr}");
+    let garbage = dir.join("garbage.safetensors");
+    std::fs::write(&garbage, [0xffu8; 64]).expect("write");
+    let (ok, stderr) = run(&garbage);
+    assert!(!ok && stderr.contains("cannot read router"), "{stderr}");
     let r = pregate::router::PreGateRouter::load(&router).expect("router");
     let mut right = 0;
     for t in 0..labels.tokens.len() {

@@ -56,6 +56,15 @@ pub fn load_router(
         || opts.routing == Routing::Pregate
         || opts.policy == PolicyKind::Lookahead;
     if !needs {
+        // A router asked for by path is still checked (a typo should not pass unseen),
+        // and the user told that nothing here uses it.
+        if let Some(path) = &opts.router {
+            PreGateRouter::load(path)?;
+            tracing::warn!(
+                "{} is not used: a router drives --prefetch pregate, --routing pregate and --policy lookahead",
+                path.display()
+            );
+        }
         return Ok(None);
     }
     let Some(moe) = &c.moe else {

@@ -722,10 +722,7 @@ pub fn step_logits(engine: &pregate::Engine, tokens: &[u32]) -> Vec<Vec<f32>> {
 
 /// Runs the pregate binary with `args`, asserts it succeeded, and returns its stdout.
 pub fn run_cli(args: &[&str]) -> String {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_pregate"))
-        .args(args)
-        .output()
-        .expect("run pregate");
+    let out = cli(args);
     assert!(
         out.status.success(),
         "pregate {args:?}: {}",
@@ -734,14 +731,18 @@ pub fn run_cli(args: &[&str]) -> String {
     String::from_utf8(out.stdout).expect("utf8 stdout")
 }
 
-/// Writes `file` to `out` without the tensors `names` (the writer sets its own alignment).
+/// Runs the binary with `args`; whatever it gave.
+pub fn cli(args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_pregate"))
+        .args(args)
+        .output()
+        .expect("run pregate")
+}
+
+/// Writes `file` to `out` without the tensors `names`.
 pub fn copy_without_tensors(file: &pregate::format::GgufFile, names: &[&str], out: &Path) {
     let mut w = pregate::format::GgufWriter::new();
-    for (k, v) in file
-        .metadata
-        .iter()
-        .filter(|(k, _)| *k != "general.alignment")
-    {
+    for (k, v) in &file.metadata {
         w.meta(k, v.clone());
     }
     for t in file
