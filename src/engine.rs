@@ -62,6 +62,28 @@ fn save_profile(profile: &AdaptiveProfile, path: &Path) {
     }
 }
 
+/// Every expert is resident (or there are none), so there is no expert cache: a cache
+/// policy, prefetch or expert check asked for would do nothing, and the user is told.
+fn warn_cache_options_unused(o: &OffloadOptions) {
+    let defaults = OffloadOptions::default();
+    let mut unused = Vec::new();
+    if o.policy != defaults.policy {
+        unused.push("--policy");
+    }
+    if o.prefetch != defaults.prefetch {
+        unused.push("--prefetch");
+    }
+    if o.verify {
+        unused.push("--verify");
+    }
+    if !unused.is_empty() {
+        tracing::warn!(
+            "{} not used: every expert is resident, so there is no expert cache (a --vram-budget below the model's size makes one)",
+            unused.join(", ")
+        );
+    }
+}
+
 /// Under `--routing pregate`, the carve's recovery fit made for the pre-gating router's
 /// choices (`carve --pregate-router`), when the model has one for this very router; else
 /// the layers' own fit stays.
@@ -202,8 +224,9 @@ impl Engine {
         let mut model = Model::load(gpu, file, config, layer_slots.as_deref(), progress)?;
         model.router = router;
         model.routing = opts.offload.routing;
-        if let Some(slots) = layer_slots {
-            model.offload = Some(Offload::new(&model, &plan, &opts.offload, slots)?);
+        match layer_slots {
+            Some(slots) => model.offload = Some(Offload::new(&model, &plan, &opts.offload, slots)?),
+            None => warn_cache_options_unused(&opts.offload),
         }
         let ctx = plan.ctx;
         Ok(Engine {

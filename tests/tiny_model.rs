@@ -311,6 +311,27 @@ fn generate_reads_its_prompt_from_a_file_or_stdin() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// Cache options on a model whose experts are all resident (here: a dense one) do
+/// nothing, and the user is told rather than left to think they acted.
+#[test]
+fn cache_options_without_a_cache_are_named_as_unused() {
+    let dir = common::tmp_dir("cli-unused-cache");
+    let model = dir.join("tiny.gguf");
+    write_tiny_model(&model, TinySpec::default(), 5);
+    let m = model.to_string_lossy().to_string();
+    let args = ["generate", "-m", &m, "-p", "hi", "-n", "1"];
+    let (code, stderr) = pregate(&[&args[..], &["--policy", "lru", "--verify"]].concat());
+    assert_eq!(code, 0, "{stderr}");
+    assert!(
+        stderr.contains("--policy, --verify not used"),
+        "expected the unused options named in:\n{stderr}"
+    );
+    let (code, stderr) = pregate(&args);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(!stderr.contains("not used"), "{stderr}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 #[test]
 fn bad_input_gives_clear_errors_and_exit_code_1() {
     let dir = common::tmp_dir("cli-errors");
