@@ -31,6 +31,11 @@ pub fn perplexity(
             "--ctx {ctx} is too small (at least 8)"
         )));
     }
+    if max_chunks == Some(0) {
+        return Err(Error::InvalidArgument(
+            "--chunks 0 scores nothing: give at least 1, or leave it out for every chunk".into(),
+        ));
+    }
     let tok = &engine.tokenizer;
     let tokens = tok.encode(text, false)?;
     let mut chunks = tokens.len() / ctx;

@@ -430,6 +430,8 @@ fn bad_input_gives_clear_errors_and_exit_code_1() {
         ],
         "--text has",
     );
+    let (m, t) = (g("good.gguf"), g("short.txt"));
+    expect_error(&["eval", "-m", &m, "-f", &t, "--chunks", "0"], "--chunks 0");
 
     // The good model still runs through the CLI, printing only the continuation on stdout.
     common::run_cli(&["generate", "-m", &g("good.gguf"), "-p", "hi", "-n", "4"]);
