@@ -389,6 +389,9 @@ pub(crate) struct TraceArgs {
     /// MODEL.router.safetensors), its plan is recorded too (for `simulate --policy lookahead`)
     #[arg(long)]
     pub(crate) max_tokens: Option<usize>,
+    /// Overwrite an existing output
+    #[arg(long)]
+    pub(crate) force: bool,
 }
 
 #[derive(Args)]

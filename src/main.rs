@@ -675,6 +675,9 @@ fn cmd_carve(a: CarveArgs) -> Result<()> {
 }
 
 fn cmd_trace(a: TraceArgs) -> Result<()> {
+    if let Some(why) = pregate::format::output_problem(&a.output, a.force) {
+        bail!(why);
+    }
     let engine = load(&a.model)?;
     let text = std::fs::read_to_string(&a.file)
         .with_context(|| format!("reading {}", a.file.display()))?;
@@ -807,11 +810,8 @@ fn routing_trace(
 
 fn cmd_train_router(a: TrainRouterArgs) -> Result<()> {
     use pregate::router::{self, TrainOptions};
-    if a.output.exists() && !a.force {
-        bail!(
-            "{} exists; pass --force to overwrite it",
-            a.output.display()
-        );
+    if let Some(why) = pregate::format::output_problem(&a.output, a.force) {
+        bail!(why);
     }
     let engine = load(&a.model)?;
     if engine.model.config.moe.is_none() {

@@ -130,6 +130,7 @@ fn carve_rejects_bad_input_and_writes_nothing() {
     let empty = dir.join("empty.txt");
     std::fs::write(&empty, "").expect("write");
     let out = dir.join("out.gguf");
+    let no_folder = dir.join("no-such-folder").join("out.gguf");
     let base = CarveOptions {
         calib: vec![calib.clone()],
         calib_tokens: 100,
@@ -154,6 +155,8 @@ fn carve_rejects_bad_input_and_writes_nothing() {
             "no routed experts",
         ),
         (base.clone(), &dense, "is the input"),
+        (base.clone(), &dir, "is a folder"),
+        (base.clone(), &no_folder, "does not exist"),
         (
             CarveOptions {
                 calib: vec![empty.clone()],

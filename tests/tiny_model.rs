@@ -432,6 +432,13 @@ fn bad_input_gives_clear_errors_and_exit_code_1() {
     );
     let (m, t) = (g("good.gguf"), g("short.txt"));
     expect_error(&["eval", "-m", &m, "-f", &t, "--chunks", "0"], "--chunks 0");
+    // Outputs are checked before any work: a file the user has, a folder that is not there.
+    std::fs::write(g("mine.trace"), b"mine").expect("write");
+    let trace = ["trace", "-m", &m, "-f", &t, "-o"];
+    expect_error(&[&trace[..], &[&g("mine.trace")]].concat(), "--force");
+    assert_eq!(std::fs::read(g("mine.trace")).expect("read"), b"mine");
+    let nowhere = g("no-such-folder/t.trace");
+    expect_error(&[&trace[..], &[&nowhere]].concat(), "does not exist");
 
     // The good model still runs through the CLI, printing only the continuation on stdout.
     common::run_cli(&["generate", "-m", &g("good.gguf"), "-p", "hi", "-n", "4"]);

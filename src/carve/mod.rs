@@ -580,11 +580,8 @@ fn check_options(input: &Path, output: &Path, o: &CarveOptions) -> Result<()> {
             output.display()
         ));
     }
-    if output.exists() && !o.overwrite {
-        return bad(format!(
-            "{} exists; remove it or pass --force to replace it",
-            output.display()
-        ));
+    match crate::format::output_problem(output, o.overwrite) {
+        Some(why) => bad(why),
+        None => Ok(()),
     }
-    Ok(())
 }

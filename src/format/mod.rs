@@ -23,6 +23,32 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> crate::error::Result<()> {
     })
 }
 
+/// What stops `path` from taking a new output file, checked before any long work: a
+/// folder there, a missing folder around it, or an existing file that `overwrite`
+/// (`--force`) does not allow replacing. None when it can be written.
+pub fn output_problem(path: &Path, overwrite: bool) -> Option<String> {
+    if path.is_dir() {
+        return Some(format!("{} is a folder; give a file path", path.display()));
+    }
+    if path.exists() && !overwrite {
+        return Some(format!(
+            "{} exists; remove it or pass --force to replace it",
+            path.display()
+        ));
+    }
+    let parent = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    (!parent.is_dir()).then(|| {
+        format!(
+            "cannot write {}: the folder {} does not exist",
+            path.display(),
+            parent.display()
+        )
+    })
+}
+
 /// A sha256 as the lowercase hex that checksum lists and metadata carry.
 pub fn hex_digest(h: sha2::Sha256) -> String {
     use sha2::Digest;
