@@ -34,7 +34,7 @@ pub(crate) enum Command {
     },
     /// Generate a continuation of a prompt (prints only the new text)
     Generate(GenerateArgs),
-    /// Interactive multi-turn chat (/reset, /stats, /quit; Ctrl-C stops an answer)
+    /// Interactive multi-turn chat (/help, /reset, /stats, /quit; Ctrl-C stops an answer)
     ///
     /// A message may span lines: `"""` opens and closes a block kept as typed (pasted
     /// code, say), and a line ending in `\` goes on to the next. Standard input may be a

@@ -247,6 +247,14 @@ fn prompt_text(a: &GenerateArgs) -> Result<String> {
     }
 }
 
+/// What `/help` in chat prints.
+const CHAT_HELP: &str = "/reset   forget the conversation (the system prompt stays)
+/stats   speed of the last answer, and how full the context is
+/quit    leave (also /exit, or end the input)
+\"\"\"      on its own line, opens a message of several lines; another closes it
+\\        at the end of a line, goes on to the next
+Ctrl-C   stops an answer; the oldest turns go by themselves when the context fills";
+
 fn cmd_chat(a: ChatArgs) -> Result<()> {
     let engine = load(&a.model)?;
     let mut session = engine.session()?;
@@ -263,7 +271,7 @@ fn cmd_chat(a: ChatArgs) -> Result<()> {
     let start_len = messages.len();
     let mut last_stats = None;
     eprintln!(
-        "pregate chat: {} on {} ({}). /reset clears, /stats shows speed, /quit exits; \"\"\" opens and closes a multi-line message; Ctrl-C stops an answer.",
+        "pregate chat: {} on {} ({}). /help lists the commands; \"\"\" opens and closes a multi-line message; Ctrl-C stops an answer.",
         engine.path.file_name().and_then(|n| n.to_str()).unwrap_or("model"),
         engine.gpu().adapter_name(),
         engine.gpu().backend_name()
@@ -278,6 +286,10 @@ fn cmd_chat(a: ChatArgs) -> Result<()> {
         match input {
             "" => continue,
             "/quit" | "/exit" => break,
+            "/help" | "/?" => {
+                eprintln!("{CHAT_HELP}");
+                continue;
+            }
             "/reset" => {
                 messages.truncate(start_len);
                 session.reset();

@@ -264,6 +264,13 @@ fn generate_and_chat_say_when_the_context_is_full() {
             && !stderr.contains("error"),
         "expected old turns dropped and no error in:\n{stderr}"
     );
+    // /help lists the commands and is not sent to the model.
+    let (code, stderr) = pregate_with_stdin(&["chat", "-m", &m, "--ctx", "8"], b"/help\n/quit\n");
+    assert_eq!(code, 0, "{stderr}");
+    assert!(
+        stderr.contains("/reset   forget") && !stderr.contains("error"),
+        "expected the command list in:\n{stderr}"
+    );
     // A fenced block is one turn, however many lines it has: one overflow, not three.
     let (code, stderr) = pregate_with_stdin(
         &["chat", "-m", &m, "--ctx", "8"],
