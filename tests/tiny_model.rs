@@ -160,6 +160,15 @@ fn streaming_generation_is_deterministic_and_stops() {
     assert!(err.to_string().contains("context"), "{err}");
 }
 
+/// A tiny model in a fresh folder for CLI tests: the folder, and the model's path.
+fn cli_model(tag: &str) -> (std::path::PathBuf, String) {
+    let dir = common::tmp_dir(tag);
+    let model = dir.join("tiny.gguf");
+    write_tiny_model(&model, TinySpec::default(), 5);
+    let m = model.to_string_lossy().to_string();
+    (dir, m)
+}
+
 fn pregate(args: &[&str]) -> (i32, String) {
     pregate_with_stdin(args, b"")
 }
@@ -232,10 +241,7 @@ fn rewrite(src: &std::path::Path, dst: &std::path::Path, drop: Option<&str>, arc
 /// drops its oldest turns to make room, and says what to do when one message is too long.
 #[test]
 fn generate_and_chat_say_when_the_context_is_full() {
-    let dir = common::tmp_dir("cli-ctx-full");
-    let model = dir.join("tiny.gguf");
-    write_tiny_model(&model, TinySpec::default(), 5);
-    let m = model.to_string_lossy().to_string();
+    let (dir, m) = cli_model("cli-ctx-full");
     let (code, stderr) = pregate(&["generate", "-m", &m, "-p", "hi", "--ctx", "8", "-n", "64"]);
     assert_eq!(code, 0, "{stderr}");
     assert!(
@@ -289,10 +295,7 @@ fn generate_and_chat_say_when_the_context_is_full() {
 /// text given as `--prompt` does; a missing file is a clear error.
 #[test]
 fn generate_reads_its_prompt_from_a_file_or_stdin() {
-    let dir = common::tmp_dir("cli-prompt-file");
-    let model = dir.join("tiny.gguf");
-    write_tiny_model(&model, TinySpec::default(), 5);
-    let m = model.to_string_lossy().to_string();
+    let (dir, m) = cli_model("cli-prompt-file");
     let text = "a prompt\nover two lines ";
     let prompt_file = dir.join("prompt.txt");
     std::fs::write(&prompt_file, text).expect("write prompt");
@@ -322,10 +325,7 @@ fn generate_reads_its_prompt_from_a_file_or_stdin() {
 /// nothing, and the user is told rather than left to think they acted.
 #[test]
 fn cache_options_without_a_cache_are_named_as_unused() {
-    let dir = common::tmp_dir("cli-unused-cache");
-    let model = dir.join("tiny.gguf");
-    write_tiny_model(&model, TinySpec::default(), 5);
-    let m = model.to_string_lossy().to_string();
+    let (dir, m) = cli_model("cli-unused-cache");
     let args = ["generate", "-m", &m, "-p", "hi", "-n", "1"];
     let (code, stderr) = pregate(&[&args[..], &["--policy", "lru", "--verify"]].concat());
     assert_eq!(code, 0, "{stderr}");
