@@ -178,6 +178,12 @@ fn a_measured_profile_cuts_active_experts_within_its_budget() {
     let err = again.set_adaptive(20.0, None, &[], |_, _| {}).unwrap_err();
     assert!(err.to_string().contains("adaptive"), "{err}");
     assert!(again.set_adaptive(-1.0, None, &[], |_, _| {}).is_err());
+    // A profile path that cannot be written is refused before any measurement.
+    let nowhere = profile.with_file_name("no-such-folder").join("p.json");
+    let err = again
+        .set_adaptive(20.0, Some(&nowhere), &[], |_, _| panic!("measured"))
+        .unwrap_err();
+    assert!(err.to_string().contains("does not exist"), "{err}");
     drop(again);
 
     // The CLI: eval --adaptive reports the mean active experts (the profile is found
