@@ -315,12 +315,10 @@ impl Engine {
                 .unwrap_or_else(|| adaptive::default_profile_path(&self.path, source.as_deref()));
             // A profile that cannot be kept would be measured again at every start (half
             // an hour on a CPU): say so before measuring, not after.
-            if !path.is_file() {
-                if let Some(why) = crate::format::output_problem(&path, true) {
-                    return Err(Error::InvalidArgument(format!(
-                        "the adaptive-gating profile cannot be kept: {why} (--adaptive-profile sets where)"
-                    )));
-                }
+            if let Some(why) = crate::format::output_problem(&path, true) {
+                return Err(Error::InvalidArgument(format!(
+                    "the adaptive-gating profile cannot be kept: {why} (--adaptive-profile sets where)"
+                )));
             }
             let saved = match path.exists() {
                 true => Some(AdaptiveProfile::load(&path)?).filter(|p| {

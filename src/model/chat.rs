@@ -89,7 +89,7 @@ pub fn drop_oldest_exchange(messages: &mut Vec<ChatMessage>, keep: usize) -> usi
 mod tests {
     use super::*;
 
-    fn roles(m: &[ChatMessage]) -> Vec<&str> {
+    fn contents(m: &[ChatMessage]) -> Vec<&str> {
         m.iter().map(|m| m.content.as_str()).collect()
     }
 
@@ -107,18 +107,18 @@ mod tests {
         .map(|(r, c)| ChatMessage::new(r, c))
         .collect();
         assert_eq!(drop_oldest_exchange(&mut m, 1), 2);
-        assert_eq!(roles(&m), ["s", "u2", "a2", "u3"]);
+        assert_eq!(contents(&m), ["s", "u2", "a2", "u3"]);
         assert_eq!(drop_oldest_exchange(&mut m, 1), 2);
-        assert_eq!(roles(&m), ["s", "u3"]);
+        assert_eq!(contents(&m), ["s", "u3"]);
         assert_eq!(drop_oldest_exchange(&mut m, 1), 0);
-        assert_eq!(roles(&m), ["s", "u3"]);
+        assert_eq!(contents(&m), ["s", "u3"]);
         // Without a system prompt, and with an unanswered user message before the last.
         let mut m = vec![
             ChatMessage::new("user", "u1"),
             ChatMessage::new("user", "u2"),
         ];
         assert_eq!(drop_oldest_exchange(&mut m, 0), 1);
-        assert_eq!(roles(&m), ["u2"]);
+        assert_eq!(contents(&m), ["u2"]);
     }
 
     #[test]

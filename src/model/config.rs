@@ -191,7 +191,7 @@ impl MoeConfig {
                 }
             },
         };
-        let carved = matches!(router, Some("cmoe") | Some("lsq"));
+        let carved = router.is_some();
         let cmoe = router == Some("cmoe");
         Ok(Some(MoeConfig {
             n_expert,
