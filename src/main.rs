@@ -29,6 +29,7 @@ use args::{
 use progress::Progress;
 
 fn main() {
+    quiet_headless_device_select();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
@@ -38,6 +39,21 @@ fn main() {
     if let Err(e) = run(Cli::parse()) {
         eprintln!("error: {e:#}");
         std::process::exit(1);
+    }
+}
+
+/// Mesa's Vulkan device-select layer asks Wayland which GPU drives the display; on a
+/// machine without a session (a server, CI, ssh) that prints "error: XDG_RUNTIME_DIR is
+/// invalid" twice per run although nothing is wrong. With no session there is no display
+/// to select by, so the layer is switched off then, unless the user steers it on purpose.
+/// Runs first in `main`, before any thread exists, so changing the environment is sound.
+fn quiet_headless_device_select() {
+    let set = |k: &str| std::env::var_os(k).is_some_and(|v| !v.is_empty());
+    let steered = ["NODEVICE_SELECT", "MESA_VK_DEVICE_SELECT", "DRI_PRIME"]
+        .iter()
+        .any(|k| set(k));
+    if !set("XDG_RUNTIME_DIR") && !steered {
+        std::env::set_var("NODEVICE_SELECT", "1");
     }
 }
 
