@@ -229,6 +229,12 @@ impl Engine {
             None => warn_cache_options_unused(&opts.offload),
         }
         let ctx = plan.ctx;
+        if ctx > model.config.ctx_train {
+            tracing::warn!(
+                "a context of {ctx} tokens is longer than the {} this model was trained on; text past that point degrades",
+                model.config.ctx_train
+            );
+        }
         Ok(Engine {
             memory: plan,
             adaptive: None,

@@ -503,3 +503,30 @@ fn vram_budget_fits_the_context_or_names_the_bytes_needed() {
         .expect("ctx does not fit");
     assert!(err.to_string().contains("VRAM budget"), "{err}");
 }
+
+/// Attention binds a layer's whole K cache; a context past the adapter's largest binding
+/// is refused with the most that fits, not a wgpu validation error mid-step.
+#[test]
+fn a_context_past_the_binding_limit_names_the_most_that_fits() {
+    let path = common::tmp_dir("kv-binding").join("tiny.gguf");
+    write_tiny_model(&path, TinySpec::default(), 4);
+    let probe = Engine::load(&path, &EngineOptions::default()).expect("load");
+    let c = &probe.model.config;
+    let per_token = (c.n_kv_head * c.head_dim * 4) as u64;
+    let most = (probe.gpu().max_binding() / per_token) as usize;
+    drop(probe);
+    let load = |ctx: usize| {
+        let opts = EngineOptions {
+            ctx,
+            ..Default::default()
+        };
+        Engine::load(&path, &opts).and_then(|e| e.session().map(|_| ()))
+    };
+    let err = load(most + 1).expect_err("one token past the binding limit");
+    assert!(
+        err.to_string()
+            .contains(&format!("at most {most} tokens fit")),
+        "{err}"
+    );
+    load(most.min(4096)).expect("a context within the limit opens a session");
+}

@@ -184,6 +184,27 @@ pub struct Session {
     capture_readback: Option<GpuBuffer>,
 }
 
+/// Attention binds a layer's whole K (and V) cache at once, so the context is bounded by
+/// the adapter's largest storage binding, not only by memory; refuse it here, naming the
+/// most that fits, instead of letting wgpu fail a bind group deep inside the first step.
+fn check_kv_binding(model: &Model, ctx: usize) -> Result<()> {
+    let c = &model.config;
+    let per_token = (c.n_kv_head * c.head_dim) as u64 * 4;
+    let needed = per_token.saturating_mul(ctx as u64);
+    let limit = model.gpu.max_binding();
+    if needed <= limit {
+        return Ok(());
+    }
+    let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
+    Err(Error::InvalidArgument(format!(
+        "a context of {ctx} tokens needs {:.1} MiB of K cache per layer, more than {} binds at once ({:.1} MiB); at most {} tokens fit (lower --ctx)",
+        mib(needed),
+        model.gpu.info.name,
+        mib(limit),
+        limit / per_token.max(1),
+    )))
+}
+
 impl Session {
     pub fn new(model: Arc<Model>, ctx: usize) -> Result<Session> {
         if ctx == 0 {
@@ -191,6 +212,7 @@ impl Session {
                 "context length must be positive".into(),
             ));
         }
+        check_kv_binding(&model, ctx)?;
         let ub = DEFAULT_UBATCH.min(ctx);
         let bufs = StateBuffers::new(&model, ctx, ub)?;
         Ok(Session {
