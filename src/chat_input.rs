@@ -57,6 +57,14 @@ pub(crate) fn read_turn(
     Ok(Some(text.trim().to_string()))
 }
 
+/// A turn that looks like a command (`/` and a word, like a mistyped `/exti`) and so is
+/// refused rather than sent to the model when it is not a known one, as Ollama does;
+/// `/usr/bin is slow` or a lone `/` still go through as messages.
+pub(crate) fn is_command_word(turn: &str) -> bool {
+    turn.strip_prefix('/')
+        .is_some_and(|w| !w.is_empty() && w.chars().all(|c| c.is_ascii_alphabetic()))
+}
+
 /// A block's text without the blank lines around it (its indentation stays).
 fn block(text: &str) -> String {
     let lines: Vec<&str> = text.lines().collect();
@@ -127,5 +135,22 @@ mod tests {
         let (t, _) = turns("\n\"\"\"\n\n\"\"\"\n");
         assert_eq!(t, ["", ""]);
         assert!(turns("").0.is_empty());
+    }
+
+    #[test]
+    fn only_a_slash_and_one_word_is_a_command() {
+        for cmd in ["/quit", "/exti", "/Help"] {
+            assert!(is_command_word(cmd), "{cmd}");
+        }
+        for msg in [
+            "/",
+            "/usr/bin is slow",
+            "/etc/hosts",
+            "/2",
+            "hello /quit",
+            "quit",
+        ] {
+            assert!(!is_command_word(msg), "{msg}");
+        }
     }
 }

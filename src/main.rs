@@ -326,6 +326,10 @@ fn cmd_chat(a: ChatArgs) -> Result<()> {
                 );
                 continue;
             }
+            cmd if chat_input::is_command_word(cmd) => {
+                eprintln!("unknown command {cmd} (/help lists the commands)");
+                continue;
+            }
             _ => {}
         }
         messages.push(ChatMessage::new("user", input));

@@ -273,12 +273,17 @@ fn generate_and_chat_say_when_the_context_is_full() {
             && !stderr.contains("error"),
         "expected old turns dropped and no error in:\n{stderr}"
     );
-    // /help lists the commands and is not sent to the model.
-    let (code, stderr) = pregate_with_stdin(&["chat", "-m", &m, "--ctx", "8"], b"/help\n/quit\n");
+    // /help lists the commands; a mistyped command says so; neither goes to the model
+    // (whose 8-token context would refuse them).
+    let (code, stderr) =
+        pregate_with_stdin(&["chat", "-m", &m, "--ctx", "8"], b"/help\n/exti\n/quit\n");
     assert_eq!(code, 0, "{stderr}");
     assert!(
-        stderr.contains("/reset   forget") && !stderr.contains("error"),
-        "expected the command list in:\n{stderr}"
+        stderr.contains("/reset   forget")
+            && stderr.contains("unknown command /exti")
+            && !stderr.contains("context holds")
+            && !stderr.contains("error"),
+        "expected the command list and the unknown command in:\n{stderr}"
     );
     // A fenced block is one turn, however many lines it has: one overflow, not three.
     let (code, stderr) = pregate_with_stdin(
