@@ -40,7 +40,19 @@ pub struct EngineOptions {
     /// How many experts adaptive gating ([`Engine::set_adaptive`]) may give a token. Past
     /// the top-k this sizes the expert buffers, so it is set at load.
     pub adaptive_max: AdaptiveMax,
+    /// Sessions the app keeps open at once (0 counts as 1): the memory plan, and so a
+    /// `budget`, holds a KV cache and activations for each.
+    pub sessions: usize,
 }
+
+// Apps share one Engine across threads (an Arc) and give each its own Session; a field
+// that broke this would break them, so it fails to compile here instead.
+const _: () = {
+    const fn shareable<T: Send + Sync>() {}
+    const fn movable<T: Send>() {}
+    shareable::<Engine>();
+    movable::<Session>();
+};
 
 pub struct Engine {
     /// What the run will allocate, decided at load.
@@ -195,7 +207,7 @@ impl Engine {
             (VramBudget::All, Some(b)) => VramBudget::Bytes(b),
             (b, _) => b,
         };
-        let plan = crate::model::memory::fit(&file, &config, opts.ctx, budget)?;
+        let plan = crate::model::memory::fit(&file, &config, opts.ctx, budget, opts.sessions)?;
         // By default, room only where every expert stays resident: the experts a token
         // adds are rarely used ones, which under a budget cost cache misses (at 50%, twice
         // dropping only's, as many as the fixed top-k's: BENCHMARKS.md).

@@ -137,6 +137,7 @@ fn load(m: &ModelArgs) -> Result<Engine> {
             router: m.router.clone(),
         },
         adaptive_max,
+        sessions: 1,
     };
     let pb = Progress::new(0, "loading {bar:40} {pos}/{len} layers");
     let mut engine = Engine::load_with_progress(&path, &opts, |done, total| {

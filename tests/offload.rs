@@ -95,6 +95,53 @@ fn offloaded_experts_give_bit_identical_output() {
     }
 }
 
+/// Apps share one Engine across threads. Two sessions stepping at once share one expert
+/// cache: neither may evict an expert the other's step still reads.
+#[test]
+fn sessions_on_two_threads_share_the_expert_cache_exactly() {
+    let (_, carved) = carve_tiny("offload_threads", 8, 1, 2);
+    let resident = load(&carved, VramBudget::All, OffloadOptions::default()).expect("load");
+    let want = run(&resident);
+    let one_kv = resident.memory.kv_cache;
+    drop(resident);
+    let engine = Engine::load(
+        &carved,
+        &EngineOptions {
+            ctx: 64,
+            budget: VramBudget::ExpertShare(0.01),
+            sessions: 3,
+            ..Default::default()
+        },
+    )
+    .expect("load");
+    assert_eq!(engine.memory.sessions, 3);
+    assert_eq!(
+        engine.memory.kv_cache,
+        3 * one_kv,
+        "a KV cache for each session"
+    );
+    assert_eq!(engine.model.offload.as_ref().expect("offloaded").slots, 2);
+    for round in 0..3 {
+        let got: Vec<_> = std::thread::scope(|s| {
+            let threads: Vec<_> = (0..3).map(|_| s.spawn(|| run(&engine))).collect();
+            threads
+                .into_iter()
+                .map(|t| t.join().expect("thread"))
+                .collect()
+        });
+        for (logits, greedy) in got {
+            assert_eq!(greedy, want.1, "round {round}: greedy tokens");
+            for (i, (w, g)) in want.0.iter().zip(&logits).enumerate() {
+                assert!(
+                    w.iter().zip(g).all(|(a, b)| a.to_bits() == b.to_bits()),
+                    "round {round}: logits of step {i} differ by {}",
+                    common::max_abs_diff(w, g)
+                );
+            }
+        }
+    }
+}
+
 #[test]
 fn a_byte_budget_makes_slots_and_a_small_one_names_the_bytes() {
     let (_, carved) = carve_tiny("offload_bytes", 8, 1, 2);

@@ -31,6 +31,8 @@ pub struct MemoryPlan {
     pub expert_slots: Option<usize>,
     /// Staging buffers of `slot_bytes` each, with an expert cache.
     pub staging_buffers: usize,
+    /// Sessions open at once that `kv_cache` and `activations` hold room for (at least 1).
+    pub sessions: usize,
 }
 
 /// What `--vram-budget` asks for.
@@ -90,6 +92,18 @@ impl MemoryPlan {
         self.weights() + self.expert_bytes() + self.kv_cache + self.activations
     }
 
+    /// The same plan with room for `n` sessions at once: each has its own KV cache and
+    /// activations; weights and the expert cache are shared.
+    fn for_sessions(self, n: usize) -> MemoryPlan {
+        let n = n.max(1);
+        MemoryPlan {
+            kv_cache: self.kv_cache / self.sessions.max(1) as u64 * n as u64,
+            activations: self.activations / self.sessions.max(1) as u64 * n as u64,
+            sessions: n,
+            ..self
+        }
+    }
+
     /// The same plan with `slots` per layer (`None`: all resident).
     fn with_slots(&self, slots: Option<usize>) -> MemoryPlan {
         MemoryPlan {
@@ -120,14 +134,17 @@ impl MemoryPlan {
             ),
         };
         format!(
-            "VRAM plan: resident weights {:.1} MiB (embedding {:.1}, attention {:.1}, ffn {:.1}, lm_head {:.1}), KV cache {:.1} MiB for {} tokens, activations {:.1} MiB; {experts}; total {:.1} MiB{budget}",
+            "VRAM plan: resident weights {:.1} MiB (embedding {:.1}, attention {:.1}, ffn {:.1}, lm_head {:.1}), KV cache {:.1} MiB for {}, activations {:.1} MiB; {experts}; total {:.1} MiB{budget}",
             mib(self.weights()),
             mib(self.embedding),
             mib(self.attention),
             mib(self.ffn),
             mib(self.lm_head),
             mib(self.kv_cache),
-            self.ctx,
+            match self.sessions {
+                0 | 1 => format!("{} tokens", self.ctx),
+                n => format!("{n} sessions of {} tokens", self.ctx),
+            },
             mib(self.activations),
             mib(self.total()),
         )
@@ -174,6 +191,7 @@ pub fn plan(f: &GgufFile, c: &ModelConfig, ctx: usize) -> MemoryPlan {
         lm_head: gpu_bytes(f, "output.weight"),
         norms: gpu_bytes(f, "output_norm.weight"),
         ctx,
+        sessions: 1,
         ..Default::default()
     };
     for l in 0..c.n_layer {
@@ -281,20 +299,23 @@ pub fn plan(f: &GgufFile, c: &ModelConfig, ctx: usize) -> MemoryPlan {
 /// The context length to use: `requested` (0: the model's, capped at 4096) if it fits the
 /// budget; with no explicit request, the longest context that fits (at least 256 tokens).
 /// MoE models under a budget get expert cache slots for what remains after the resident
-/// parts: at least `n_slots` per layer, so that one token's experts fit at once.
+/// parts: at least `n_slots` per layer, so that one token's experts fit at once. Each of
+/// `sessions` open at once gets its own KV cache and activations.
 pub fn fit(
     f: &GgufFile,
     c: &ModelConfig,
     requested: usize,
     budget: VramBudget,
+    sessions: usize,
 ) -> Result<MemoryPlan> {
+    let planned = |ctx: usize| plan(f, c, ctx).for_sessions(sessions);
     let default_ctx = c.ctx_train.min(4096);
     let ctx = if requested == 0 {
         default_ctx
     } else {
         requested
     };
-    let full = plan(f, c, ctx);
+    let full = planned(ctx);
     let n_slots = c.moe.as_ref().map_or(0, |m| m.n_slots);
     let budget = match budget {
         VramBudget::All => return Ok(full),
@@ -329,11 +350,11 @@ pub fn fit(
     // Shrink the context (when the user did not ask for one) to what fits.
     let min_ctx = 256.min(ctx);
     let min_slots = (full.n_moe_layers > 0).then_some(n_slots.max(1));
-    let fixed = plan(f, c, min_ctx).with_slots(min_slots);
+    let fixed = planned(min_ctx).with_slots(min_slots);
     if requested == 0 && fixed.total() <= budget {
-        let room = (budget - fixed.total()) / kv_bytes_per_token(c);
+        let room = (budget - fixed.total()) / (kv_bytes_per_token(c) * fixed.sessions as u64);
         let ctx = (min_ctx + room as usize).min(default_ctx);
-        let p = plan(f, c, ctx);
+        let p = planned(ctx);
         return Ok(match slots_in(&p) {
             Some(s) => p.with_slots(Some(s)),
             None => p,

@@ -103,6 +103,9 @@ struct State {
 /// The expert cache of a loaded model: where experts are, which are resident, and counters.
 pub struct Offload {
     state: Mutex<State>,
+    /// Held for a whole step: sessions on other threads share the slots, and a step reads
+    /// its experts from them after loading them, so no other step may evict in between.
+    step: Mutex<()>,
     pub prefetch: Prefetch,
     /// Slots per MoE layer in the memory plan (the mean when layers differ).
     pub slots: usize,
@@ -163,6 +166,7 @@ impl Offload {
                 bytes_uploaded: 0,
                 stall: Duration::ZERO,
             }),
+            step: Mutex::new(()),
             prefetch: opts.prefetch,
             slots,
             layer_slots,
@@ -176,6 +180,12 @@ impl Offload {
         for (l, uses) in plan.iter().enumerate() {
             st.cache.set_future(l, &uses[from.min(uses.len())..]);
         }
+    }
+
+    /// One step at a time on the shared cache (see `step`); drop it once the step is
+    /// submitted, since the queue keeps later steps' loads behind it.
+    pub fn step_guard(&self) -> MutexGuard<'_, ()> {
+        self.step.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {

@@ -457,6 +457,8 @@ impl Session {
 
     /// One submit: upload ids and position, replay the plan, copy the output back.
     fn step(&mut self, chunk: &[u32], output: Output, targets: &[u32]) -> Result<Vec<u8>> {
+        let model = self.model.clone();
+        let step_guard = model.offload.as_ref().map(|off| off.step_guard());
         let n = chunk.len();
         let pos0 = self.tokens.len();
         let key = (n, output);
@@ -531,6 +533,7 @@ impl Session {
         if let Some(off) = &self.model.offload {
             off.submitted();
         }
+        drop(step_guard);
         g.check()?;
         self.tokens.extend_from_slice(chunk);
         if bytes == 0 {
