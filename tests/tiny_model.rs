@@ -183,11 +183,7 @@ fn pregate_with_stdin(args: &[&str], stdin: &[u8]) -> (i32, String) {
 fn pregate_output(args: &[&str], stdin: &[u8]) -> (i32, String, String) {
     use std::io::Write as _;
     use std::process::Stdio;
-    // As on CI and servers: no desktop session. Mesa's device-select layer then prints
-    // Wayland errors unless pregate quiets it; the tests that forbid "error" check that.
-    let mut child = Command::new(env!("CARGO_BIN_EXE_pregate"))
-        .args(args)
-        .env_remove("XDG_RUNTIME_DIR")
+    let mut child = pregate_command(args)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -207,6 +203,15 @@ fn pregate_output(args: &[&str], stdin: &[u8]) -> (i32, String, String) {
     );
     let stdout = String::from_utf8_lossy(&out.stdout).to_string();
     (out.status.code().unwrap_or(-1), stdout, stderr)
+}
+
+/// The binary with `args`, run as on CI and servers: no desktop session. Mesa's
+/// device-select layer then prints Wayland errors unless pregate quiets it; the tests
+/// that forbid "error" check that.
+fn pregate_command(args: &[&str]) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_pregate"));
+    cmd.args(args).env_remove("XDG_RUNTIME_DIR");
+    cmd
 }
 
 fn expect_error(args: &[&str], needle: &str) {
@@ -297,6 +302,26 @@ fn generate_and_chat_say_when_the_context_is_full() {
         "expected one overflow for the one block in:\n{stderr}"
     );
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// `pregate generate ... | head` closes the pipe early on purpose: generation stops
+/// quietly with success, not with "error: Broken pipe".
+#[test]
+fn generate_into_a_closed_pipe_stops_quietly() {
+    use std::process::Stdio;
+    let (_dir, m) = cli_model("cli-broken-pipe");
+    let mut child = pregate_command(&["generate", "-m", &m, "-p", "hello", "-n", "64"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run pregate");
+    // The reader goes before the model has even loaded: every write meets a closed pipe.
+    drop(child.stdout.take());
+    let out = child.wait_with_output().expect("pregate's output");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(!stderr.contains("error"), "{stderr}");
 }
 
 /// `generate --file` (a path, or `-` for standard input) generates exactly what the same
