@@ -205,12 +205,14 @@ fn pregate_output(args: &[&str], stdin: &[u8]) -> (i32, String, String) {
     (out.status.code().unwrap_or(-1), stdout, stderr)
 }
 
-/// The binary with `args`, run as on CI and servers: no desktop session. Mesa's
-/// device-select layer then prints Wayland errors unless pregate quiets it; the tests
-/// that forbid "error" check that.
+/// The binary with `args`, run as on CI and servers: no desktop session, and not the
+/// quiet that .cargo/config.toml gives in-process tests. Mesa's device-select layer then
+/// prints Wayland errors unless pregate quiets it; the tests that forbid "error" check that.
 fn pregate_command(args: &[&str]) -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_pregate"));
-    cmd.args(args).env_remove("XDG_RUNTIME_DIR");
+    cmd.args(args)
+        .env_remove("XDG_RUNTIME_DIR")
+        .env_remove("NODEVICE_SELECT");
     cmd
 }
 
