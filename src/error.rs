@@ -60,6 +60,17 @@ pub enum Error {
         budget: u64,
         detail: String,
     },
+    /// An allocation past the budget the memory plan was made for: a plan that missed
+    /// something, or more sessions open than `EngineOptions::sessions` planned.
+    #[error("VRAM budget of {budget} bytes exceeded: {what} needs {bytes} more bytes ({charged} already charged){hint}")]
+    BudgetExceeded {
+        budget: u64,
+        what: String,
+        bytes: u64,
+        charged: u64,
+        /// What to change, when the caller knows (empty otherwise).
+        hint: String,
+    },
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
     #[error("cannot carve: {0}")]

@@ -140,6 +140,15 @@ fn sessions_on_two_threads_share_the_expert_cache_exactly() {
             }
         }
     }
+    // A session past the planned three does not fit the budget, and the error says why.
+    let open: Vec<_> = (0..3).map(|_| engine.session().expect("planned")).collect();
+    match engine.session().err().expect("a fourth session") {
+        Error::BudgetExceeded { hint, .. } => {
+            assert!(hint.contains("holds 3 session(s)"), "{hint}")
+        }
+        e => panic!("unexpected error {e}"),
+    }
+    drop(open);
 }
 
 #[test]

@@ -27,10 +27,13 @@ impl Arena {
         if let Some(b) = self.budget {
             if now > b {
                 self.current.fetch_sub(bytes, Ordering::SeqCst);
-                return Err(Error::InvalidArgument(format!(
-                    "VRAM budget of {b} bytes exceeded: {what} needs {bytes} more bytes ({} already charged)",
-                    now - bytes
-                )));
+                return Err(Error::BudgetExceeded {
+                    budget: b,
+                    what: what.to_string(),
+                    bytes,
+                    charged: now - bytes,
+                    hint: String::new(),
+                });
             }
         }
         self.peak.fetch_max(now, Ordering::SeqCst);
