@@ -104,16 +104,24 @@ fn sessions_on_two_threads_share_the_expert_cache_exactly() {
     let want = run(&resident);
     let one_kv = resident.memory.kv_cache;
     drop(resident);
-    let engine = Engine::load(
-        &carved,
-        &EngineOptions {
+    let load_shared = |prefetch| {
+        let opts = EngineOptions {
             ctx: 64,
             budget: VramBudget::ExpertShare(0.01),
             sessions: 3,
+            offload: OffloadOptions {
+                prefetch,
+                ..Default::default()
+            },
             ..Default::default()
-        },
-    )
-    .expect("load");
+        };
+        Engine::load(&carved, &opts).expect("load")
+    };
+    // The next layer's prefetch loads while a step runs: it too must keep to its step.
+    let prefetching = load_shared(Prefetch::NextLayer);
+    runs_on_threads_match(&prefetching, &want, "next-layer prefetch");
+    drop(prefetching);
+    let engine = load_shared(Prefetch::None);
     assert_eq!(engine.memory.sessions, 3);
     assert_eq!(
         engine.memory.kv_cache,
@@ -122,23 +130,7 @@ fn sessions_on_two_threads_share_the_expert_cache_exactly() {
     );
     assert_eq!(engine.model.offload.as_ref().expect("offloaded").slots, 2);
     for round in 0..3 {
-        let got: Vec<_> = std::thread::scope(|s| {
-            let threads: Vec<_> = (0..3).map(|_| s.spawn(|| run(&engine))).collect();
-            threads
-                .into_iter()
-                .map(|t| t.join().expect("thread"))
-                .collect()
-        });
-        for (logits, greedy) in got {
-            assert_eq!(greedy, want.1, "round {round}: greedy tokens");
-            for (i, (w, g)) in want.0.iter().zip(&logits).enumerate() {
-                assert!(
-                    w.iter().zip(g).all(|(a, b)| a.to_bits() == b.to_bits()),
-                    "round {round}: logits of step {i} differ by {}",
-                    common::max_abs_diff(w, g)
-                );
-            }
-        }
+        runs_on_threads_match(&engine, &want, &format!("round {round}"));
     }
     // A session past the planned three does not fit the budget, and the error says why.
     let open: Vec<_> = (0..3).map(|_| engine.session().expect("planned")).collect();
@@ -149,6 +141,27 @@ fn sessions_on_two_threads_share_the_expert_cache_exactly() {
         e => panic!("unexpected error {e}"),
     }
     drop(open);
+}
+
+/// Three threads each `run` a session of `engine` at once; each gets `want` bit for bit.
+fn runs_on_threads_match(engine: &Engine, want: &(Vec<Vec<f32>>, Vec<u32>), what: &str) {
+    let got: Vec<_> = std::thread::scope(|s| {
+        let threads: Vec<_> = (0..3).map(|_| s.spawn(|| run(engine))).collect();
+        threads
+            .into_iter()
+            .map(|t| t.join().expect("thread"))
+            .collect()
+    });
+    for (logits, greedy) in got {
+        assert_eq!(greedy, want.1, "{what}: greedy tokens");
+        for (i, (w, g)) in want.0.iter().zip(&logits).enumerate() {
+            assert!(
+                w.iter().zip(g).all(|(a, b)| a.to_bits() == b.to_bits()),
+                "{what}: logits of step {i} differ by {}",
+                common::max_abs_diff(w, g)
+            );
+        }
+    }
 }
 
 #[test]
