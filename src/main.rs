@@ -1076,8 +1076,12 @@ fn cmd_devices(backend: BackendChoice) -> Result<()> {
     }
     for a in all {
         println!(
-            "[{}] {} ({}, {})",
-            a.index, a.name, a.backend, a.device_type
+            "[{}] {} ({}, {}){}",
+            a.index,
+            a.name,
+            a.backend,
+            a.device_type,
+            if a.default { " (default)" } else { "" }
         );
         println!("    driver: {}", a.driver);
         println!(

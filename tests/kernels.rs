@@ -583,3 +583,16 @@ fn top_k_returns_the_k_largest_with_their_ids() {
         assert_eq!(got, want[..k as usize].to_vec(), "k = {k}");
     }
 }
+
+/// `pregate devices` marks exactly one adapter as the default, and it is the one a run
+/// without `--adapter` opens.
+#[test]
+fn devices_mark_the_adapter_a_run_opens() {
+    use pregate::gpu::{list_adapters, BackendChoice};
+    let all = list_adapters(BackendChoice::Auto);
+    let defaults: Vec<_> = all.iter().filter(|a| a.default).collect();
+    assert_eq!(defaults.len(), 1, "{all:?}");
+    let g = gpu();
+    assert_eq!(defaults[0].name, g.info.name);
+    assert_eq!(defaults[0].backend, format!("{:?}", g.info.backend));
+}

@@ -62,6 +62,8 @@ pub enum KernelLayout {
 #[derive(Clone, Debug)]
 pub struct AdapterSummary {
     pub index: usize,
+    /// The adapter used when `--adapter` is not given.
+    pub default: bool,
     pub name: String,
     pub backend: String,
     pub device_type: String,
@@ -96,9 +98,36 @@ fn adapters(backend: BackendChoice) -> Vec<wgpu::Adapter> {
     pollster::block_on(instance(backend).enumerate_adapters(backend.backends()))
 }
 
+/// The adapter pregate runs on when `--adapter` is not given: the high-performance one.
+fn default_adapter(backend: BackendChoice) -> Result<wgpu::Adapter> {
+    let request = |backend: BackendChoice| {
+        pollster::block_on(
+            instance(backend).request_adapter(&wgpu::RequestAdapterOptions {
+                power_preference: wgpu::PowerPreference::HighPerformance,
+                force_fallback_adapter: false,
+                compatible_surface: None,
+                // Real limits, not privacy buckets: we size shards by them.
+                apply_limit_buckets: false,
+            }),
+        )
+    };
+    // Auto tries the native APIs first: probing GL/EGL is slow and noisy, and it is only
+    // the last resort.
+    let found = match backend {
+        BackendChoice::Auto => {
+            request(BackendChoice::Native).or_else(|_| request(BackendChoice::Gl))
+        }
+        b => request(b),
+    };
+    found.map_err(|e| Error::NoAdapter(format!(" ({e})")))
+}
+
 pub fn list_adapters(backend: BackendChoice) -> Vec<AdapterSummary> {
-    adapters(backend)
-        .iter()
+    let default = default_adapter(backend).ok().map(|a| a.get_info());
+    let all = adapters(backend);
+    // Identical cards have identical infos: only the first is marked.
+    let default_index = all.iter().position(|a| Some(a.get_info()) == default);
+    all.iter()
         .enumerate()
         .map(|(index, a)| {
             let info = a.get_info();
@@ -106,6 +135,7 @@ pub fn list_adapters(backend: BackendChoice) -> Vec<AdapterSummary> {
             let f = a.features();
             AdapterSummary {
                 index,
+                default: Some(index) == default_index,
                 name: info.name,
                 backend: format!("{:?}", info.backend),
                 device_type: format!("{:?}", info.device_type),
@@ -148,28 +178,7 @@ impl Gpu {
                 }
                 all.swap_remove(i)
             }
-            None => {
-                let request = |backend: BackendChoice| {
-                    pollster::block_on(instance(backend).request_adapter(
-                        &wgpu::RequestAdapterOptions {
-                            power_preference: wgpu::PowerPreference::HighPerformance,
-                            force_fallback_adapter: false,
-                            compatible_surface: None,
-                            // Real limits, not privacy buckets: we size shards by them.
-                            apply_limit_buckets: false,
-                        },
-                    ))
-                };
-                // Auto tries the native APIs first: probing GL/EGL is slow and noisy, and
-                // it is only the last resort.
-                let found = match opts.backend {
-                    BackendChoice::Auto => {
-                        request(BackendChoice::Native).or_else(|_| request(BackendChoice::Gl))
-                    }
-                    b => request(b),
-                };
-                found.map_err(|e| Error::NoAdapter(format!(" ({e})")))?
-            }
+            None => default_adapter(opts.backend)?,
         };
         let info = adapter.get_info();
         let wanted =
