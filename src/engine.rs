@@ -507,18 +507,14 @@ impl Engine {
 
     /// A new conversation with its own KV cache.
     pub fn session(&self) -> Result<Session> {
-        Session::new(self.model.clone(), self.ctx).map_err(|e| match e {
-            Error::BudgetExceeded { budget, what, bytes, charged, .. } => Error::BudgetExceeded {
-                budget,
-                what,
-                bytes,
-                charged,
-                hint: format!(
+        Session::new(self.model.clone(), self.ctx).map_err(|mut e| {
+            if let Error::BudgetExceeded { hint, .. } = &mut e {
+                *hint = format!(
                     "; the memory plan holds {} session(s) open at once: close one, or load with more EngineOptions::sessions",
                     self.memory.sessions
-                ),
-            },
-            e => e,
+                );
+            }
+            e
         })
     }
 

@@ -92,13 +92,14 @@ impl MemoryPlan {
         self.weights() + self.expert_bytes() + self.kv_cache + self.activations
     }
 
-    /// The same plan with room for `n` sessions at once: each has its own KV cache and
-    /// activations; weights and the expert cache are shared.
+    /// A one-session plan with room for `n` sessions at once instead: each has its own
+    /// KV cache and activations; weights and the expert cache are shared.
     fn for_sessions(self, n: usize) -> MemoryPlan {
+        debug_assert_eq!(self.sessions, 1, "for_sessions scales a one-session plan");
         let n = n.max(1);
         MemoryPlan {
-            kv_cache: self.kv_cache / self.sessions.max(1) as u64 * n as u64,
-            activations: self.activations / self.sessions.max(1) as u64 * n as u64,
+            kv_cache: self.kv_cache * n as u64,
+            activations: self.activations * n as u64,
             sessions: n,
             ..self
         }
@@ -177,9 +178,14 @@ fn gpu_bytes(f: &GgufFile, name: &str) -> u64 {
     }
 }
 
-/// Bytes of KV cache per token of context.
+/// Bytes of one layer's K (or V) cache per token of context (f32).
+pub fn k_cache_bytes_per_token(c: &ModelConfig) -> u64 {
+    (c.n_kv_head * c.head_dim) as u64 * 4
+}
+
+/// Bytes of KV cache per token of context, every layer's K and V.
 pub fn kv_bytes_per_token(c: &ModelConfig) -> u64 {
-    2 * c.n_layer as u64 * (c.n_kv_head * c.head_dim) as u64 * 4
+    2 * c.n_layer as u64 * k_cache_bytes_per_token(c)
 }
 
 /// Plans a session of `ctx` tokens.

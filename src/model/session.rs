@@ -96,7 +96,7 @@ impl StateBuffers {
             (c.n_head * c.head_dim) as u64,
             (c.n_kv_head * c.head_dim) as u64,
         );
-        let cache = kvd * ctx as u64 * f;
+        let cache = super::memory::k_cache_bytes_per_token(c) * ctx as u64;
         let mut kc = Vec::with_capacity(c.n_layer);
         let mut vc = Vec::with_capacity(c.n_layer);
         for _ in 0..c.n_layer {
@@ -188,8 +188,7 @@ pub struct Session {
 /// the adapter's largest storage binding, not only by memory; refuse it here, naming the
 /// most that fits, instead of letting wgpu fail a bind group deep inside the first step.
 fn check_kv_binding(model: &Model, ctx: usize) -> Result<()> {
-    let c = &model.config;
-    let per_token = (c.n_kv_head * c.head_dim) as u64 * 4;
+    let per_token = super::memory::k_cache_bytes_per_token(&model.config);
     let needed = per_token.saturating_mul(ctx as u64);
     let limit = model.gpu.max_binding();
     if needed <= limit {
