@@ -5,16 +5,17 @@
 // - down: y[t, r] += sum_j wts[t, j] * W[ids[t, j] * m + r] · x[t, j*k ..] (down, weighted sum)
 // On GPUs, `rows_split`/`down_split` give each row TPR threads that stride over its chunks
 // (coalesced loads, as the split decode mat-vec in matvec.wgsl).
-// Prefill runs expert-major instead (`grouped`): one thread per (expert row, expert) walks
-// the expert's token list (moe_route.wgsl's `group`) in tiles of TB tokens, dequantising
-// each weight chunk once per tile, and writes y[slot * m + r] for slot = t * n_used + j:
-// the gate/up layout above, and per-slot down outputs that `combine` sums. On CPU adapters
-// `grouped_rows` gives each thread RR rows of the expert, so each gathered x chunk serves
-// RR rows (under lavapipe a one-chunk perplexity of the default carve ran 3.1x faster with
-// all 16 experts active, 2.1x with two).
+// Prefill runs expert-major instead: each expert's token list (moe_route.wgsl's `group`) is
+// multiplied by the expert's rows, and y[slot * m + r] is written for slot = t * n_used + j:
+// the gate/up layout above, and per-slot down outputs that `combine` sums. On GPUs
+// `grouped_tiled` works in 64 x 64 tiles of (rows, tokens) in workgroup memory
+// (gemm_tile.wgsl). On CPU adapters `grouped_rows` gives each thread RR rows of the expert
+// and walks the tokens in tiles of TB, dequantising each weight chunk once per tile, so each
+// gathered x chunk serves RR rows (under lavapipe a one-chunk perplexity of the default
+// carve ran 3.1x faster than with one row a thread, all 16 experts active).
 // Experts live in slots: `slot_of[table_off + e]` is where expert e's rows sit in W. With
 // every expert resident the table is the identity; with an expert cache (moe/cache.rs) the
-// host fills it before the kernels run, and `grouped` skips experts marked MISSING.
+// host fills it before the kernels run, and the grouped kernels skip experts marked MISSING.
 // The per-type `load_chunk`/`chunk_scale`/`chunk_q` and `chunk_dot` are prepended by the host.
 
 struct Params {
@@ -176,32 +177,48 @@ fn down(@builtin(global_invocation_id) gid: vec3<u32>) {
     }
 }
 
-const TB: u32 = 8u;
+// GPUs: one workgroup per (64 rows of expert e, 64 of its tokens), from gemm_tile.wgsl. The
+// grid covers n_tokens tokens per expert, the most any expert can have; workgroups past an
+// expert's count, and experts not in a slot, return at once.
+var<private> tile_slot: u32;  // where expert e's rows sit in W
+var<private> tile_list: u32;  // expert e's first entry in `lists`
 
-@compute @workgroup_size(64)
-fn grouped(@builtin(global_invocation_id) gid: vec3<u32>) {
-    let r = gid.x;
-    let e = gid.y;
+fn tile_w_base(r: u32) -> u32 {
+    return (tile_slot * p.m + r) * (p.k / 32u / CHUNKS_PER_BLOCK) * BLOCK_WORDS;
+}
+
+fn tile_x_base(t: u32) -> u32 {
+    return grouped_x_row(lists[tile_list + t]);
+}
+
+@compute @workgroup_size(256)
+fn grouped_tiled(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let e = wid.z;
+    let row0 = wid.x * BM;
+    let tok0 = wid.y * BN;
     let s = slot_of[p.table_off + e];
-    if (r >= p.m || s == MISSING) {
+    let count = counts[e];
+    if (s == MISSING || tok0 >= count) {
         return;
     }
-    let count = counts[e];
-    let n_chunks = p.k / 32u;
-    let row_base = (s * p.m + r) * (n_chunks / CHUNKS_PER_BLOCK) * BLOCK_WORDS;
-    for (var i0 = 0u; i0 < count; i0 += TB) {
-        let nt = min(TB, count - i0);
-        var acc: array<f32, TB>;
-        for (var c = 0u; c < n_chunks; c++) {
-            let wc = weight_chunk(row_base, c);
-            for (var tt = 0u; tt < nt; tt++) {
-                let xc = x_chunk(grouped_x_row(lists[e * p.n_tokens + i0 + tt]), c);
-                acc[tt] += weight_dot(wc, xc);
-            }
+    tile_slot = s;
+    tile_list = e * p.n_tokens;
+    let n_rows = min(BM, p.m - row0);
+    let n_tok = min(BN, count - tok0);
+    let acc = gemm_tile(lid, p.k, row0, n_rows, tok0, n_tok);
+    let tr = lid % 16u;
+    let tc = lid / 16u;
+    for (var j = 0u; j < 4u; j++) {
+        let t = tc + 16u * j;
+        if (t >= n_tok) {
+            break;
         }
-        for (var tt = 0u; tt < nt; tt++) {
-            let slot = lists[e * p.n_tokens + i0 + tt];
-            y[slot * p.m + r] = acc[tt];
+        let o = lists[tile_list + tok0 + t] * p.m + row0;
+        for (var i = 0u; i < 4u; i++) {
+            let r = tr + 16u * i;
+            if (r < n_rows) {
+                y[o + r] = acc[i][j];
+            }
         }
     }
 }
@@ -211,9 +228,11 @@ fn grouped_x_row(slot: u32) -> u32 {
     return select(slot / p.n_used, slot, p.down == 1u) * p.k / 4u;
 }
 
-// `grouped` with RR = 4 rows a thread (CPU adapters), as matmul.wgsl's `main`: the rows
-// and their accumulators are named variables, because llvmpipe turns a private array
+// CPU adapters: RR = 4 rows a thread and tiles of TB tokens, as matmul.wgsl's `main`: the
+// rows and their accumulators are named variables, because llvmpipe turns a private array
 // indexed by a loop variable into per-lane memory operations.
+const TB: u32 = 8u;
+
 @compute @workgroup_size(64)
 fn grouped_rows(@builtin(global_invocation_id) gid: vec3<u32>) {
     let r0 = gid.x * 4u;

@@ -43,8 +43,12 @@ fn matmul_matches_cpu_for_every_type_and_shape() {
                 (131, 3, Some(50)),
                 (37, 13, None),
                 (64, 1, Some(7)),
+                // GPU tiles are 64 x 64: one row and one token past a tile, and two tokens.
+                (65, 65, Some(40)),
+                (129, 2, None),
             ] {
-                // Decode has a per-row and a split (threads per row) variant; test both.
+                // Each kernel has a CPU-adapter and a GPU variant (decode: rows a thread or
+                // threads a row; prefill: rows a thread or workgroup tiles); test both.
                 for cpu_layout in [false, true] {
                     let (bytes, w) = random_matrix(&mut rng, dtype, rows, cols);
                     let m = Matrix::upload_sharded(&g, "w", dtype, rows, cols, &bytes, shard)
@@ -84,6 +88,78 @@ fn matmul_matches_cpu_for_every_type_and_shape() {
                             "{dtype} {rows}x{cols} tokens {tokens} cpu_layout {cpu_layout} row {r} token {t}: gpu {have}, cpu {want}"
                         );
                         }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The expert-grouped prefill kernel (both layouts) against the CPU: expert 0 is chosen by
+/// all 70 tokens (two GPU token tiles), expert 2 by half of them, expert 1 is not in a slot
+/// and must leave its outputs alone; 67 rows an expert (past one 64-row tile).
+#[test]
+fn moe_grouped_matches_cpu_for_every_type() {
+    let g = gpu();
+    let mut rng = Rng::new(11);
+    let (m, n_tokens, n_used, n_expert) = (67usize, 70usize, 2usize, 3usize);
+    // Expert e's rows sit in slot slot_of[e]; slot 1 holds no routed expert.
+    const MISSING: u32 = u32::MAX;
+    let slot_of: Vec<u32> = vec![2, MISSING, 0];
+    let ids: Vec<u32> = (0..n_tokens)
+        .flat_map(|t| [0u32, if t % 2 == 0 { 1 } else { 2 }])
+        .collect();
+    let table = g
+        .storage_init("slots", bytemuck::cast_slice(&slot_of))
+        .expect("slots");
+    let idb = g
+        .storage_init("ids", bytemuck::cast_slice(&ids))
+        .expect("ids");
+    let lists = g
+        .storage("lists", (n_expert * n_tokens * 4) as u64)
+        .expect("lists");
+    let counts = g.storage("counts", (n_expert * 4) as u64).expect("counts");
+    for dtype in DType::ALL {
+        let k = if dtype.block_len() == 256 { 256 } else { 96 };
+        for down in [false, true] {
+            for cpu_layout in [false, true] {
+                let (bytes, w) = random_matrix(&mut rng, dtype, 3 * m, k);
+                let wm = Matrix::upload(&g, "w", dtype, 3 * m, k, &bytes).expect("upload");
+                let x_rows = if down { n_tokens * n_used } else { n_tokens };
+                let x = rng.vec(x_rows * k, 1.0);
+                let xb = upload(&g, &x);
+                let sentinel = vec![7.0f32; n_tokens * n_used * m];
+                let yb = upload(&g, &sentinel);
+                let groups = ops::ExpertGroups {
+                    slots: ops::ExpertSlots {
+                        table: &table,
+                        off: 0,
+                    },
+                    lists: &lists,
+                    counts: &counts,
+                };
+                let (e, u, n) = (n_expert as u32, n_used as u32, n_tokens as u32);
+                let mut b = DispatchBuilder::new(&g);
+                b.cpu_layout = cpu_layout;
+                ops::moe_group(&mut b, e, u, n, &idb, &groups);
+                ops::moe_grouped(&mut b, &wm, m as u32, e, u, n, down, &xb, &yb, &groups);
+                g.run_once(&b.finish(&g).expect("plan")).expect("run");
+                let got = g.read_f32(&yb, sentinel.len()).expect("read");
+                for (slot, &id) in ids.iter().enumerate() {
+                    let x_row = if down { slot } else { slot / n_used };
+                    for r in 0..m {
+                        let have = got[slot * m + r];
+                        let want = match slot_of[id as usize] {
+                            MISSING => 7.0,
+                            s => {
+                                let row = &w[(s as usize * m + r) * k..][..k];
+                                row.iter().zip(&x[x_row * k..]).map(|(a, b)| a * b).sum()
+                            }
+                        };
+                        assert!(
+                            (want - have).abs() <= 1e-3 * (1.0 + want.abs()) + 1e-4 * k as f32,
+                            "{dtype} down {down} cpu_layout {cpu_layout} slot {slot} row {r}: gpu {have}, cpu {want}"
+                        );
                     }
                 }
             }

@@ -12,6 +12,8 @@ const MOE: &str = include_str!("../../shaders/moe.wgsl");
 const MOE_ROUTE: &str = include_str!("../../shaders/moe_route.wgsl");
 const MOE_RECOVER: &str = include_str!("../../shaders/moe_recover.wgsl");
 const MATMUL: &str = include_str!("../../shaders/matmul.wgsl");
+const MATMUL_TILED: &str = include_str!("../../shaders/matmul_tiled.wgsl");
+const GEMM_TILE: &str = include_str!("../../shaders/gemm_tile.wgsl");
 const EMBED: &str = include_str!("../../shaders/embed.wgsl");
 const NORM: &str = include_str!("../../shaders/norm.wgsl");
 const ROPE: &str = include_str!("../../shaders/rope.wgsl");
@@ -36,6 +38,8 @@ fn quant_source(dtype: DType) -> &'static str {
 /// Rows per thread in the prefill mat-mul (written out in matmul.wgsl: its per-row
 /// registers must be named variables, as arrays would live in memory on lavapipe).
 pub const MATMUL_ROWS: u32 = 4;
+/// Rows and tokens of a GPU mat-mul tile (gemm_tile.wgsl's BM and BN).
+pub const GEMM_TILE_DIM: u32 = 64;
 /// Threads per row of the split decode mat-vec (a power of two dividing 64).
 pub const MATVEC_TPR: u32 = 16;
 /// Rows per thread of the one-thread-per-row decode mat-vec (CPU adapters).
@@ -53,6 +57,15 @@ pub enum AttnVariant {
     Combine,
 }
 
+/// Thread layouts of the expert-grouped prefill kernel (moe.wgsl).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum GroupedLayout {
+    /// Four expert rows a thread (CPU adapters).
+    Rows,
+    /// 64 x 64 tiles of (expert rows, tokens) in workgroup memory (GPUs).
+    Tiled,
+}
+
 /// Every compute pipeline pregate uses, keyed for the pipeline cache.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Kernel {
@@ -64,6 +77,10 @@ pub enum Kernel {
         tokens: u32,
         uniform_x: u32,
         split: bool,
+    },
+    /// Prefill mat-mul on GPUs: 64 x 64 tiles of (rows, tokens) in workgroup memory.
+    MatmulTiled {
+        dtype: DType,
     },
     Embed {
         dtype: DType,
@@ -94,10 +111,9 @@ pub enum Kernel {
     /// Prefill, expert-major: list each expert's tokens, run the grouped expert mat-mul,
     /// and sum each token's weighted expert outputs.
     MoeGroup,
-    /// `rows`: four rows a thread (CPU adapters), else one.
     MoeGrouped {
         dtype: DType,
-        rows: bool,
+        layout: GroupedLayout,
     },
     MoeCombine,
     /// A carve's recovery correction for tokens running another number of experts.
@@ -116,6 +132,7 @@ impl Kernel {
     pub fn label(&self) -> &'static str {
         match self {
             Kernel::Matmul { .. } => "matmul",
+            Kernel::MatmulTiled { .. } => "matmul_tiled",
             Kernel::Embed { .. } => "embed",
             Kernel::RmsNorm => "rms_norm",
             Kernel::Rope => "rope",
@@ -165,8 +182,14 @@ impl Kernel {
             Kernel::MoeDown { split: false, .. } => "down",
             Kernel::MoeDown { split: true, .. } => "down_split",
             Kernel::MoeGroup => "group",
-            Kernel::MoeGrouped { rows: false, .. } => "grouped",
-            Kernel::MoeGrouped { rows: true, .. } => "grouped_rows",
+            Kernel::MoeGrouped {
+                layout: GroupedLayout::Rows,
+                ..
+            } => "grouped_rows",
+            Kernel::MoeGrouped {
+                layout: GroupedLayout::Tiled,
+                ..
+            } => "grouped_tiled",
             Kernel::MoeCombine => "combine",
             Kernel::MoeRecoverCount => "recover_count",
             _ => "main",
@@ -208,6 +231,16 @@ impl Kernel {
                     .replace("{{X_ROW0}}", row0);
                 format!("{QUANT_COMMON}\n{}\n{body}", quant_source(dtype))
             }
+            Kernel::MatmulTiled { dtype } => {
+                let common = MATMUL_COMMON.replace(
+                    "{{X_DECL}}",
+                    "@group(0) @binding(2) var<storage, read> x: array<vec4<f32>>;",
+                );
+                format!(
+                    "{QUANT_COMMON}\n{}\n{common}\n{GEMM_TILE}\n{MATMUL_TILED}",
+                    quant_source(dtype)
+                )
+            }
             Kernel::Embed { dtype } => format!("{QUANT_COMMON}\n{}\n{EMBED}", quant_source(dtype)),
             Kernel::RmsNorm => NORM.to_string(),
             Kernel::Rope => ROPE.to_string(),
@@ -223,7 +256,7 @@ impl Kernel {
             Kernel::MoeRows { dtype, .. }
             | Kernel::MoeDown { dtype, .. }
             | Kernel::MoeGrouped { dtype, .. } => format!(
-                "{QUANT_COMMON}\n{}\n{CHUNK_DOT}\n{}",
+                "{QUANT_COMMON}\n{}\n{CHUNK_DOT}\n{GEMM_TILE}\n{}",
                 quant_source(dtype),
                 MOE.replace("{{TPR}}", &MATVEC_TPR.to_string())
                     .replace("{{RPT}}", &MATVEC_RPT.to_string())

@@ -4,7 +4,7 @@
 use bytemuck::{Pod, Zeroable};
 
 use super::dispatch::{grid_1d, Bind, DispatchBuilder};
-use super::kernels::{AttnVariant, Kernel};
+use super::kernels::{AttnVariant, Kernel, GEMM_TILE_DIM};
 
 mod moe;
 use super::tensor::{Matrix, Vector};
@@ -71,6 +71,9 @@ pub fn matmul(
     write: Write,
     dummy: &wgpu::Buffer,
 ) {
+    if n_tokens > 1 && !b.cpu_layout {
+        return matmul_tiled(b, w, x, x_row0, n_tokens, y, bias, write, dummy);
+    }
     let k = w.cols;
     let row_bytes = (k * 4) as u64;
     let (tile, uniform_ok) = if n_tokens == 1 {
@@ -140,6 +143,51 @@ pub fn matmul(
             );
         }
         t0 += nt;
+    }
+}
+
+/// `matmul` on GPUs for more than one token: one dispatch per shard covers every token, in
+/// 64 x 64 tiles of (rows, tokens).
+#[allow(clippy::too_many_arguments)]
+fn matmul_tiled(
+    b: &mut DispatchBuilder,
+    w: &Matrix,
+    x: &wgpu::Buffer,
+    x_row0: u32,
+    n_tokens: u32,
+    y: &wgpu::Buffer,
+    bias: Option<&Vector>,
+    write: Write,
+    dummy: &wgpu::Buffer,
+) {
+    let flags = bias.is_some() as u32 | if write == Write::Accumulate { 2 } else { 0 };
+    let bias_buf = bias.map(|v| &*v.buffer).unwrap_or(dummy);
+    let kernel = Kernel::MatmulTiled { dtype: w.dtype };
+    for s in &w.shards {
+        let p = MatmulParams {
+            k: w.cols as u32,
+            n_rows: s.n_rows,
+            row_offset: s.row_start,
+            y_stride: w.rows as u32,
+            n_tokens,
+            x_stride: w.cols as u32,
+            flags,
+            x_row0,
+            y_row0: 0,
+            _pad: [0; 3],
+        };
+        let binds = vec![
+            Bind::whole(1, &s.buffer),
+            Bind::whole(2, x),
+            Bind::whole(3, y),
+            Bind::whole(4, bias_buf),
+        ];
+        let grid = [
+            s.n_rows.div_ceil(GEMM_TILE_DIM),
+            n_tokens.div_ceil(GEMM_TILE_DIM),
+            1,
+        ];
+        b.push(kernel, &p, binds, grid);
     }
 }
 

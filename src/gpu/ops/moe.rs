@@ -4,7 +4,7 @@
 use bytemuck::{Pod, Zeroable};
 
 use crate::gpu::dispatch::{Bind, DispatchBuilder};
-use crate::gpu::kernels::{Kernel, MATVEC_RPT, MATVEC_TPR};
+use crate::gpu::kernels::{GroupedLayout, Kernel, GEMM_TILE_DIM, MATVEC_RPT, MATVEC_TPR};
 use crate::gpu::tensor::Matrix;
 
 /// How the router turns its outputs into expert choices (moe_route.wgsl).
@@ -282,13 +282,27 @@ pub fn moe_grouped(
         down: down as u32,
         table_off: groups.slots.off,
     };
-    // CPU adapters: several rows a thread, so each gathered x chunk serves them all.
-    let rows = b.cpu_layout;
-    let per_group = if rows { 64 * GROUPED_ROWS } else { 64 };
+    // CPU adapters: several rows a thread, so each gathered x chunk serves them all. GPUs:
+    // 64 x 64 tiles, as many token tiles as the fullest expert could need.
+    let (layout, grid) = if b.cpu_layout {
+        (
+            GroupedLayout::Rows,
+            [m.div_ceil(64 * GROUPED_ROWS), n_expert, 1],
+        )
+    } else {
+        (
+            GroupedLayout::Tiled,
+            [
+                m.div_ceil(GEMM_TILE_DIM),
+                n_tokens.div_ceil(GEMM_TILE_DIM),
+                n_expert,
+            ],
+        )
+    };
     b.push(
         Kernel::MoeGrouped {
             dtype: w.dtype,
-            rows,
+            layout,
         },
         &p,
         vec![
@@ -299,7 +313,7 @@ pub fn moe_grouped(
             Bind::whole(7, groups.counts),
             Bind::whole(10, groups.slots.table),
         ],
-        [m.div_ceil(per_group), n_expert, 1],
+        grid,
     );
 }
 
