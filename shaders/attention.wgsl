@@ -1,11 +1,14 @@
-// Causal attention over the KV cache, for decode (1 token) and prefill (many), with GQA:
-// query head h reads kv head h / (n_head / n_kv_head). One workgroup per (head, token) walks
-// the keys in chunks of WG: each thread scores one key of the chunk, then each thread
-// accumulates one vec4 of the output over a strided subset of the chunk's values. An online
-// softmax across chunks means no score matrix is ever stored, and the work spreads over
-// WG threads instead of one thread per head (which left a discrete GPU idle at decode).
-// `serial` keeps one thread per (head, token): on a CPU adapter (lavapipe) the workgroup's
-// redundant chunk scans cost more than the parallelism gains (8.8 vs 32 ms/token, decode).
+// Causal attention over the KV cache, with GQA: query head h reads kv head
+// h / (n_head / n_kv_head). Every variant keeps an online softmax (running max and sum), so
+// no score matrix is ever stored. One variant per kind of step and device:
+// - `flash` (GPU prefill): a workgroup per (head, 64 queries) stages blocks of keys and
+//   values in workgroup memory for all its queries.
+// - `split_keys` + `combine` (GPU decode): a workgroup per (head, span of keys) walks its
+//   span in chunks of WG keys, each thread scoring one key of the chunk and accumulating one
+//   vec4 of the output over a subset of the chunk's values; `combine` merges the spans.
+// - `serial` (CPU adapters, prefill and decode): one thread per (head, token). On lavapipe
+//   the workgroup's redundant chunk scans cost more than the parallelism gains (8.8 vs 32
+//   ms/token, decode).
 
 const HD4: u32 = {{HD4}}u;  // head_dim / 4, at most WG
 const WG: u32 = 64u;
@@ -107,17 +110,66 @@ fn load_q(qo: u32) -> array<vec4<f32>, HD4> {
     return qv;
 }
 
+// Prefill on GPUs (flash attention): one workgroup per (head, FQ queries), a query a
+// thread. The workgroup stages BKV keys and values at a time in workgroup memory with
+// coalesced loads, and every query of the block reads them from there, so K and V are read
+// from memory once per FQ queries instead of once per query. Each thread keeps its own
+// online softmax (running max, sum and output), so no score matrix is ever stored.
+const FQ: u32 = 64u;
+const BKV: u32 = {{BKV}}u;  // keys a stage: the K and V tiles fill at most 16 KiB
+
+var<workgroup> k_tile: array<vec4<f32>, BKV * HD4>;
+var<workgroup> v_tile: array<vec4<f32>, BKV * HD4>;
+
 @compute @workgroup_size(64)
-fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+fn flash(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
     let h = wid.x;
-    let t = wid.y;
-    let kvh = h / (p.n_head / p.n_kv_head);
+    let t0 = wid.y * FQ;
+    let base = (h / (p.n_head / p.n_kv_head)) * p.ctx * HD4;
+    // Threads past the last token run the last one's query and store nothing.
+    let t = min(t0 + lid, p.n_tokens - 1u);
+    let pos = step.pos0 + t;
+    // The last key any query of this workgroup sees.
+    let last = step.pos0 + min(t0 + FQ, p.n_tokens) - 1u;
     let qo = (t * p.n_head + h) * HD4;
     var qv = load_q(qo);
-    let w = walk_keys(lid, &qv, kvh * p.ctx * HD4, 0u, step.pos0 + t);
-    let total = gather_subsets(lid, w.acc);
-    if (lid < HD4) {
-        out[qo + lid] = total / w.l;
+    var acc: array<vec4<f32>, HD4>;
+    var m = -3.0e38;
+    var l = 0.0;
+    for (var j0 = 0u; j0 <= last; j0 += BKV) {
+        for (var i = lid; i < BKV * HD4; i += WG) {
+            let o = base + min(j0 + i / HD4, last) * HD4 + i % HD4;
+            k_tile[i] = kc[o];
+            v_tile[i] = vc[o];
+        }
+        workgroupBarrier();
+        // Keys j0 .. j0 + n of the stage are at or before this query's position.
+        let n = select(0u, min(BKV, pos + 1u - j0), pos >= j0);
+        for (var jj = 0u; jj < n; jj++) {
+            var s = 0.0;
+            for (var i = 0u; i < HD4; i++) {
+                s += dot(qv[i], k_tile[jj * HD4 + i]);
+            }
+            if (s > m) {
+                let corr = exp(m - s);
+                l *= corr;
+                for (var i = 0u; i < HD4; i++) {
+                    acc[i] *= corr;
+                }
+                m = s;
+            }
+            let e = exp(s - m);
+            l += e;
+            for (var i = 0u; i < HD4; i++) {
+                acc[i] += e * v_tile[jj * HD4 + i];
+            }
+        }
+        workgroupBarrier();
+    }
+    if (t0 + lid < p.n_tokens) {
+        for (var i = 0u; i < HD4; i++) {
+            out[qo + i] = acc[i] / l;
+        }
     }
 }
 

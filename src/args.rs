@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use clap::{Args, Parser, Subcommand};
 
-use pregate::gpu::BackendChoice;
+use pregate::gpu::{BackendChoice, KernelLayout};
 use pregate::moe::{Prefetch, Routing};
 use pregate::pull::DEFAULT_MODEL;
 use pregate::{GenerateParams, SamplerConfig};
@@ -85,6 +85,10 @@ pub(crate) struct ModelArgs {
     /// Graphics API
     #[arg(long, value_enum, default_value_t = BackendChoice::Auto)]
     pub(crate) backend: BackendChoice,
+    /// Kernel variants: auto picks by the adapter's type; gpu and cpu force one (to
+    /// compare them, or to check the GPU kernels on a CPU adapter)
+    #[arg(long, value_enum, default_value_t = KernelLayout::Auto)]
+    pub(crate) kernels: KernelLayout,
     /// Most VRAM to use: a size (192MiB, 1.5GiB), a share of the expert bytes for the expert
     /// cache (25%, MoE models), or all. Resident parts go first; MoE experts that do not fit
     /// stream into cache slots. Without --ctx, the context shrinks if needed
@@ -360,6 +364,9 @@ pub(crate) struct CarveArgs {
     pub(crate) adapter: Option<usize>,
     #[arg(long, value_enum, default_value_t = BackendChoice::Auto)]
     pub(crate) backend: BackendChoice,
+    /// Kernel variants for calibration: auto (by the adapter's type), gpu or cpu
+    #[arg(long, value_enum, default_value_t = KernelLayout::Auto)]
+    pub(crate) kernels: KernelLayout,
     /// Print the summary as JSON
     #[arg(long)]
     pub(crate) json: bool,

@@ -26,7 +26,7 @@ pub struct BenchReport {
     pub backend: String,
     /// Per-kernel GPU time of one decode step (empty without timestamp queries).
     pub kernels: Vec<KernelTime>,
-    /// Per-kernel GPU time per token of one prefill chunk of up to `DEFAULT_UBATCH` tokens.
+    /// Per-kernel GPU time per token of one prefill chunk (up to the session's ubatch).
     pub prefill_kernels: Vec<KernelTime>,
     /// `--vram-budget` as given.
     pub budget: String,
@@ -153,7 +153,7 @@ pub fn run(
     let metrics = engine.metrics();
     let kernels = session.profile_step(1)?;
     session.reset();
-    let chunk = prompt_tokens.clamp(1, crate::model::session::DEFAULT_UBATCH) as u32;
+    let chunk = prompt_tokens.clamp(1, session.ubatch()) as u32;
     let prefill_kernels = session.profile_step(chunk)?;
     Ok(BenchReport {
         prefill_tok_s: best_prefill,

@@ -207,7 +207,9 @@ impl Engine {
             (VramBudget::All, Some(b)) => VramBudget::Bytes(b),
             (b, _) => b,
         };
-        let plan = crate::model::memory::fit(&file, &config, opts.ctx, budget, opts.sessions)?;
+        let ubatch = crate::model::session::prefill_ubatch(opts.gpu.cpu_layout()?);
+        let shape = (opts.sessions, ubatch);
+        let plan = crate::model::memory::fit(&file, &config, opts.ctx, budget, shape)?;
         // By default, room only where every expert stays resident: the experts a token
         // adds are rarely used ones, which under a budget cost cache misses (at 50%, twice
         // dropping only's, as many as the fixed top-k's: BENCHMARKS.md).

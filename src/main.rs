@@ -129,6 +129,7 @@ fn load(m: &ModelArgs) -> Result<Engine> {
         gpu: GpuOptions {
             adapter: m.adapter,
             backend: m.backend,
+            layout: m.kernels,
             ..Default::default()
         },
         ctx: m.ctx,
@@ -652,7 +653,7 @@ fn cmd_carve(a: CarveArgs) -> Result<()> {
             adapter: a.adapter,
             backend: a.backend,
             vram_budget: None,
-            ..Default::default()
+            layout: a.kernels,
         },
     };
     let mut pb: Option<(Progress, &str)> = None;

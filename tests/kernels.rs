@@ -263,6 +263,8 @@ fn rope_and_attention_match_cpu_for_prefill_then_decode() {
         (RopeMode::Normal, 80, vec![3, 66, 1]),
         // Decode past one 256-key span of the split GPU variant, and into a third span.
         (RopeMode::Neox, 64, vec![300, 1, 230, 1]),
+        // Heads of 128: 16 keys a stage of the GPU prefill, and three query blocks.
+        (RopeMode::Neox, 128, vec![130, 1]),
     ];
     for ((mode, hd, steps), serial) in cases
         .into_iter()

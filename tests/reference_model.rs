@@ -4,6 +4,7 @@
 
 use std::path::PathBuf;
 
+use pregate::gpu::KernelLayout;
 use pregate::model::memory::VramBudget;
 use pregate::pull::{resolve_model, DEFAULT_MODEL};
 use pregate::{Engine, EngineOptions, GenerateParams};
@@ -18,20 +19,37 @@ fn reference_dir() -> PathBuf {
 }
 
 fn engine() -> Engine {
+    engine_with(KernelLayout::Auto)
+}
+
+/// The default model with the kernel variants `layout` forces (`Gpu` on lavapipe checks the
+/// GPU kernels against llama.cpp on a machine without a GPU).
+fn engine_with(layout: KernelLayout) -> Engine {
     let path = resolve_model(DEFAULT_MODEL, |_| {}).expect("pull the default model");
-    Engine::load(
-        path,
-        &EngineOptions {
-            ctx: 512,
-            ..Default::default()
-        },
-    )
-    .expect("load")
+    let mut opts = EngineOptions {
+        ctx: 512,
+        ..Default::default()
+    };
+    opts.gpu.layout = layout;
+    Engine::load(path, &opts).expect("load")
 }
 
 #[test]
 fn greedy_generation_reproduces_llama_cpp() {
-    let engine = engine();
+    assert_greedy_matches(&engine(), 48);
+}
+
+/// The GPU kernels (tiled prefill mat-mul, flash attention, split decode mat-vec) on this
+/// machine's adapter, whatever it is: the first 16 tokens of every reference prompt. Only
+/// 16 are generated, since under lavapipe the GPU variants are several times slower.
+#[test]
+fn gpu_kernels_reproduce_llama_cpp_greedy() {
+    assert_greedy_matches(&engine_with(KernelLayout::Gpu), 16);
+}
+
+/// Every reference prompt's continuation of at most `most` tokens starts with the first 16
+/// tokens of llama.cpp's.
+fn assert_greedy_matches(engine: &Engine, most: usize) {
     let text = std::fs::read_to_string(reference_dir().join("greedy.jsonl")).expect("greedy.jsonl");
     let mut full_matches = 0;
     let mut n = 0;
@@ -39,7 +57,7 @@ fn greedy_generation_reproduces_llama_cpp() {
         let v: serde_json::Value = serde_json::from_str(line).expect("json");
         let prompt = v["prompt"].as_str().expect("prompt");
         let want = v["continuation"].as_str().expect("continuation");
-        let n_predict = v["n_predict"].as_u64().unwrap_or(48) as usize;
+        let n_predict = (v["n_predict"].as_u64().unwrap_or(48) as usize).min(most);
         let ids = engine.tokenizer.encode(prompt, true).expect("encode");
         let mut session = engine.session().expect("session");
         let params = GenerateParams {
@@ -66,7 +84,7 @@ fn greedy_generation_reproduces_llama_cpp() {
         n += 1;
     }
     assert!(n >= 4, "expected the reference prompts");
-    eprintln!("{full_matches}/{n} prompts match all {} tokens", 48);
+    eprintln!("{full_matches}/{n} prompts match all {most} tokens");
 }
 
 /// llama.cpp's running perplexity after each chunk of eval.txt (`[k]value` pairs in
@@ -95,7 +113,18 @@ fn llama_cpp_running_perplexity() -> Vec<f64> {
 /// most of the CI budget; `pregate eval -f eval.txt --ctx 512` scores them by hand.
 #[test]
 fn perplexity_matches_llama_cpp_within_one_percent() {
-    const CHUNKS: usize = 4;
+    assert_perplexity_matches(&engine(), 4);
+}
+
+/// The GPU kernels on this machine's adapter: the first chunk (255 scored tokens) within 1%
+/// of llama.cpp's, one 512-token prefill through the tiled mat-mul and flash attention.
+#[test]
+fn gpu_kernels_keep_llama_cpp_perplexity() {
+    assert_perplexity_matches(&engine_with(KernelLayout::Gpu), 1);
+}
+
+/// llama.cpp's running perplexity over the first `chunks` chunks of eval.txt, each within 1%.
+fn assert_perplexity_matches(engine: &Engine, chunks: usize) {
     let want = llama_cpp_running_perplexity();
     assert_eq!(
         want.len(),
@@ -106,16 +135,15 @@ fn perplexity_matches_llama_cpp_within_one_percent() {
         (want[19] - 5.3173).abs() / 5.3173 < 0.001,
         "the reference's final PPL"
     );
-    let engine = engine();
     let text = std::fs::read_to_string(reference_dir().join("eval.txt")).expect("eval.txt");
     let mut running = Vec::new();
-    let r = pregate::eval::perplexity(&engine, &text, 512, Some(CHUNKS), |_, _, ppl| {
+    let r = pregate::eval::perplexity(engine, &text, 512, Some(chunks), |_, _, ppl| {
         running.push(ppl)
     })
     .expect("perplexity");
-    assert_eq!(r.chunks, CHUNKS);
-    assert_eq!(r.tokens_scored, CHUNKS * 255);
-    assert_eq!(running.len(), CHUNKS);
+    assert_eq!(r.chunks, chunks);
+    assert_eq!(r.tokens_scored, chunks * 255);
+    assert_eq!(running.len(), chunks);
     for (k, (got, want)) in running.iter().zip(&want).enumerate() {
         let rel = (got - want).abs() / want;
         eprintln!(

@@ -48,13 +48,15 @@ pub struct GpuOptions {
 }
 
 /// Kernels whose fastest thread layout differs between CPU adapters (few long threads) and
-/// GPUs (many threads per row, coalesced loads) have a variant for each.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+/// GPUs (workgroup tiles, many threads per row, coalesced loads) have a variant for each.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
 pub enum KernelLayout {
     /// By the adapter's device type.
     #[default]
     Auto,
+    /// The variants for CPU adapters (lavapipe, SwiftShader).
     Cpu,
+    /// The variants for GPUs.
     Gpu,
 }
 
@@ -165,21 +167,51 @@ pub struct Gpu {
     pipelines: Mutex<HashMap<Kernel, Arc<wgpu::ComputePipeline>>>,
 }
 
+/// The adapter `opts` select: `--adapter`'s index, or the default one.
+fn pick_adapter(opts: &GpuOptions) -> Result<wgpu::Adapter> {
+    match opts.adapter {
+        Some(i) => {
+            let mut all = adapters(opts.backend);
+            let n = all.len();
+            if i >= n {
+                return Err(Error::NoAdapter(format!(
+                    ": --adapter {i} but only {n} adapter(s) exist (see `pregate devices`)"
+                )));
+            }
+            Ok(all.swap_remove(i))
+        }
+        None => default_adapter(opts.backend),
+    }
+}
+
+impl KernelLayout {
+    /// Whether the CPU-adapter variants run on an adapter of this type.
+    fn is_cpu(self, device_type: wgpu::DeviceType) -> bool {
+        match self {
+            KernelLayout::Auto => device_type == wgpu::DeviceType::Cpu,
+            KernelLayout::Cpu => true,
+            KernelLayout::Gpu => false,
+        }
+    }
+}
+
+impl GpuOptions {
+    /// Whether a [`Gpu`] opened with these options runs the CPU-adapter kernel variants,
+    /// found without opening a device (the memory plan needs it first).
+    pub fn cpu_layout(&self) -> Result<bool> {
+        match self.layout {
+            KernelLayout::Cpu => Ok(true),
+            KernelLayout::Gpu => Ok(false),
+            KernelLayout::Auto => {
+                Ok(KernelLayout::Auto.is_cpu(pick_adapter(self)?.get_info().device_type))
+            }
+        }
+    }
+}
+
 impl Gpu {
     pub fn new(opts: &GpuOptions) -> Result<Gpu> {
-        let adapter = match opts.adapter {
-            Some(i) => {
-                let mut all = adapters(opts.backend);
-                let n = all.len();
-                if i >= n {
-                    return Err(Error::NoAdapter(format!(
-                        ": --adapter {i} but only {n} adapter(s) exist (see `pregate devices`)"
-                    )));
-                }
-                all.swap_remove(i)
-            }
-            None => default_adapter(opts.backend)?,
-        };
+        let adapter = pick_adapter(opts)?;
         let info = adapter.get_info();
         let wanted =
             wgpu::Features::SUBGROUP | wgpu::Features::SHADER_F16 | wgpu::Features::TIMESTAMP_QUERY;
@@ -203,11 +235,7 @@ impl Gpu {
             let mut slot = sink.lock().unwrap_or_else(|p| p.into_inner());
             slot.get_or_insert(msg);
         }));
-        let cpu_layout = match opts.layout {
-            KernelLayout::Auto => info.device_type == wgpu::DeviceType::Cpu,
-            KernelLayout::Cpu => true,
-            KernelLayout::Gpu => false,
-        };
+        let cpu_layout = opts.layout.is_cpu(info.device_type);
         Ok(Gpu {
             cpu_layout,
             device,

@@ -45,13 +45,19 @@ pub const MATVEC_TPR: u32 = 16;
 /// Rows per thread of the one-thread-per-row decode mat-vec (CPU adapters).
 pub const MATVEC_RPT: u32 = 8;
 
+/// Keys `flash` stages at a time for heads of `hd4` vec4s: its K and V tiles fill at most
+/// 16 KiB, the workgroup memory every WebGPU adapter has.
+fn flash_keys(hd4: u32) -> u32 {
+    (16384 / (2 * 16 * hd4.max(1))).min(64)
+}
+
 /// The attention kernels (attention.wgsl).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum AttnVariant {
     /// One thread per (head, token): CPU adapters.
     Serial,
-    /// A workgroup per (head, token): GPU prefill.
-    Workgroup,
+    /// A workgroup per (head, 64 queries), keys staged in workgroup memory: GPU prefill.
+    Flash,
     /// GPU decode: a workgroup per (head, span of keys), then `Combine` merges the spans.
     SplitKeys,
     Combine,
@@ -172,7 +178,7 @@ impl Kernel {
             | Kernel::TopK => self.label(),
             Kernel::Attention { variant, .. } => match variant {
                 AttnVariant::Serial => "serial",
-                AttnVariant::Workgroup => "main",
+                AttnVariant::Flash => "flash",
                 AttnVariant::SplitKeys => "split_keys",
                 AttnVariant::Combine => "combine",
             },
@@ -245,7 +251,10 @@ impl Kernel {
             Kernel::RmsNorm => NORM.to_string(),
             Kernel::Rope => ROPE.to_string(),
             Kernel::Attention { head_dim, .. } => {
-                ATTENTION.replace("{{HD4}}", &(head_dim / 4).to_string())
+                let hd4 = head_dim / 4;
+                ATTENTION
+                    .replace("{{HD4}}", &hd4.to_string())
+                    .replace("{{BKV}}", &flash_keys(hd4).to_string())
             }
             Kernel::SwiGlu
             | Kernel::SwiGluInto

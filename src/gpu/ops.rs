@@ -350,6 +350,9 @@ struct AttnParams {
     _pad: u32,
 }
 
+/// Queries a workgroup of the GPU prefill attention (attention.wgsl's FQ).
+const FLASH_QUERIES: u32 = 64;
+
 /// Keys per span of the split decode attention (attention.wgsl's SPAN).
 pub const ATTN_SPAN: u32 = 256;
 
@@ -418,12 +421,8 @@ pub fn attention(
     } else {
         let mut binds = io;
         binds.push(Bind::whole(5, out));
-        b.push(
-            kernel(AttnVariant::Workgroup),
-            &p,
-            binds,
-            [shape.n_head, n_tokens, 1],
-        );
+        let groups = [shape.n_head, n_tokens.div_ceil(FLASH_QUERIES), 1];
+        b.push(kernel(AttnVariant::Flash), &p, binds, groups);
     }
 }
 

@@ -9,7 +9,7 @@ use crate::format::GgufFile;
 use crate::quant::DType;
 
 use super::config::{count_fit_tensors, ModelConfig};
-use super::session::{DEFAULT_UBATCH, TOPK_CAP};
+use super::session::TOPK_CAP;
 
 #[derive(Clone, Debug, Default, serde::Serialize)]
 pub struct MemoryPlan {
@@ -189,7 +189,7 @@ pub fn kv_bytes_per_token(c: &ModelConfig) -> u64 {
 }
 
 /// Plans a session of `ctx` tokens.
-pub fn plan(f: &GgufFile, c: &ModelConfig, ctx: usize) -> MemoryPlan {
+pub fn plan(f: &GgufFile, c: &ModelConfig, ctx: usize, ubatch: usize) -> MemoryPlan {
     let mut p = MemoryPlan {
         n_expert: c.moe.as_ref().map_or(0, |m| m.n_expert),
         staging_buffers: staging_buffers(c.moe.as_ref().map_or(0, |m| m.n_slots)),
@@ -271,7 +271,7 @@ pub fn plan(f: &GgufFile, c: &ModelConfig, ctx: usize) -> MemoryPlan {
         p.norms += gpu_bytes(f, &n("attn_norm.weight")) + gpu_bytes(f, &n("ffn_norm.weight"));
     }
     p.kv_cache = kv_bytes_per_token(c) * ctx as u64;
-    let ub = DEFAULT_UBATCH.min(ctx) as u64;
+    let ub = ubatch.min(ctx) as u64;
     let (d, qd, kvd, ff) = (
         c.d_model as u64,
         (c.n_head * c.head_dim) as u64,
@@ -306,15 +306,15 @@ pub fn plan(f: &GgufFile, c: &ModelConfig, ctx: usize) -> MemoryPlan {
 /// budget; with no explicit request, the longest context that fits (at least 256 tokens).
 /// MoE models under a budget get expert cache slots for what remains after the resident
 /// parts: at least `n_slots` per layer, so that one token's experts fit at once. Each of
-/// `sessions` open at once gets its own KV cache and activations.
+/// `sessions` open at once gets its own KV cache and activations for `ubatch` tokens.
 pub fn fit(
     f: &GgufFile,
     c: &ModelConfig,
     requested: usize,
     budget: VramBudget,
-    sessions: usize,
+    (sessions, ubatch): (usize, usize),
 ) -> Result<MemoryPlan> {
-    let planned = |ctx: usize| plan(f, c, ctx).for_sessions(sessions);
+    let planned = |ctx: usize| plan(f, c, ctx, ubatch).for_sessions(sessions);
     let default_ctx = c.ctx_train.min(4096);
     let ctx = if requested == 0 {
         default_ctx

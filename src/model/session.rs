@@ -16,8 +16,17 @@ use crate::moe::cache::SKIP;
 /// Most candidates the GPU top-k returns; larger k reads back all logits instead.
 pub const TOPK_CAP: usize = 256;
 
-/// Largest number of tokens processed in one step (prefill is split into chunks of this).
-pub const DEFAULT_UBATCH: usize = 128;
+/// Largest number of tokens processed in one step (prefill is split into chunks of this),
+/// by kernel layout. GPUs take 512: their mat-mul tiles are 64 tokens wide, and each step
+/// costs a submit and a wait that a longer chunk spreads over more tokens. CPU adapters
+/// gain nothing past 128 and would hold 4x the activations.
+pub fn prefill_ubatch(cpu_layout: bool) -> usize {
+    if cpu_layout {
+        128
+    } else {
+        512
+    }
+}
 
 /// Most tokens ahead that the lookahead policy plans over (the router's CPU time is
 /// microseconds a token; beyond a few chunks the nearest uses decide anyway).
@@ -212,7 +221,7 @@ impl Session {
             ));
         }
         check_kv_binding(&model, ctx)?;
-        let ub = DEFAULT_UBATCH.min(ctx);
+        let ub = prefill_ubatch(model.gpu.cpu_layout).min(ctx);
         let bufs = StateBuffers::new(&model, ctx, ub)?;
         Ok(Session {
             model,
@@ -225,6 +234,11 @@ impl Session {
 
     pub fn ctx(&self) -> usize {
         self.bufs.ctx
+    }
+
+    /// Most tokens one step processes (longer prompts prefill in chunks of this).
+    pub fn ubatch(&self) -> usize {
+        self.bufs.ub
     }
 
     /// Tokens currently held in the KV cache.
