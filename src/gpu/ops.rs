@@ -71,8 +71,10 @@ pub fn matmul(
     write: Write,
     dummy: &wgpu::Buffer,
 ) {
+    let flags = bias.is_some() as u32 | if write == Write::Accumulate { 2 } else { 0 };
+    let bias_buf = bias.map(|v| &*v.buffer).unwrap_or(dummy);
     if n_tokens > 1 && !b.cpu_layout {
-        return matmul_tiled(b, w, x, x_row0, n_tokens, y, bias, write, dummy);
+        return matmul_tiled(b, w, x, (x_row0, n_tokens), y, (bias_buf, flags));
     }
     let k = w.cols;
     let row_bytes = (k * 4) as u64;
@@ -82,8 +84,6 @@ pub fn matmul(
         token_tile(k, &b.limits)
     };
     let align = b.limits.min_uniform_buffer_offset_alignment as u64;
-    let flags = bias.is_some() as u32 | if write == Write::Accumulate { 2 } else { 0 };
-    let bias_buf = bias.map(|v| &*v.buffer).unwrap_or(dummy);
     let mut t0 = 0;
     while t0 < n_tokens {
         let nt = tile.min(n_tokens - t0);
@@ -147,21 +147,15 @@ pub fn matmul(
 }
 
 /// `matmul` on GPUs for more than one token: one dispatch per shard covers every token, in
-/// 64 x 64 tiles of (rows, tokens).
-#[allow(clippy::too_many_arguments)]
+/// 64 x 64 tiles of (rows, tokens). `tokens`: (x_row0, n_tokens); `bias`: (buffer, flags).
 fn matmul_tiled(
     b: &mut DispatchBuilder,
     w: &Matrix,
     x: &wgpu::Buffer,
-    x_row0: u32,
-    n_tokens: u32,
+    (x_row0, n_tokens): (u32, u32),
     y: &wgpu::Buffer,
-    bias: Option<&Vector>,
-    write: Write,
-    dummy: &wgpu::Buffer,
+    (bias_buf, flags): (&wgpu::Buffer, u32),
 ) {
-    let flags = bias.is_some() as u32 | if write == Write::Accumulate { 2 } else { 0 };
-    let bias_buf = bias.map(|v| &*v.buffer).unwrap_or(dummy);
     let kernel = Kernel::MatmulTiled { dtype: w.dtype };
     for s in &w.shards {
         let p = MatmulParams {
