@@ -1,5 +1,5 @@
-// Shared by the decode mat-vec and the expert kernels; expects bindings `w` (raw blocks)
-// and `x` (vec4 activations), and the per-type load_chunk/chunk_scale/chunk_q.
+// Shared by the decode mat-vec and the expert kernels; expects binding `w` (raw blocks),
+// `x_at(i)` (vec4 i of the activations), and the per-type load_chunk/chunk_scale/chunk_q.
 
 // The 32 activations of one chunk, with the sums of each half (for the offsets).
 struct XChunk {
@@ -11,14 +11,14 @@ struct XChunk {
 fn x_chunk(x0: u32, c: u32) -> XChunk {
     let xb = x0 + c * 8u;
     var v: XChunk;
-    v.a = x[xb];
-    v.b = x[xb + 1u];
-    v.c = x[xb + 2u];
-    v.d = x[xb + 3u];
-    v.e = x[xb + 4u];
-    v.f = x[xb + 5u];
-    v.g = x[xb + 6u];
-    v.h = x[xb + 7u];
+    v.a = x_at(xb);
+    v.b = x_at(xb + 1u);
+    v.c = x_at(xb + 2u);
+    v.d = x_at(xb + 3u);
+    v.e = x_at(xb + 4u);
+    v.f = x_at(xb + 5u);
+    v.g = x_at(xb + 6u);
+    v.h = x_at(xb + 7u);
     v.s0 = dot(v.a + v.b + v.c + v.d, ONES);
     v.s1 = dot(v.e + v.f + v.g + v.h, ONES);
     return v;

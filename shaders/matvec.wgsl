@@ -7,6 +7,8 @@
 // - `split`, TPR threads per row (GPUs): neighbouring threads read neighbouring 32-element
 //   chunks of one row, so loads coalesce; with one thread per row they are a row apart and
 //   an H100 reached 130-290 GB/s of 3000.
+// `split` may also fold the op before it into its reads of x (matmul_common.wgsl's
+// X_INPUT): the RMSNorm of the residual stream, or the SwiGLU of gate and up.
 // The per-type `load_chunk`/`chunk_scale`/`chunk_q` and `chunk_dot` (chunk_dot.wgsl) are
 // prepended by the host.
 
@@ -57,12 +59,38 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
 
 var<workgroup> partial: array<f32, 64>;
 
+// x_norm for the row of x at vec4 x0: 1 / rms(x) for X_INPUT 1 (each workgroup sums the
+// row's squares itself: k floats, against the k * rows/64 weights it reads), else 1.
+fn input_scale(lid: u32, x0: u32) -> f32 {
+    if (X_INPUT != 1u) {
+        return 1.0;
+    }
+    var ss = 0.0;
+    for (var i = lid; i < p.k / 4u; i += 64u) {
+        let v = x[x0 + i];
+        ss += dot(v, v);
+    }
+    partial[lid] = ss;
+    workgroupBarrier();
+    for (var half = 32u; half > 0u; half /= 2u) {
+        if (lid < half) {
+            partial[lid] += partial[lid + half];
+        }
+        workgroupBarrier();
+    }
+    let scale = inverseSqrt(partial[0] / f32(p.k) + p.eps);
+    workgroupBarrier();
+    return scale;
+}
+
 @compute @workgroup_size(64)
 fn split(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
     let r = wid.x * (64u / TPR) + lid / TPR;
     let lane = lid % TPR;
     let n_chunks = p.k / 32u;
     let x0 = {{X_ROW0}};
+    x_base = x0;
+    x_norm = input_scale(lid, x0);
     var acc = 0.0;
     if (r < p.n_rows) {
         let row_base = r * (n_chunks / CHUNKS_PER_BLOCK) * BLOCK_WORDS;

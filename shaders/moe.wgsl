@@ -45,6 +45,10 @@ const SKIP: u32 = 0xffffffffu;
 
 const ONES = vec4<f32>(1.0);
 
+fn x_at(i: u32) -> vec4<f32> {
+    return x[i];
+}
+
 const TPR: u32 = {{TPR}}u;
 
 var<workgroup> partial: array<f32, 64>;

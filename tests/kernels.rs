@@ -95,6 +95,72 @@ fn matmul_matches_cpu_for_every_type_and_shape() {
     }
 }
 
+/// The decode mat-vec with the RMSNorm before it, or the SwiGLU before it, folded into its
+/// reads of x (GPUs), against the CPU: every type, a sharded matrix, bias and accumulate.
+#[test]
+fn fused_matvec_matches_cpu_for_every_type() {
+    let g = gpu();
+    let mut rng = Rng::new(5);
+    let dummy = g.storage("dummy", 16).expect("dummy");
+    let eps = 1e-6f32;
+    for dtype in DType::ALL {
+        let cols = if dtype.block_len() == 256 { 512 } else { 160 };
+        let rows = 37;
+        let (bytes, w) = random_matrix(&mut rng, dtype, rows, cols);
+        let m =
+            Matrix::upload_sharded(&g, "w", dtype, rows, cols, &bytes, Some(16)).expect("upload");
+        let x = rng.vec(cols, 2.0);
+        let aux = rng.vec(cols, 1.0);
+        let bias = rng.vec(rows, 1.0);
+        let y0 = rng.vec(rows, 1.0);
+        let (xb, auxb) = (upload(&g, &x), upload(&g, &aux));
+        let norm = Vector::upload(&g, "norm", &aux).expect("norm");
+        let bb = Vector::upload(&g, "b", &bias).expect("bias");
+        let inv = 1.0 / (x.iter().map(|v| v * v).sum::<f32>() / cols as f32 + eps).sqrt();
+        let normed: Vec<f32> = x.iter().zip(&aux).map(|(v, n)| v * inv * n).collect();
+        let swiglu: Vec<f32> = x
+            .iter()
+            .zip(&aux)
+            .map(|(g, u)| g / (1.0 + (-g).exp()) * u)
+            .collect();
+        for (name, input, xs, write) in [
+            (
+                "normed",
+                ops::FusedInput::Normed { weight: &norm, eps },
+                &normed,
+                Write::Store,
+            ),
+            (
+                "swiglu",
+                ops::FusedInput::SwiGlu { up: &auxb },
+                &swiglu,
+                Write::Accumulate,
+            ),
+        ] {
+            let yb = upload(&g, &y0);
+            let mut b = DispatchBuilder::new(&g);
+            b.cpu_layout = false;
+            ops::matvec_fused(&mut b, &m, (&xb, input), &yb, Some(&bb), write, &dummy);
+            g.run_once(&b.finish(&g).expect("plan")).expect("run");
+            let got = g.read_f32(&yb, rows).expect("read");
+            for r in 0..rows {
+                let dot: f32 = (0..cols).map(|k| w[r * cols + k] * xs[k]).sum();
+                let base = if write == Write::Accumulate {
+                    y0[r]
+                } else {
+                    0.0
+                };
+                let want = dot + bias[r] + base;
+                assert!(
+                    (want - got[r]).abs() <= 1e-3 * (1.0 + want.abs()) + 1e-4 * cols as f32,
+                    "{dtype} {name} row {r}: gpu {}, cpu {want}",
+                    got[r]
+                );
+            }
+        }
+    }
+}
+
 /// The expert-grouped prefill kernel (both layouts) against the CPU: expert 0 is chosen by
 /// all 70 tokens (two GPU token tiles), expert 2 by half of them, expert 1 is not in a slot
 /// and must leave its outputs alone; 67 rows an expert (past one 64-row tile).

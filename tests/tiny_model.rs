@@ -7,22 +7,41 @@ use std::process::Command;
 
 use common::{max_abs_diff, reference_logits, write_tiny_model, TinySpec};
 use pregate::format::{GgufFile, GgufWriter};
+use pregate::gpu::KernelLayout;
 use pregate::model::Session;
 use pregate::quant::DType;
 use pregate::{Engine, EngineOptions, GenerateParams};
 
 fn engine_for(spec: TinySpec, seed: u64, tag: &str) -> (Engine, common::TinyWeights) {
+    engine_with(spec, seed, tag, KernelLayout::Auto)
+}
+
+fn engine_with(
+    spec: TinySpec,
+    seed: u64,
+    tag: &str,
+    layout: KernelLayout,
+) -> (Engine, common::TinyWeights) {
     let path = common::tmp_dir(tag).join("tiny.gguf");
     let tw = write_tiny_model(&path, spec, seed);
-    let opts = EngineOptions {
+    let mut opts = EngineOptions {
         ctx: 64,
         ..Default::default()
     };
+    opts.gpu.layout = layout;
     (Engine::load(&path, &opts).expect("load tiny model"), tw)
 }
 
+/// Both kernel layouts, whatever the adapter: the GPU one folds norms and the SwiGLU into
+/// its decode mat-vecs, and prefills with workgroup tiles.
 fn check_against_reference(spec: TinySpec, tag: &str) {
-    let (engine, tw) = engine_for(spec, 11, tag);
+    for (layout, name) in [(KernelLayout::Cpu, "cpu"), (KernelLayout::Gpu, "gpu")] {
+        check_layout_against_reference(spec, &format!("{tag}-{name}"), layout);
+    }
+}
+
+fn check_layout_against_reference(spec: TinySpec, tag: &str, layout: KernelLayout) {
+    let (engine, tw) = engine_with(spec, 11, tag, layout);
     let tokens: Vec<u32> = vec![5, 100, 257, 3, 3, 42, 200, 77, 1, 256, 9, 13, 60];
     let want = reference_logits(&tw, &tokens);
     let tol = |v: &[f32]| 2e-3 * v.iter().fold(1f32, |m, x| m.max(x.abs()));

@@ -63,6 +63,18 @@ pub enum AttnVariant {
     Combine,
 }
 
+/// What the split decode mat-vec does to x as it reads it (matmul_common.wgsl's X_INPUT):
+/// folding the op before it into the mat-vec saves that op's dispatch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum XInput {
+    /// x as it is.
+    Plain = 0,
+    /// RMSNorm(x) * weight: the norm before q/k/v, gate/up and the head.
+    Normed = 1,
+    /// silu(x) * up: the SwiGLU before the down projection.
+    SwiGlu = 2,
+}
+
 /// Thread layouts of the expert-grouped prefill kernel (moe.wgsl).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum GroupedLayout {
@@ -83,6 +95,7 @@ pub enum Kernel {
         tokens: u32,
         uniform_x: u32,
         split: bool,
+        input: XInput,
     },
     /// Prefill mat-mul on GPUs: 64 x 64 tiles of (rows, tokens) in workgroup memory.
     MatmulTiled {
@@ -208,6 +221,7 @@ impl Kernel {
                 dtype,
                 tokens,
                 uniform_x,
+                input,
                 ..
             } => {
                 let body = if tokens == 1 {
@@ -234,14 +248,17 @@ impl Kernel {
                     .replace("{{RPT}}", &MATVEC_RPT.to_string())
                     .replace("{{RR}}", &MATMUL_ROWS.to_string())
                     .replace("{{X_DECL}}", &decl)
-                    .replace("{{X_ROW0}}", row0);
+                    .replace("{{X_ROW0}}", row0)
+                    .replace("{{X_INPUT}}", &(input as u32).to_string());
                 format!("{QUANT_COMMON}\n{}\n{body}", quant_source(dtype))
             }
             Kernel::MatmulTiled { dtype } => {
-                let common = MATMUL_COMMON.replace(
-                    "{{X_DECL}}",
-                    "@group(0) @binding(2) var<storage, read> x: array<vec4<f32>>;",
-                );
+                let common = MATMUL_COMMON
+                    .replace(
+                        "{{X_DECL}}",
+                        "@group(0) @binding(2) var<storage, read> x: array<vec4<f32>>;",
+                    )
+                    .replace("{{X_INPUT}}", "0");
                 format!(
                     "{QUANT_COMMON}\n{}\n{common}\n{GEMM_TILE}\n{MATMUL_TILED}",
                     quant_source(dtype)

@@ -4,7 +4,7 @@
 use bytemuck::{Pod, Zeroable};
 
 use super::dispatch::{grid_1d, Bind, DispatchBuilder};
-use super::kernels::{AttnVariant, Kernel, GEMM_TILE_DIM};
+use super::kernels::{AttnVariant, Kernel, XInput, GEMM_TILE_DIM, MATVEC_TPR};
 
 mod moe;
 use super::tensor::{Matrix, Vector};
@@ -25,7 +25,8 @@ struct MatmulParams {
     flags: u32,
     x_row0: u32,
     y_row0: u32,
-    _pad: [u32; 3],
+    eps: f32,
+    _pad: [u32; 2],
 }
 
 /// How a mat-mul writes its output.
@@ -96,6 +97,7 @@ pub fn matmul(
             tokens: tile,
             uniform_x: if uniform { (x_len / 16) as u32 } else { 0 },
             split: tile == 1 && !b.cpu_layout,
+            input: XInput::Plain,
         };
         let x_bind = if uniform {
             Bind {
@@ -118,7 +120,8 @@ pub fn matmul(
                 flags,
                 x_row0: x_row0 + t0,
                 y_row0: t0,
-                _pad: [0; 3],
+                eps: 0.0,
+                _pad: [0; 2],
             };
             b.push(
                 kernel,
@@ -128,10 +131,11 @@ pub fn matmul(
                     x_bind.clone(),
                     Bind::whole(3, y),
                     Bind::whole(4, bias_buf),
+                    Bind::whole(5, dummy),
                 ],
                 [
                     s.n_rows.div_ceil(if kernel.is_split_matvec() {
-                        64 / super::kernels::MATVEC_TPR
+                        64 / MATVEC_TPR
                     } else if tile == 1 {
                         64 * super::kernels::MATVEC_RPT
                     } else {
@@ -168,7 +172,8 @@ fn matmul_tiled(
             flags,
             x_row0,
             y_row0: 0,
-            _pad: [0; 3],
+            eps: 0.0,
+            _pad: [0; 2],
         };
         let binds = vec![
             Bind::whole(1, &s.buffer),
@@ -182,6 +187,70 @@ fn matmul_tiled(
             1,
         ];
         b.push(kernel, &p, binds, grid);
+    }
+}
+
+/// x of a decode mat-vec with the op before it folded in (GPU layout; see [`XInput`]).
+#[derive(Clone, Copy)]
+pub enum FusedInput<'a> {
+    /// RMSNorm(x) * weight, x the raw residual stream.
+    Normed { weight: &'a Vector, eps: f32 },
+    /// silu(x) * up, x the gate projection.
+    SwiGlu { up: &'a wgpu::Buffer },
+}
+
+/// `y (+)= W · f(x) (+ bias)` for one token (row 0 of x), `f` the folded op of `input`: one
+/// dispatch per shard of the split mat-vec instead of the op's own dispatch and then
+/// [`matmul`]'s. For GPUs; CPU adapters run the op and the mat-vec apart.
+pub fn matvec_fused(
+    b: &mut DispatchBuilder,
+    w: &Matrix,
+    (x, input): (&wgpu::Buffer, FusedInput),
+    y: &wgpu::Buffer,
+    bias: Option<&Vector>,
+    write: Write,
+    dummy: &wgpu::Buffer,
+) {
+    let flags = bias.is_some() as u32 | if write == Write::Accumulate { 2 } else { 0 };
+    let bias_buf = bias.map(|v| &*v.buffer).unwrap_or(dummy);
+    let (kind, aux, eps) = match input {
+        FusedInput::Normed { weight, eps } => (XInput::Normed, &*weight.buffer, eps),
+        FusedInput::SwiGlu { up } => (XInput::SwiGlu, up, 0.0),
+    };
+    let kernel = Kernel::Matmul {
+        dtype: w.dtype,
+        tokens: 1,
+        uniform_x: 0,
+        split: true,
+        input: kind,
+    };
+    for s in &w.shards {
+        let p = MatmulParams {
+            k: w.cols as u32,
+            n_rows: s.n_rows,
+            row_offset: s.row_start,
+            y_stride: w.rows as u32,
+            n_tokens: 1,
+            x_stride: w.cols as u32,
+            flags,
+            x_row0: 0,
+            y_row0: 0,
+            eps,
+            _pad: [0; 2],
+        };
+        let binds = vec![
+            Bind::whole(1, &s.buffer),
+            Bind::whole(2, x),
+            Bind::whole(3, y),
+            Bind::whole(4, bias_buf),
+            Bind::whole(5, aux),
+        ];
+        b.push(
+            kernel,
+            &p,
+            binds,
+            [s.n_rows.div_ceil(64 / MATVEC_TPR), 1, 1],
+        );
     }
 }
 
