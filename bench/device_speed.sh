@@ -67,34 +67,41 @@ kit)
     for m in "$@"; do
         name=$(basename "$m" .gguf)
         "$KIT/model_skeleton" shrink "$m" "$KIT/models/$name.skel.gguf"
-        gzip "$KIT/models/$name.skel.gguf"
     done
+    # xz: llama-bench's embedded shaders and the tokenizer in every skeleton shrink 3-6x,
+    # which the 64 MiB carry limit needs for three models.
+    xz -9 -T0 "$KIT/pregate" "$KIT/llama-bench" "$KIT"/models/*.skel.gguf
     du -sh "$KIT"
     ;;
 run)
     out=${OUT:-/tmp/pregate-out}
     mkdir -p "$out"
     work=$(mktemp -d)
+    # python3's lzma: the GPU machine may lack xz.
+    unxz_to() { python3 -c 'import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2], "wb"))' "$1" "$2"; }
+    unxz_to "$KIT/pregate.xz" "$work/pregate"
+    unxz_to "$KIT/llama-bench.xz" "$work/llama-bench"
+    chmod +x "$work/pregate" "$work/llama-bench"
     ldconfig -p | grep -q libvulkan.so.1 || export LD_LIBRARY_PATH="$PWD/$KIT${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
     nv=/usr/local/nvidia/share/vulkan/icd.d/nvidia_icd.json
     [ -e "$nv" ] && export VK_DRIVER_FILES=${VK_DRIVER_FILES:-$nv}
-    "$KIT/pregate" devices | tee "$out/devices.txt"
+    "$work/pregate" devices | tee "$out/devices.txt"
     prompt=${PROMPT:-512} gen=${GEN:-128} reps=${REPS:-3} depths=${DEPTH:-0,2048}
-    for skel in "$KIT"/models/*.skel.gguf.gz; do
-        name=$(basename "$skel" .skel.gguf.gz)
-        gunzip -c "$skel" > "$work/skel.gguf"
+    for skel in "$KIT"/models/*.skel.gguf.xz; do
+        name=$(basename "$skel" .skel.gguf.xz)
+        unxz_to "$skel" "$work/skel.gguf"
         "$KIT/model_skeleton" expand "$work/skel.gguf" "$work/$name.gguf"
         rm "$work/skel.gguf"
         model=$work/$name.gguf
         echo "== $name: llama.cpp"
-        "$KIT/llama-bench" -m "$model" -ngl 99 -fa 1 -p "$prompt" -n "$gen" -d "$depths" \
+        "$work/llama-bench" -m "$model" -ngl 99 -fa 1 -p "$prompt" -n "$gen" -d "$depths" \
             -r "$reps" -o json > "$out/$name.llama.json" || echo "llama-bench failed" >&2
         for d in ${depths//,/ }; do
             # pregate bench decodes after its prompt: depth 0 is pp$prompt then decode at
             # depth $prompt; depth d > 0 decodes after a d-token prompt.
             p=$prompt; [ "$d" -gt 0 ] && p=$d
             echo "== $name: pregate, prompt $p"
-            "$KIT/pregate" bench -m "$model" --ctx $((p + gen + 16)) \
+            "$work/pregate" bench -m "$model" --ctx $((p + gen + 16)) \
                 --prompt-tokens "$p" --gen-tokens "$gen" --reps "$reps" --json \
                 > "$out/$name.pregate.d$d.json" || echo "pregate bench failed" >&2
         done
