@@ -463,23 +463,37 @@ fn readme_carving_rejects_a_cluster_count_unlike_the_files() {
 
 #[test]
 fn the_cpu_residual_stream_matches_the_gpu_forward() {
+    // Two sequences of 6: positions restart, and no token attends across them.
+    check_capture_against_cpu_stream(&TOKENS, 6, KernelLayout::Auto);
+    // GPU kernels: 300 tokens in 512-token steps, captured 128 at a time.
+    let long: Vec<u32> = (0..300).map(|i| (i * 37 % 250) as u32).collect();
+    check_capture_against_cpu_stream(&long, 300, KernelLayout::Gpu);
+}
+
+/// The FFN inputs `capture_ffn` hands out, sequence by sequence of `seq_len` tokens, equal
+/// the CPU residual stream's (sequential calibration).
+fn check_capture_against_cpu_stream(tokens: &[u32], seq_len: usize, layout: KernelLayout) {
     use pregate::carve::{calib::dense_matrix, sequential};
     let (_, dense) = common::tiny_dense("carve_stream", 21);
     let spec = TinySpec::default();
-    let opts = EngineOptions {
-        ctx: 64,
+    let mut opts = EngineOptions {
+        ctx: seq_len.max(64),
         ..Default::default()
     };
+    opts.gpu.layout = layout;
     let engine = Engine::load(&dense, &opts).expect("load");
-    // Two sequences of 6: positions restart, and no token attends across them.
     let mut gpu_xn = vec![Vec::new(); spec.n_layer];
+    let mut gpu_gate = vec![Vec::new(); spec.n_layer];
     let mut s = engine.session().expect("session");
-    for seq in TOKENS.chunks(6) {
-        s.capture_ffn(seq, |l, _, xn, _, _| gpu_xn[l].extend_from_slice(xn))
-            .expect("capture");
+    for seq in tokens.chunks(seq_len) {
+        s.capture_ffn(seq, |l, _, xn, gate, _| {
+            gpu_xn[l].extend_from_slice(xn);
+            gpu_gate[l].extend_from_slice(gate);
+        })
+        .expect("capture");
     }
     let (f, c) = (&engine.model.file, &engine.model.config);
-    let mut stream = sequential::ResidualStream::new(f, c, &TOKENS, 6).expect("stream");
+    let mut stream = sequential::ResidualStream::new(f, c, tokens, seq_len).expect("stream");
     for (l, want) in gpu_xn.iter().enumerate() {
         let xn = stream.attention(l).expect("attention");
         let diff = max_abs_diff(want, &xn);
@@ -487,6 +501,8 @@ fn the_cpu_residual_stream_matches_the_gpu_forward() {
         // The dense FFN, so that the next layer's input is the dense model's.
         let w = |t: &str| dense_matrix(f, &format!("blk.{l}.ffn_{t}.weight")).expect(t);
         let gate = sequential::matmul_t(&xn, &w("gate"), spec.d_model);
+        let diff = max_abs_diff(&gpu_gate[l], &gate);
+        assert!(diff < 2e-2, "layer {l} gate: {diff}");
         let up = sequential::matmul_t(&xn, &w("up"), spec.d_model);
         let h: Vec<f32> = gate
             .iter()

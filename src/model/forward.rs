@@ -94,9 +94,9 @@ fn ffn_dense(
     input.matmul(b, s, &mlp.gate, n, (&s.gate, None, store));
     input.matmul(b, s, &mlp.up, n, (&s.up, None, store));
     if let Some((cap, d_model)) = capture {
-        let ub = s.ub as u32;
-        ops::copy(b, cap, ub * d_model as u32, &s.gate, n * ff);
-        ops::copy(b, cap, ub * (d_model as u32 + ff), &s.up, n * ff);
+        let rows = s.capture_rows() as u32;
+        ops::copy(b, cap, rows * d_model as u32, &s.gate, n * ff);
+        ops::copy(b, cap, rows * (d_model as u32 + ff), &s.up, n * ff);
     }
     if let BlockInput::Folded(..) = input {
         let h = (&*s.gate, FusedInput::SwiGlu { up: &s.up });

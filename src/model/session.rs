@@ -35,6 +35,11 @@ const LOOKAHEAD_TOKENS: usize = 4096;
 /// Rows of logits computed at a time when scoring (perplexity): the logits buffer's rows.
 pub const SCORE_ROWS: usize = 16;
 
+/// Most tokens a carve's FFN capture takes per step: its buffers hold every layer's
+/// activations for that many tokens, twice (GPU and readback), so they stay at the CPU
+/// adapters' step even where prefill steps are longer.
+const CAPTURE_ROWS: usize = 128;
+
 /// GPU buffers of one session. Shapes in tokens (`ub` = ubatch rows).
 pub struct StateBuffers {
     pub ctx: usize,
@@ -67,7 +72,8 @@ pub struct StateBuffers {
     pub plan_ids: GpuBuffer,
     pub plan_wts: GpuBuffer,
     pub plan_stride: usize,
-    /// Per layer [ub, d_model + 2 d_ff]: FFN input, gate and up (Output::Capture only).
+    /// Per layer [capture_rows, d_model + 2 d_ff]: FFN input, gate and up (Output::Capture
+    /// only).
     pub capture: Vec<GpuBuffer>,
     /// [n_layer, ub, n_slots] u32 expert ids of every MoE layer, then [n_layer, ub] f32
     /// confidences (Output::Route).
@@ -95,6 +101,11 @@ struct Step {
 }
 
 impl StateBuffers {
+    /// Rows of each capture buffer: the most tokens a capture step takes.
+    pub fn capture_rows(&self) -> usize {
+        self.ub.min(CAPTURE_ROWS)
+    }
+
     fn new(model: &Model, ctx: usize, ub: usize) -> Result<StateBuffers> {
         let logit_rows = SCORE_ROWS.min(ub);
         let g = &model.gpu;
@@ -323,7 +334,7 @@ impl Session {
                 "the model is already a mixture of experts".into(),
             ));
         }
-        let (ub, d, ff) = (self.bufs.ub, c.d_model, c.d_ff);
+        let (ub, d, ff) = (self.bufs.capture_rows(), c.d_model, c.d_ff);
         let per_layer = (ub * (d + 2 * ff) * 4) as u64;
         if self.bufs.capture.is_empty() {
             let g = &self.model.gpu;
