@@ -101,6 +101,16 @@ fn a_dense_models_bad_metadata_is_an_error_or_harmless() {
         "epsilon",
     );
     expect_error(&got, "qwen2.context_length", "0", "context_length");
+    // Zero widths divided by zero (feed_forward_length in sharding, key_length in the
+    // memory plan): they are named instead.
+    expect_error(
+        &got,
+        "qwen2.feed_forward_length",
+        "0",
+        "feed_forward_length",
+    );
+    expect_error(&got, "qwen2.embedding_length", "0", "embedding_length");
+    expect_error(&got, "qwen2.attention.key_length", "0", "key_length");
     // Still fine: one layer of two, a zero epsilon, a different end-of-text id.
     for (k, v) in [
         ("qwen2.block_count", "1"),
@@ -128,6 +138,12 @@ fn a_native_moes_bad_metadata_is_an_error_or_harmless() {
     write_tiny_model(&p, spec, 5);
     let got = sweep(&p, "meta-moe-sweep");
     expect_error(&got, "qwen2moe.expert_count", "0", "expert_count");
+    expect_error(
+        &got,
+        "qwen2moe.expert_feed_forward_length",
+        "0",
+        "expert_feed_forward_length",
+    );
     expect_error(&got, "qwen2moe.expert_used_count", "0", "expert_count");
     expect_error(
         &got,

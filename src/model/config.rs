@@ -203,7 +203,15 @@ impl MoeConfig {
                 Some("lsq") => Confidence::Norm,
                 _ => Confidence::Share,
             },
-            expert_ff: f.get_u64(&key("expert_feed_forward_length"))? as usize,
+            expert_ff: match f.get_u64(&key("expert_feed_forward_length"))? {
+                0 => {
+                    return Err(Error::Malformed {
+                        what: key("expert_feed_forward_length"),
+                        why: "a width of 0".into(),
+                    })
+                }
+                v => v as usize,
+            },
             shared_ff: f
                 .get(&key("expert_shared_feed_forward_length"))
                 .and_then(|v| v.as_u64())
@@ -300,8 +308,18 @@ impl ModelConfig {
             other => return Err(Error::UnsupportedArch(other.to_string())),
         };
         let key = |k: &str| format!("{arch_name}.{k}");
+        // A width every buffer and kernel grid is sized by: zero would divide by zero.
+        let width = |k: &str| -> Result<usize> {
+            match f.get_u64(&key(k))? {
+                0 => Err(Error::Malformed {
+                    what: key(k),
+                    why: "a width of 0".into(),
+                }),
+                v => Ok(v as usize),
+            }
+        };
         let n_head = f.get_u64(&key("attention.head_count"))? as usize;
-        let d_model = f.get_u64(&key("embedding_length"))? as usize;
+        let d_model = width("embedding_length")?;
         if n_head == 0 || !d_model.is_multiple_of(n_head) {
             return Err(Error::Malformed {
                 what: key("attention.head_count"),
@@ -319,10 +337,10 @@ impl ModelConfig {
             });
         }
         let head_dim = match f.get(&key("attention.key_length")) {
-            Some(_) => f.get_u64(&key("attention.key_length"))? as usize,
+            Some(_) => width("attention.key_length")?,
             None => d_model / n_head,
         };
-        if head_dim % 4 != 0 || head_dim > 256 {
+        if head_dim % 4 != 0 || head_dim > 256 || head_dim == 0 {
             return Err(Error::Malformed {
                 what: "head dimension".into(),
                 why: format!("{head_dim} is not supported (multiple of 4, at most 256)"),
@@ -366,7 +384,7 @@ impl ModelConfig {
             arch,
             n_layer,
             d_model,
-            d_ff: f.get_u64(&key("feed_forward_length"))? as usize,
+            d_ff: width("feed_forward_length")?,
             n_head,
             n_kv_head,
             head_dim,

@@ -171,6 +171,11 @@ pub fn write_tiny_model(path: &Path, spec: TinySpec, seed: u64) -> TinyWeights {
         &format!("{a}.attention.head_count_kv"),
         MetaValue::U32(spec.n_kv_head as u32),
     );
+    // As llama.cpp writes it (the head size; optional, d_model / heads without it).
+    w.meta(
+        &format!("{a}.attention.key_length"),
+        MetaValue::U32((spec.d_model / spec.n_head) as u32),
+    );
     w.meta(&format!("{a}.rope.freq_base"), MetaValue::F32(10000.0));
     if let Some(m) = spec.moe {
         for (k, v) in [
