@@ -7,7 +7,7 @@ use super::dispatch::{grid_1d, Bind, DispatchBuilder};
 use super::kernels::{AttnVariant, Kernel, XInput, GEMM_TILE_DIM, MATVEC_TPR};
 
 mod moe;
-use super::tensor::{Matrix, Vector};
+use super::tensor::{Matrix, Shard, Vector};
 pub use moe::*;
 
 /// Largest token tile of the prefill mat-mul (its per-thread accumulator array).
@@ -29,12 +29,42 @@ struct MatmulParams {
     _pad: [u32; 2],
 }
 
+impl MatmulParams {
+    /// Shard `s` of `w` over `n_tokens` rows of x from `x_row0`, written from row `y_row0`.
+    fn shard(w: &Matrix, s: &Shard, n_tokens: u32, (x_row0, y_row0): (u32, u32)) -> Self {
+        MatmulParams {
+            k: w.cols as u32,
+            n_rows: s.n_rows,
+            row_offset: s.row_start,
+            y_stride: w.rows as u32,
+            n_tokens,
+            x_stride: w.cols as u32,
+            flags: 0,
+            x_row0,
+            y_row0,
+            eps: 0.0,
+            _pad: [0; 2],
+        }
+    }
+}
+
 /// How a mat-mul writes its output.
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub enum Write {
     Store,
     /// y += W·x (fused residual add).
     Accumulate,
+}
+
+/// The bias buffer to bind (`dummy` without one: WGSL needs every binding filled) and
+/// matmul_common.wgsl's flags (1: add the bias, 2: accumulate into y).
+fn bias_flags<'a>(
+    bias: Option<&'a Vector>,
+    write: Write,
+    dummy: &'a wgpu::Buffer,
+) -> (&'a wgpu::Buffer, u32) {
+    let flags = bias.is_some() as u32 | if write == Write::Accumulate { 2 } else { 0 };
+    (bias.map(|v| &*v.buffer).unwrap_or(dummy), flags)
 }
 
 /// Smallest token tile worth a uniform x binding: below it the weights are dequantized for
@@ -72,8 +102,7 @@ pub fn matmul(
     write: Write,
     dummy: &wgpu::Buffer,
 ) {
-    let flags = bias.is_some() as u32 | if write == Write::Accumulate { 2 } else { 0 };
-    let bias_buf = bias.map(|v| &*v.buffer).unwrap_or(dummy);
+    let (bias_buf, flags) = bias_flags(bias, write, dummy);
     if n_tokens > 1 && !b.cpu_layout {
         return matmul_tiled(b, w, x, (x_row0, n_tokens), y, (bias_buf, flags));
     }
@@ -111,17 +140,8 @@ pub fn matmul(
         };
         for s in &w.shards {
             let p = MatmulParams {
-                k: k as u32,
-                n_rows: s.n_rows,
-                row_offset: s.row_start,
-                y_stride: w.rows as u32,
-                n_tokens: nt,
-                x_stride: k as u32,
                 flags,
-                x_row0: x_row0 + t0,
-                y_row0: t0,
-                eps: 0.0,
-                _pad: [0; 2],
+                ..MatmulParams::shard(w, s, nt, (x_row0 + t0, t0))
             };
             b.push(
                 kernel,
@@ -163,17 +183,8 @@ fn matmul_tiled(
     let kernel = Kernel::MatmulTiled { dtype: w.dtype };
     for s in &w.shards {
         let p = MatmulParams {
-            k: w.cols as u32,
-            n_rows: s.n_rows,
-            row_offset: s.row_start,
-            y_stride: w.rows as u32,
-            n_tokens,
-            x_stride: w.cols as u32,
             flags,
-            x_row0,
-            y_row0: 0,
-            eps: 0.0,
-            _pad: [0; 2],
+            ..MatmulParams::shard(w, s, n_tokens, (x_row0, 0))
         };
         let binds = vec![
             Bind::whole(1, &s.buffer),
@@ -211,8 +222,7 @@ pub fn matvec_fused(
     write: Write,
     dummy: &wgpu::Buffer,
 ) {
-    let flags = bias.is_some() as u32 | if write == Write::Accumulate { 2 } else { 0 };
-    let bias_buf = bias.map(|v| &*v.buffer).unwrap_or(dummy);
+    let (bias_buf, flags) = bias_flags(bias, write, dummy);
     let (kind, aux, eps) = match input {
         FusedInput::Normed { weight, eps } => (XInput::Normed, &*weight.buffer, eps),
         FusedInput::SwiGlu { up } => (XInput::SwiGlu, up, 0.0),
@@ -226,17 +236,9 @@ pub fn matvec_fused(
     };
     for s in &w.shards {
         let p = MatmulParams {
-            k: w.cols as u32,
-            n_rows: s.n_rows,
-            row_offset: s.row_start,
-            y_stride: w.rows as u32,
-            n_tokens: 1,
-            x_stride: w.cols as u32,
             flags,
-            x_row0: 0,
-            y_row0: 0,
             eps,
-            _pad: [0; 2],
+            ..MatmulParams::shard(w, s, 1, (0, 0))
         };
         let binds = vec![
             Bind::whole(1, &s.buffer),
