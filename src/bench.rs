@@ -87,7 +87,7 @@ fn bench_tokens(
         BenchInput::Builtin => {
             let passage = engine.tokenizer.encode(builtin_passage(), false)?;
             // A context longer than the passage takes it again from its start.
-            let need = prompt_tokens + gen_tokens;
+            let need = prompt_tokens.saturating_add(gen_tokens);
             passage.iter().copied().cycle().take(need).collect()
         }
         BenchInput::Text(text) => engine.tokenizer.encode(text, false)?,
@@ -101,7 +101,7 @@ fn split_text(
     prompt_tokens: usize,
     gen_tokens: usize,
 ) -> Result<(Vec<u32>, Vec<u32>)> {
-    let need = prompt_tokens + gen_tokens;
+    let need = prompt_tokens.saturating_add(gen_tokens);
     if tokens.len() < need {
         return Err(Error::InvalidArgument(format!(
             "--text has {} tokens; --prompt-tokens {prompt_tokens} + --gen-tokens {gen_tokens} need {need}",
@@ -121,7 +121,8 @@ pub fn run(
     gen_tokens: usize,
     reps: usize,
 ) -> Result<BenchReport> {
-    if prompt_tokens == 0 || prompt_tokens + gen_tokens > engine.ctx() {
+    // Saturating: counts from the command line may sum past usize.
+    if prompt_tokens == 0 || prompt_tokens.saturating_add(gen_tokens) > engine.ctx() {
         return Err(Error::InvalidArgument(format!(
             "--prompt-tokens {prompt_tokens} + --gen-tokens {gen_tokens} must be positive and fit the context ({})",
             engine.ctx()

@@ -959,6 +959,16 @@ fn cmd_simulate(a: SimulateArgs) -> Result<()> {
             .parse()
             .with_context(|| format!("--slots {} is not a count or a percentage", a.slots))?,
     };
+    // Past one slot per expert nothing is ever evicted, and a pool that large would only
+    // be a runaway allocation.
+    if slots > total {
+        bail!(
+            "--slots {} is more than the trace's {total} experts ({} layers x {}): at {total} every expert stays cached",
+            a.slots,
+            trace.n_layers,
+            trace.experts_per_layer
+        );
+    }
     let seq = trace.sequence();
     let plan = trace.plan_sequence();
     if a.policy.contains(&PolicyKind::Lookahead) && plan.is_none() {

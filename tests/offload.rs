@@ -354,6 +354,16 @@ fn pregate_prefetch_keeps_output_exact_and_needs_a_router() {
         assert!(want.split.iter().sum::<usize>() <= slots, "{r}");
     }
     assert!(rows[1]["x_belady"].as_f64().expect("x") >= 1.0, "{rows:?}");
+    // More slots than the trace has experts: refused by the flag, not a huge allocation.
+    for extra in [
+        &["--slots", "18446744073709551615"][..],
+        &["--slots", "10000000000", "--per-layer"],
+    ] {
+        let out = common::cli(&[&["simulate", tr][..], extra].concat());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{extra:?}: {err}");
+        assert!(err.contains("--slots") && err.contains("experts"), "{err}");
+    }
 
     let engine = load(&carved, VramBudget::ExpertShare(0.01), pregate_opts).expect("load");
     let (logits, greedy) = run(&engine);

@@ -491,6 +491,19 @@ fn bad_input_gives_clear_errors_and_exit_code_1() {
         ],
         "--text has",
     );
+    // Counts whose sum overflows are refused, not a panic.
+    let max = u64::MAX.to_string();
+    let good = g("good.gguf");
+    let huge = [
+        "bench",
+        "-m",
+        &good,
+        "--prompt-tokens",
+        &max,
+        "--gen-tokens",
+        "64",
+    ];
+    expect_error(&huge, "--prompt-tokens");
     let (m, t) = (g("good.gguf"), g("short.txt"));
     expect_error(&["eval", "-m", &m, "-f", &t, "--chunks", "0"], "--chunks 0");
     // Outputs are checked before any work: a file the user has, a folder that is not there.
