@@ -3,7 +3,7 @@
 //! embed → [norm → q,k,v → rope → attention → o (+x) → norm → gate, up → swiglu → down (+x)] × L
 //! → norm → lm_head → (argmax | nll).
 //! On GPUs a decode step folds each norm into the mat-vecs that read it, and the SwiGLU into
-//! the down projection ([`BlockInput`]): a dense layer is 10 dispatches instead of 13.
+//! the down projection (`BlockInput`): a dense layer is 10 dispatches instead of 13.
 
 use crate::error::Result;
 use crate::gpu::ops::{
